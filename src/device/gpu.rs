@@ -1,0 +1,470 @@
+//! The wgpu side of a device: buffer pool, pipeline cache, and the batch of
+//! recorded dispatches that is submitted only when full or when data is read.
+
+use std::collections::HashMap;
+use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+
+/// A WGSL source known at compile time. `name` keys the module cache.
+#[derive(Debug)]
+pub struct Shader {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// Uniform arena per batch, in units of the offset alignment; a full arena forces a submit.
+const UNIFORM_SLOTS: u64 = 2048;
+/// Dispatches recorded before a submit, so a long graph starts running early.
+const MAX_DISPATCHES_PER_SUBMIT: usize = 512;
+
+/// Pool counters, in bytes. `live` is what tensors hold now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub live_bytes: u64,
+    pub peak_live_bytes: u64,
+    pub free_bytes: u64,
+    pub device_allocations: u64,
+}
+
+#[derive(Default)]
+struct Pool {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    staging: Vec<wgpu::Buffer>,
+    stats: PoolStats,
+}
+
+struct Batch {
+    encoder: Option<wgpu::CommandEncoder>,
+    uniforms: Vec<u8>,
+    dispatches: usize,
+}
+
+pub struct GpuContext {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+    /// Index of the adapter in `Instance::enumerate_adapters` order (the N of `gpu:N`).
+    pub index: usize,
+    uniform_align: u64,
+    uniform_buf: wgpu::Buffer,
+    pool: Mutex<Pool>,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
+    batch: Mutex<Batch>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not turn every later GPU call into a poison error.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Pool buckets: powers of two below 1 MiB, then steps of 1/8 of the power of two below,
+/// so that a steady loop finds its buffers again while waste stays under 12.5% for big tensors.
+pub(crate) fn bucket_size(bytes: u64) -> u64 {
+    let b = bytes.max(16);
+    let p = b.next_power_of_two();
+    if p <= 1 << 20 {
+        return p;
+    }
+    let step = (p / 2) / 8;
+    b.div_ceil(step) * step
+}
+
+impl GpuContext {
+    pub(crate) fn new(adapter: &wgpu::Adapter, index: usize) -> Result<Self> {
+        let info = adapter.get_info();
+        let alimits = adapter.limits();
+        // Take what the adapter offers for the limits compute cares about, defaults elsewhere.
+        let mut limits = wgpu::Limits::downlevel_defaults();
+        limits.max_storage_buffer_binding_size = alimits.max_storage_buffer_binding_size;
+        limits.max_buffer_size = alimits.max_buffer_size;
+        limits.max_storage_buffers_per_shader_stage =
+            alimits.max_storage_buffers_per_shader_stage.min(16);
+        limits.max_compute_workgroup_storage_size = alimits.max_compute_workgroup_storage_size;
+        limits.max_compute_invocations_per_workgroup =
+            alimits.max_compute_invocations_per_workgroup;
+        limits.max_compute_workgroup_size_x = alimits.max_compute_workgroup_size_x;
+        limits.max_compute_workgroup_size_y = alimits.max_compute_workgroup_size_y;
+        limits.max_compute_workgroup_size_z = alimits.max_compute_workgroup_size_z;
+        limits.max_compute_workgroups_per_dimension = alimits.max_compute_workgroups_per_dimension;
+        limits.max_uniform_buffer_binding_size = alimits.max_uniform_buffer_binding_size;
+        limits.min_uniform_buffer_offset_alignment = alimits.min_uniform_buffer_offset_alignment;
+        limits.min_storage_buffer_offset_alignment = alimits.min_storage_buffer_offset_alignment;
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = adapter.features() & wanted;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("vipo"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| {
+            Error::Gpu(format!(
+                "cannot open {} ({:?}): {e}",
+                info.name, info.backend
+            ))
+        })?;
+        let uniform_align = u64::from(limits.min_uniform_buffer_offset_alignment).max(16);
+        let uniform_buf = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("vipo params"),
+            size: uniform_align * UNIFORM_SLOTS,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(GpuContext {
+            device,
+            queue,
+            info,
+            features,
+            limits,
+            index,
+            uniform_align,
+            uniform_buf,
+            pool: Mutex::new(Pool::default()),
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+            batch: Mutex::new(Batch {
+                encoder: None,
+                uniforms: Vec::new(),
+                dispatches: 0,
+            }),
+        })
+    }
+
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        lock(&self.pool).stats
+    }
+
+    /// Resets the peak counter to the current live bytes (for per-step peaks).
+    pub fn reset_peak(&self) {
+        let mut p = lock(&self.pool);
+        p.stats.peak_live_bytes = p.stats.live_bytes;
+    }
+
+    /// Gives the pool's free buffers back to the driver.
+    pub fn trim(&self) {
+        let mut p = lock(&self.pool);
+        p.free.clear();
+        p.staging.clear();
+        p.stats.free_bytes = 0;
+    }
+
+    /// A storage buffer of at least `bytes`, from the pool when one of its bucket is free.
+    pub(crate) fn alloc(self: &Arc<Self>, op: &'static str, bytes: u64) -> Result<GpuBuffer> {
+        let limit = self.limits.max_storage_buffer_binding_size;
+        if bytes > limit {
+            return Err(Error::TooLarge { op, bytes, limit });
+        }
+        let bucket = bucket_size(bytes).min(limit.max(bytes.next_multiple_of(4)));
+        let mut p = lock(&self.pool);
+        let buf = match p.free.get_mut(&bucket).and_then(|v| v.pop()) {
+            Some(b) => {
+                p.stats.free_bytes -= bucket;
+                b
+            }
+            None => {
+                p.stats.device_allocations += 1;
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(op),
+                    size: bucket,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            }
+        };
+        p.stats.live_bytes += bucket;
+        p.stats.peak_live_bytes = p.stats.peak_live_bytes.max(p.stats.live_bytes);
+        Ok(GpuBuffer {
+            ctx: self.clone(),
+            buf: Some(buf),
+            bytes,
+            bucket,
+        })
+    }
+
+    fn release(&self, buf: wgpu::Buffer, bucket: u64) {
+        let mut p = lock(&self.pool);
+        p.stats.live_bytes -= bucket;
+        p.stats.free_bytes += bucket;
+        p.free.entry(bucket).or_default().push(buf);
+    }
+
+    /// Writes host bytes into a buffer. Pending dispatches are submitted first: the queue
+    /// applies writes before the next submit's commands, and a pooled buffer may still be
+    /// read by a recorded dispatch from its previous owner.
+    pub(crate) fn write(&self, buf: &GpuBuffer, data: &[u8]) {
+        self.flush();
+        if !data.is_empty() {
+            let mut padded;
+            let bytes = if data.len() % 4 == 0 {
+                data
+            } else {
+                padded = data.to_vec();
+                padded.resize(data.len().next_multiple_of(4), 0);
+                &padded
+            };
+            self.queue.write_buffer(buf.raw(), 0, bytes);
+        }
+    }
+
+    /// Reads `bytes` bytes back; submits everything pending and waits.
+    pub(crate) fn read(&self, buf: &GpuBuffer, bytes: u64) -> Result<Vec<u8>> {
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let size = bytes.next_multiple_of(4);
+        let staging = {
+            let mut p = lock(&self.pool);
+            match p.staging.iter().position(|s| s.size() >= size) {
+                Some(i) => p.staging.swap_remove(i),
+                None => self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("vipo readback"),
+                    size: bucket_size(size),
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+            }
+        };
+        {
+            let mut b = lock(&self.batch);
+            let enc = self.encoder(&mut b);
+            enc.copy_buffer_to_buffer(buf.raw(), 0, &staging, 0, size);
+            self.submit_locked(&mut b);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, 0..size, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for readback: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("readback callback never ran".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
+        let out = {
+            let view = staging
+                .get_mapped_range(0..size)
+                .map_err(|e| Error::Gpu(format!("readback view: {e:?}")))?;
+            view[..bytes as usize].to_vec()
+        };
+        staging.unmap();
+        lock(&self.pool).staging.push(staging);
+        Ok(out)
+    }
+
+    fn encoder<'a>(&self, b: &'a mut Batch) -> &'a mut wgpu::CommandEncoder {
+        b.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("vipo batch"),
+                })
+        })
+    }
+
+    fn submit_locked(&self, b: &mut Batch) {
+        let Some(enc) = b.encoder.take() else { return };
+        if !b.uniforms.is_empty() {
+            self.queue.write_buffer(&self.uniform_buf, 0, &b.uniforms);
+            b.uniforms.clear();
+        }
+        self.queue.submit(Some(enc.finish()));
+        b.dispatches = 0;
+    }
+
+    /// Submits what is recorded, without waiting.
+    pub fn flush(&self) {
+        let mut b = lock(&self.batch);
+        self.submit_locked(&mut b);
+    }
+
+    /// Submits and waits until the GPU is idle (for timing).
+    pub fn sync(&self) -> Result<()> {
+        self.flush();
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the queue: {e}")))?;
+        Ok(())
+    }
+
+    fn pipeline(&self, shader: &'static Shader, entry: &'static str) -> Arc<wgpu::ComputePipeline> {
+        if let Some(p) = lock(&self.pipelines).get(&(shader.name, entry)) {
+            return p.clone();
+        }
+        let mut modules = lock(&self.modules);
+        let module = modules.entry(shader.name).or_insert_with(|| {
+            self.device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(shader.name),
+                    source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+                })
+        });
+        let p = Arc::new(
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(entry),
+                    layout: None,
+                    module,
+                    entry_point: Some(entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                }),
+        );
+        lock(&self.pipelines).insert((shader.name, entry), p.clone());
+        p
+    }
+
+    /// Records one dispatch: binding 0 is `params` (a uniform), bindings 1.. the buffers in order,
+    /// each bound to its tensor's byte length.
+    pub(crate) fn dispatch<P: bytemuck::Pod>(
+        &self,
+        shader: &'static Shader,
+        entry: &'static str,
+        params: &P,
+        buffers: &[&GpuBuffer],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > max) {
+            return Err(Error::Gpu(format!(
+                "{entry}: dispatch of {groups:?} workgroups exceeds the adapter's {max} per dimension"
+            )));
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let pipeline = self.pipeline(shader, entry);
+        let pbytes = bytemuck::bytes_of(params);
+        let psize = (pbytes.len() as u64).next_multiple_of(16);
+        let slot = psize.next_multiple_of(self.uniform_align);
+        let mut b = lock(&self.batch);
+        if (b.uniforms.len() as u64 + slot) > self.uniform_align * UNIFORM_SLOTS
+            || b.dispatches >= MAX_DISPATCHES_PER_SUBMIT
+        {
+            self.submit_locked(&mut b);
+        }
+        let offset = b.uniforms.len() as u64;
+        b.uniforms.extend_from_slice(pbytes);
+        b.uniforms.resize((offset + slot) as usize, 0);
+        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.uniform_buf,
+                offset,
+                size: NonZeroU64::new(psize),
+            }),
+        });
+        for (i, buf) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: buf.raw(),
+                    offset: 0,
+                    size: NonZeroU64::new(buf.bytes.next_multiple_of(4).max(4)),
+                }),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let enc = self.encoder(&mut b);
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(entry),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
+        b.dispatches += 1;
+        Ok(())
+    }
+
+    /// Splits `n` workgroups over x and y so neither exceeds the per-dimension limit.
+    /// Shaders rebuild the linear id as `wid.y * nwg.x + wid.x`.
+    pub(crate) fn grid(&self, n: u64) -> [u32; 3] {
+        let max = u64::from(self.limits.max_compute_workgroups_per_dimension.max(1));
+        if n <= max {
+            [n as u32, 1, 1]
+        } else {
+            let y = n.div_ceil(max);
+            [n.div_ceil(y) as u32, y as u32, 1]
+        }
+    }
+}
+
+/// A pooled storage buffer holding `bytes` bytes of a tensor; returns to the pool on drop.
+pub struct GpuBuffer {
+    ctx: Arc<GpuContext>,
+    buf: Option<wgpu::Buffer>,
+    pub(crate) bytes: u64,
+    bucket: u64,
+}
+
+impl GpuBuffer {
+    pub(crate) fn raw(&self) -> &wgpu::Buffer {
+        // Only `drop` takes the buffer out.
+        self.buf.as_ref().expect("GpuBuffer used after drop")
+    }
+    pub fn ctx(&self) -> &Arc<GpuContext> {
+        &self.ctx
+    }
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.ctx.release(b, self.bucket);
+        }
+    }
+}
+
+impl std::fmt::Debug for GpuBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GpuBuffer({} bytes on {})",
+            self.bytes, self.ctx.info.name
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_size;
+
+    #[test]
+    fn buckets_cover_and_bound_waste() {
+        for bytes in [
+            1u64,
+            17,
+            255,
+            256,
+            257,
+            1 << 20,
+            (1 << 20) + 1,
+            5_000_000,
+            123_456_789,
+        ] {
+            let b = bucket_size(bytes);
+            assert!(b >= bytes, "{bytes} -> {b}");
+            if bytes > 1 << 20 {
+                assert!((b - bytes) * 8 <= b, "{bytes} -> {b} wastes more than 1/8");
+            }
+        }
+    }
+}

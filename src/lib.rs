@@ -1,0 +1,13 @@
+//! vipo: preference optimization (Poly-DPO) for diffusion models on any GPU that wgpu
+//! reaches, with a multithreaded CPU path that is both the fallback and the test reference.
+
+pub mod device;
+pub mod error;
+pub mod ops;
+pub mod rng;
+pub mod shaders;
+pub mod tensor;
+
+pub use device::{Device, DeviceRequest};
+pub use error::{Error, Result};
+pub use tensor::{DType, Tensor};

@@ -1,0 +1,187 @@
+//! Broadcasting binary ops and `where` (`shaders/binary.wgsl`, `shaders/where.wgsl`).
+
+use crate::device::Device;
+use crate::error::Result;
+use crate::ops::{
+    broadcast_shape, broadcast_strides, groups_for, pack8, par_fill, strided_offset, u32_of,
+};
+use crate::shaders::{BINARY, WHERE};
+use crate::tensor::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Maximum,
+    Minimum,
+}
+
+impl BinaryOp {
+    fn code(self) -> u32 {
+        self as u32
+    }
+    /// CPU twin of `apply` in the shader.
+    #[inline]
+    pub fn eval(self, u: f32, v: f32) -> f32 {
+        match self {
+            BinaryOp::Add => u + v,
+            BinaryOp::Sub => u - v,
+            BinaryOp::Mul => u * v,
+            BinaryOp::Div => u / v,
+            BinaryOp::Maximum => u.max(v),
+            BinaryOp::Minimum => u.min(v),
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BinaryParams {
+    pub n: u32,
+    pub op: u32,
+    pub rank: u32,
+    pub contig: u32,
+    pub shape: [u32; 8],
+    pub sa: [u32; 8],
+    pub sb: [u32; 8],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct WhereParams {
+    pub n: u32,
+    pub rank: u32,
+    pub _pad: [u32; 2],
+    pub shape: [u32; 8],
+    pub sc: [u32; 8],
+    pub sa: [u32; 8],
+    pub sb: [u32; 8],
+}
+
+impl Tensor {
+    /// `a op b` with broadcasting; the output has the broadcast shape.
+    pub fn binary(&self, other: &Tensor, op: BinaryOp) -> Result<Tensor> {
+        const NAME: &str = "binary";
+        self.ensure_f32(NAME)?;
+        other.ensure_f32(NAME)?;
+        self.same_device(NAME, other)?;
+        let shape = broadcast_shape(NAME, self.shape(), other.shape())?;
+        let n = crate::tensor::numel(&shape);
+        let contig = self.shape() == shape.as_slice() && other.shape() == shape.as_slice();
+        let sa = broadcast_strides(self.shape(), &shape);
+        let sb = broadcast_strides(other.shape(), &shape);
+        match self.device() {
+            Device::Cpu => {
+                let (a, b) = (self.cpu_f32(NAME)?, other.cpu_f32(NAME)?);
+                let mut y = vec![0.0; n];
+                if contig {
+                    par_fill(&mut y, |i| op.eval(a[i], b[i]));
+                } else if other.numel() == 1 {
+                    let s = b[0];
+                    par_fill(&mut y, |i| op.eval(a[strided_offset(i, &shape, &sa)], s));
+                } else {
+                    par_fill(&mut y, |i| {
+                        op.eval(
+                            a[strided_offset(i, &shape, &sa)],
+                            b[strided_offset(i, &shape, &sb)],
+                        )
+                    });
+                }
+                Ok(Tensor::cpu(y, &shape))
+            }
+            Device::Gpu(ctx) => {
+                let out = Tensor::gpu_empty(&ctx, NAME, &shape)?;
+                let params = BinaryParams {
+                    n: u32_of(NAME, n)?,
+                    op: op.code(),
+                    rank: shape.len() as u32,
+                    contig: contig as u32,
+                    shape: pack8(NAME, &shape)?,
+                    sa: pack8(NAME, &sa)?,
+                    sb: pack8(NAME, &sb)?,
+                };
+                let bufs = [
+                    self.gpu_buf(NAME)?,
+                    other.gpu_buf(NAME)?,
+                    out.gpu_buf(NAME)?,
+                ];
+                ctx.dispatch(&BINARY, "main", &params, &bufs, groups_for(&ctx, n))?;
+                Ok(out)
+            }
+        }
+    }
+
+    pub fn add(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, BinaryOp::Add)
+    }
+    pub fn sub(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, BinaryOp::Sub)
+    }
+    pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, BinaryOp::Mul)
+    }
+    pub fn div(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, BinaryOp::Div)
+    }
+    pub fn maximum(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, BinaryOp::Maximum)
+    }
+    pub fn minimum(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, BinaryOp::Minimum)
+    }
+
+    /// `cond != 0 ? a : b` elementwise (`self` is the condition), all three broadcast.
+    pub fn where_cond(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        const NAME: &str = "where";
+        for t in [self, a, b] {
+            t.ensure_f32(NAME)?;
+        }
+        self.same_device(NAME, a)?;
+        self.same_device(NAME, b)?;
+        let shape = broadcast_shape(
+            NAME,
+            &broadcast_shape(NAME, self.shape(), a.shape())?,
+            b.shape(),
+        )?;
+        let n = crate::tensor::numel(&shape);
+        let sc = broadcast_strides(self.shape(), &shape);
+        let sa = broadcast_strides(a.shape(), &shape);
+        let sb = broadcast_strides(b.shape(), &shape);
+        match self.device() {
+            Device::Cpu => {
+                let (c, av, bv) = (self.cpu_f32(NAME)?, a.cpu_f32(NAME)?, b.cpu_f32(NAME)?);
+                let mut y = vec![0.0; n];
+                par_fill(&mut y, |i| {
+                    if c[strided_offset(i, &shape, &sc)] != 0.0 {
+                        av[strided_offset(i, &shape, &sa)]
+                    } else {
+                        bv[strided_offset(i, &shape, &sb)]
+                    }
+                });
+                Ok(Tensor::cpu(y, &shape))
+            }
+            Device::Gpu(ctx) => {
+                let out = Tensor::gpu_empty(&ctx, NAME, &shape)?;
+                let params = WhereParams {
+                    n: u32_of(NAME, n)?,
+                    rank: shape.len() as u32,
+                    _pad: [0; 2],
+                    shape: pack8(NAME, &shape)?,
+                    sc: pack8(NAME, &sc)?,
+                    sa: pack8(NAME, &sa)?,
+                    sb: pack8(NAME, &sb)?,
+                };
+                let bufs = [
+                    self.gpu_buf(NAME)?,
+                    a.gpu_buf(NAME)?,
+                    b.gpu_buf(NAME)?,
+                    out.gpu_buf(NAME)?,
+                ];
+                ctx.dispatch(&WHERE, "main", &params, &bufs, groups_for(&ctx, n))?;
+                Ok(out)
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Batched matmul with either operand transposed (`shaders/matmul.wgsl`); the CPU twin
+//! runs the `gemm` crate. `sgemm` is shared with conv2d and attention on the CPU.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::shaders::MATMUL;
+use crate::tensor::Tensor;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MatmulParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub batch: u32,
+    pub a_rs: u32,
+    pub a_cs: u32,
+    pub b_rs: u32,
+    pub b_cs: u32,
+    pub a_bs: u32,
+    pub b_bs: u32,
+    pub _pad: [u32; 2],
+}
+
+/// A strided matrix view into a slice: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// `c (m, n, row stride ldc) = a (m, k) x b (k, n)`, plus `c` when `accumulate`.
+/// `parallel` lets the GEMM use rayon; pass false when already inside a parallel loop.
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
+    };
+    // The bounds the unsafe call relies on.
+    assert!(
+        k == 0 || last(m, k, a.rs, a.cs) < a.data.len(),
+        "sgemm: A view out of bounds"
+    );
+    assert!(
+        k == 0 || last(k, n, b.rs, b.cs) < b.data.len(),
+        "sgemm: B view out of bounds"
+    );
+    assert!(last(m, n, ldc, 1) < c.len(), "sgemm: C view out of bounds");
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let par = if parallel && m * n * k >= 1 << 15 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index the views can produce was checked against the slices above,
+    // and `c` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Shapes of a batched matmul after transposes: batch count, M, N, K and per-operand batch counts.
+struct Plan {
+    batch_shape: Vec<usize>,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_batched: bool,
+    b_batched: bool,
+}
+
+fn plan(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<Plan> {
+    const OP: &str = "matmul";
+    if a.len() < 2 || b.len() < 2 {
+        return Err(Error::shape(
+            OP,
+            format!("operands need at least 2 dims, got {a:?} and {b:?}"),
+        ));
+    }
+    let (ar, ac) = (a[a.len() - 2], a[a.len() - 1]);
+    let (br, bc) = (b[b.len() - 2], b[b.len() - 1]);
+    let (m, ka) = if ta { (ac, ar) } else { (ar, ac) };
+    let (kb, n) = if tb { (bc, br) } else { (br, bc) };
+    if ka != kb {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "{a:?}{} x {b:?}{}: inner dims {ka} != {kb}",
+                if ta { "^T" } else { "" },
+                if tb { "^T" } else { "" }
+            ),
+        ));
+    }
+    let (ba, bb) = (&a[..a.len() - 2], &b[..b.len() - 2]);
+    let (na, nb) = (ba.iter().product::<usize>(), bb.iter().product::<usize>());
+    let batch_shape = if ba == bb || nb == 1 && ba.len() >= bb.len() {
+        ba.to_vec()
+    } else if na == 1 && bb.len() >= ba.len() {
+        bb.to_vec()
+    } else {
+        return Err(Error::shape(
+            OP,
+            format!("batch dims of {a:?} and {b:?} must match or one side must have none"),
+        ));
+    };
+    Ok(Plan {
+        batch: batch_shape.iter().product(),
+        batch_shape,
+        m,
+        n,
+        k: ka,
+        a_batched: na > 1,
+        b_batched: nb > 1,
+    })
+}
+
+impl Tensor {
+    /// `(..., M, K) x (..., K, N) -> (..., M, N)`; batch dims equal, or absent on one side.
+    pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {
+        self.matmul_t(other, false, false)
+    }
+
+    /// Matmul with `self` read as `(..., K, M)` when `ta`, `other` as `(..., N, K)` when `tb`.
+    pub fn matmul_t(&self, other: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+        const OP: &str = "matmul";
+        self.ensure_f32(OP)?;
+        other.ensure_f32(OP)?;
+        self.same_device(OP, other)?;
+        let p = plan(self.shape(), other.shape(), ta, tb)?;
+        let (m, n, k) = (p.m, p.n, p.k);
+        // Element strides of op(A) (M, K) and op(B) (K, N) inside one batch.
+        let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+        let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+        let a_bs = if p.a_batched { m * k } else { 0 };
+        let b_bs = if p.b_batched { k * n } else { 0 };
+        let mut out_shape = p.batch_shape.clone();
+        out_shape.extend([m, n]);
+        match self.device() {
+            Device::Cpu => {
+                let (a, b) = (self.cpu_f32(OP)?, other.cpu_f32(OP)?);
+                let mut c = vec![0.0f32; p.batch * m * n];
+                let one = |bi: usize, cb: &mut [f32], parallel: bool| {
+                    let av = MatRef {
+                        data: &a[bi * a_bs..],
+                        rs: a_rs,
+                        cs: a_cs,
+                    };
+                    let bv = MatRef {
+                        data: &b[bi * b_bs..],
+                        rs: b_rs,
+                        cs: b_cs,
+                    };
+                    sgemm(m, n, k, av, bv, cb, n, false, parallel);
+                };
+                let threads = rayon::current_num_threads();
+                if p.batch >= threads && m * n * k < 1 << 22 && m * n > 0 {
+                    use rayon::prelude::*;
+                    c.par_chunks_mut(m * n)
+                        .enumerate()
+                        .for_each(|(bi, cb)| one(bi, cb, false));
+                } else if m * n > 0 {
+                    for (bi, cb) in c.chunks_mut(m * n).enumerate() {
+                        one(bi, cb, true);
+                    }
+                }
+                Ok(Tensor::cpu(c, &out_shape))
+            }
+            Device::Gpu(ctx) => {
+                let out = Tensor::gpu_empty(&ctx, OP, &out_shape)?;
+                let u = |x: usize| crate::ops::u32_of(OP, x);
+                let params = MatmulParams {
+                    m: u(m)?,
+                    n: u(n)?,
+                    k: u(k)?,
+                    batch: u(p.batch)?,
+                    a_rs: u(a_rs)?,
+                    a_cs: u(a_cs)?,
+                    b_rs: u(b_rs)?,
+                    b_cs: u(b_cs)?,
+                    a_bs: u(a_bs)?,
+                    b_bs: u(b_bs)?,
+                    _pad: [0; 2],
+                };
+                let groups = [n.div_ceil(64) as u32, m.div_ceil(64) as u32, p.batch as u32];
+                ctx.dispatch(
+                    &MATMUL,
+                    "main",
+                    &params,
+                    &[self.gpu_buf(OP)?, other.gpu_buf(OP)?, out.gpu_buf(OP)?],
+                    groups,
+                )?;
+                Ok(out)
+            }
+        }
+    }
+}

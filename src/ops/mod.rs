@@ -1,0 +1,125 @@
+//! Ops: each file holds the GPU dispatch beside its CPU twin and the `#[repr(C)]` mirror
+//! of its shader's `Params`. Shapes are in comments as `(B, C, H, W)`.
+
+pub mod attention;
+pub mod binary;
+pub mod conv2d;
+pub mod copy;
+pub mod geglu;
+pub mod matmul;
+pub mod norm;
+pub mod reduce;
+pub mod softmax;
+pub mod timestep;
+pub mod unary;
+pub mod upsample;
+
+use crate::error::{Error, Result};
+
+/// Highest rank the strided shaders index (their `Params` hold 8 dims).
+pub const MAX_RANK: usize = 8;
+
+/// Elements below this run on one CPU thread; above, rayon splits them.
+pub(crate) const PAR_MIN: usize = 1 << 15;
+
+/// Pads a dims list to the shaders' 8 slots.
+pub(crate) fn pack8(op: &'static str, v: &[usize]) -> Result<[u32; MAX_RANK]> {
+    if v.len() > MAX_RANK {
+        return Err(Error::shape(
+            op,
+            format!("rank {} exceeds the maximum of {MAX_RANK}", v.len()),
+        ));
+    }
+    let mut out = [0u32; MAX_RANK];
+    for (o, &x) in out.iter_mut().zip(v) {
+        *o =
+            u32::try_from(x).map_err(|_| Error::shape(op, format!("dimension {x} exceeds u32")))?;
+    }
+    Ok(out)
+}
+
+/// NumPy broadcasting of two shapes, aligned at the right.
+pub fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => {
+                return Err(Error::shape(
+                    op,
+                    format!("shapes {a:?} and {b:?} do not broadcast"),
+                ))
+            }
+        };
+    }
+    Ok(out)
+}
+
+/// Strides reading `src` (contiguous) as if broadcast to `out`: 0 on broadcast axes.
+pub(crate) fn broadcast_strides(src: &[usize], out: &[usize]) -> Vec<usize> {
+    let s = crate::tensor::strides(src);
+    let lead = out.len() - src.len();
+    (0..out.len())
+        .map(|i| {
+            if i < lead || src[i - lead] == 1 {
+                0
+            } else {
+                s[i - lead]
+            }
+        })
+        .collect()
+}
+
+/// Offset into a strided source of output element `i` of a contiguous `shape`.
+#[inline]
+pub(crate) fn strided_offset(mut i: usize, shape: &[usize], strides: &[usize]) -> usize {
+    let mut off = 0;
+    for d in (0..shape.len()).rev() {
+        let n = shape[d];
+        off += (i % n) * strides[d];
+        i /= n;
+    }
+    off
+}
+
+/// Fills `out[i] = f(i)` on the CPU, in parallel when it is large.
+pub(crate) fn par_fill(out: &mut [f32], f: impl Fn(usize) -> f32 + Sync) {
+    use rayon::prelude::*;
+    if out.len() < PAR_MIN {
+        out.iter_mut().enumerate().for_each(|(i, o)| *o = f(i));
+    } else {
+        out.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
+            for (j, o) in chunk.iter_mut().enumerate() {
+                *o = f(c * 4096 + j);
+            }
+        });
+    }
+}
+
+/// Workgroups needed for `n` threads in groups of 256, spread over the grid's x and y.
+pub(crate) fn groups_for(ctx: &crate::device::GpuContext, n: usize) -> [u32; 3] {
+    ctx.grid((n as u64).div_ceil(256))
+}
+
+/// The error for a u32 overflow of an element count, naming the op.
+pub(crate) fn u32_of(op: &'static str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| {
+        Error::shape(
+            op,
+            format!("{n} elements exceed the 2^32 index range of the shaders"),
+        )
+    })
+}
