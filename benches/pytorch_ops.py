@@ -143,8 +143,8 @@ def main(argv=None):
                    help="timed samples per case; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed calls before timing each case, at least ~0.2 s of them (default 2)")
-    p.add_argument("--min-sample-ms", type=float, default=50.0,
-                   help="small cases run several calls per sample to last this long (default 50)")
+    p.add_argument("--min-sample-ms", type=float, default=200.0,
+                   help="small cases run several calls per sample to last this long (default 200)")
     p.add_argument("--case-budget-s", type=float, default=8.0,
                    help="rough time limit for the timed samples of one case (default 8)")
     p.add_argument("--filter", default=None,

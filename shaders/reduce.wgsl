@@ -1,1 +1,108 @@
-// (in progress)
+// Reductions over one axis of a tensor viewed as (outer, len, inner).
+// `rows` (inner == 1): one workgroup per output, a strided pass then a shared-memory tree;
+// a long axis is split into `nchunks` chunks per row whose partials a second `rows` pass reduces.
+// `cols` (inner > 1): one thread per output, looping over the axis.
+// Op codes mirror `ReduceOp::code` in src/ops/reduce.rs.
+
+struct Params {
+    outer: u32,    // product of the dims before the axis
+    len: u32,      // axis length
+    inner: u32,    // product of the dims after the axis
+    op: u32,       // 0: sum times `scale`, 1: max
+    chunk: u32,    // rows: axis elements per workgroup (len in a one-pass reduction)
+    nchunks: u32,  // rows: workgroups per output row, ceil(len / chunk)
+    scale: f32,    // applied to sums: 1, or 1 / len for a mean
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;        // (outer, len, inner)
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;  // rows: (outer, nchunks); cols: (outer, inner)
+
+var<workgroup> red: array<f32, 256>;
+
+fn combine(a: f32, b: f32) -> f32 {
+    if p.op == 1u {
+        return max(a, b);
+    }
+    return a + b;
+}
+
+@compute @workgroup_size(256)
+fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let g = wid.y * nwg.x + wid.x;
+    if g >= p.outer * p.nchunks {
+        return;
+    }
+    let o = g / p.nchunks;
+    let c = g % p.nchunks;
+    let start = o * p.len + c * p.chunk;
+    let end = o * p.len + min((c + 1u) * p.chunk, p.len);
+    var acc = 0.0;
+    if p.op == 1u {
+        // Any element of the row is an identity for max (the host rejects empty axes).
+        acc = x[start];
+    }
+    for (var i = start + lid; i < end; i += 256u) {
+        acc = combine(acc, x[i]);
+    }
+    red[lid] = acc;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if lid < s {
+            red[lid] = combine(red[lid], red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        var r = red[0];
+        if p.op == 0u {
+            r *= p.scale;
+        }
+        y[g] = r;
+    }
+}
+
+@compute @workgroup_size(256)
+fn cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let j = (wid.y * nwg.x + wid.x) * 256u + lid;
+    if j >= p.outer * p.inner {
+        return;
+    }
+    let base = (j / p.inner) * p.len * p.inner + j % p.inner;
+    if p.op == 1u {
+        var m = x[base];
+        for (var k = 1u; k < p.len; k++) {
+            m = max(m, x[base + k * p.inner]);
+        }
+        y[j] = m;
+        return;
+    }
+    // Pairwise sum of blocks of 16 (a binary counter merges equal-sized partials), so the
+    // rounding error grows with log(len) rather than len. stack[l] holds 2^l blocks.
+    var stack: array<f32, 32>;
+    var blocks = 0u;
+    for (var k0 = 0u; k0 < p.len; k0 += 16u) {
+        let k1 = min(k0 + 16u, p.len);
+        var s = 0.0;
+        for (var k = k0; k < k1; k++) {
+            s += x[base + k * p.inner];
+        }
+        var l = 0u;
+        while ((blocks >> l) & 1u) == 1u {
+            s = stack[l] + s;
+            l++;
+        }
+        stack[l] = s;
+        blocks++;
+    }
+    var total = 0.0;
+    for (var l = 0u; l < 32u; l++) {
+        if ((blocks >> l) & 1u) == 1u {
+            total += stack[l];
+        }
+    }
+    y[j] = total * p.scale;
+}

@@ -1,6 +1,7 @@
 //! vipo: preference optimization (Poly-DPO) for diffusion models on any GPU that wgpu
 //! reaches, with a multithreaded CPU path that is both the fallback and the test reference.
 
+pub mod cli;
 pub mod device;
 pub mod error;
 pub mod ops;

@@ -1,3 +1,11 @@
-fn main() {
-    println!("vipo");
+use clap::Parser;
+use vipo::cli::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Devices(a) => vipo::cli::devices::run(a, &cli.device)?,
+        Command::Bench(a) => vipo::cli::bench::run(a, &cli.device)?,
+    }
+    Ok(())
 }

@@ -82,6 +82,18 @@ fn unary_cpu_matches_closed_forms() {
 }
 
 #[test]
+fn erf_approximation_is_within_its_bound() {
+    for i in -800..=800 {
+        let x = i as f64 / 100.0;
+        let (got, want) = (vipo::ops::unary::erf(x), erf_ref(x));
+        assert!(
+            (got - want).abs() < 2e-7,
+            "erf({x}) = {got}, reference {want}"
+        );
+    }
+}
+
+#[test]
 fn gpu_tanh_and_sigmoid_saturate_without_nan() {
     let x: Vec<f32> = vec![-1e4, -90.0, -20.0, 20.0, 90.0, 1e4, 0.0];
     for op in [

@@ -26,6 +26,8 @@ pub struct PoolStats {
     pub peak_live_bytes: u64,
     pub free_bytes: u64,
     pub device_allocations: u64,
+    /// Command buffers submitted so far (a readback or a full batch submits).
+    pub submits: u64,
 }
 
 #[derive(Default)]
@@ -280,6 +282,7 @@ impl GpuContext {
         }
         self.queue.submit(Some(enc.finish()));
         b.dispatches = 0;
+        lock(&self.pool).stats.submits += 1;
     }
 
     /// Submits what is recorded, without waiting.

@@ -147,10 +147,12 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
         .collect()
 }
 
+/// An adapter's context once opened, or why it could not be.
+type Slot = OnceLock<std::result::Result<Arc<GpuContext>, String>>;
+
 /// One opened context per adapter, shared by everything in the process.
 fn open(index: usize) -> Result<Device> {
-    static OPEN: OnceLock<Vec<OnceLock<std::result::Result<Arc<GpuContext>, String>>>> =
-        OnceLock::new();
+    static OPEN: OnceLock<Vec<Slot>> = OnceLock::new();
     let slots = OPEN.get_or_init(|| (0..adapters().len()).map(|_| OnceLock::new()).collect());
     let adapter = adapters().get(index).ok_or_else(|| {
         Error::NoDevice(format!(
@@ -170,6 +172,7 @@ fn open(index: usize) -> Result<Device> {
 }
 
 /// The device chosen, and a sentence saying why, for the user.
+#[derive(Debug)]
 pub struct Selected {
     pub device: Device,
     pub reason: String,
@@ -220,6 +223,15 @@ impl Device {
     /// Any adapter at all, software ones included: what GPU tests run on.
     pub fn first_gpu_any() -> Option<Device> {
         (0..adapters().len()).find_map(|i| open(i).ok())
+    }
+
+    /// A new context on adapter `index`, shared with nobody: for measurements (pool counters,
+    /// submits) that other users of the shared context would disturb.
+    pub fn open_private(index: usize) -> Result<Device> {
+        let adapter = adapters().get(index).ok_or_else(|| {
+            Error::NoDevice(format!("gpu:{index} does not exist (see `vipo devices`)"))
+        })?;
+        Ok(Device::Gpu(Arc::new(GpuContext::new(adapter, index)?)))
     }
 
     pub fn is_cpu(&self) -> bool {

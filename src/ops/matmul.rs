@@ -32,6 +32,7 @@ pub struct MatRef<'a> {
 
 /// `c (m, n, row stride ldc) = a (m, k) x b (k, n)`, plus `c` when `accumulate`.
 /// `parallel` lets the GEMM use rayon; pass false when already inside a parallel loop.
+#[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     m: usize,
     n: usize,

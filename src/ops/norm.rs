@@ -1,1 +1,214 @@
-//! (in progress)
+//! Layer norm over the last axis and group norm over (N, C, *spatial) (`shaders/norm.wgsl`).
+//! Both normalise contiguous rows with a biased variance computed as the mean of squared
+//! deviations from the mean (two passes), as `torch.nn.functional` does.
+
+use rayon::prelude::*;
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::{u32_of, PAR_MIN};
+use crate::shaders::NORM;
+use crate::tensor::Tensor;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct NormParams {
+    pub rows: u32,
+    pub row_len: u32,
+    pub spatial: u32,
+    pub cpg: u32,
+    pub groups: u32,
+    pub has_w: u32,
+    pub has_b: u32,
+    pub eps: f32,
+}
+
+/// The rows to normalise: `rows` of `cpg * spatial` elements; row `r` holds channels
+/// `(r % groups) * cpg ..` of `spatial` elements each.
+#[derive(Clone, Copy)]
+struct Layout {
+    rows: usize,
+    spatial: usize,
+    cpg: usize,
+    groups: usize,
+}
+
+/// Checks an optional per-channel affine tensor: f32, shape (C,), on the input's device.
+fn check_affine(
+    op: &'static str,
+    what: &str,
+    x: &Tensor,
+    t: Option<&Tensor>,
+    channels: usize,
+) -> Result<()> {
+    let Some(t) = t else { return Ok(()) };
+    t.ensure_f32(op)?;
+    x.same_device(op, t)?;
+    if t.shape() != [channels] {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{what} has shape {:?}, expected [{channels}] for input of shape {:?}",
+                t.shape(),
+                x.shape()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// CPU twin for one row, in f64: mean, then the mean of squared deviations.
+fn norm_row(
+    x: &[f32],
+    y: &mut [f32],
+    c0: usize,
+    spatial: usize,
+    w: Option<&[f32]>,
+    b: Option<&[f32]>,
+    eps: f32,
+) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let rstd = 1.0 / (var + eps as f64).sqrt();
+    for (j, (o, &v)) in y.iter_mut().zip(x).enumerate() {
+        let c = c0 + j / spatial;
+        let mut t = (v as f64 - mean) * rstd;
+        if let Some(w) = w {
+            t *= w[c] as f64;
+        }
+        if let Some(b) = b {
+            t += b[c] as f64;
+        }
+        *o = t as f32;
+    }
+}
+
+impl Tensor {
+    /// `F.layer_norm(x, (C,), weight, bias, eps)` over the last axis; `weight`, `bias`: (C,).
+    pub fn layer_norm(
+        &self,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f32,
+    ) -> Result<Tensor> {
+        const NAME: &str = "layer_norm";
+        self.ensure_f32(NAME)?;
+        let Some(&c) = self.shape().last() else {
+            return Err(Error::shape(
+                NAME,
+                format!("needs rank >= 1, got shape {:?}", self.shape()),
+            ));
+        };
+        check_affine(NAME, "weight", self, weight, c)?;
+        check_affine(NAME, "bias", self, bias, c)?;
+        let rows = self.numel().checked_div(c).unwrap_or(0);
+        let layout = Layout {
+            rows,
+            spatial: 1,
+            cpg: c,
+            groups: 1,
+        };
+        self.norm_rows(NAME, layout, weight, bias, eps)
+    }
+
+    /// `F.group_norm(x, groups, weight, bias, eps)` for `x` (N, C, *spatial) with any number
+    /// of spatial dims (zero included); `weight`, `bias`: (C,). Biased variance per (n, group).
+    pub fn group_norm(
+        &self,
+        groups: usize,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f32,
+    ) -> Result<Tensor> {
+        const NAME: &str = "group_norm";
+        self.ensure_f32(NAME)?;
+        let shape = self.shape();
+        if shape.len() < 2 {
+            return Err(Error::shape(
+                NAME,
+                format!("expected input (N, C, *spatial), got shape {shape:?}"),
+            ));
+        }
+        let (n, c) = (shape[0], shape[1]);
+        if groups == 0 || c % groups != 0 {
+            return Err(Error::shape(
+                NAME,
+                format!("{c} channels of input {shape:?} are not divisible into {groups} groups"),
+            ));
+        }
+        check_affine(NAME, "weight", self, weight, c)?;
+        check_affine(NAME, "bias", self, bias, c)?;
+        let layout = Layout {
+            rows: n * groups,
+            spatial: shape[2..].iter().product(),
+            cpg: c / groups,
+            groups,
+        };
+        self.norm_rows(NAME, layout, weight, bias, eps)
+    }
+
+    fn norm_rows(
+        &self,
+        name: &'static str,
+        l: Layout,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let n = self.numel();
+        let row_len = l.cpg * l.spatial;
+        match self.device() {
+            Device::Cpu => {
+                let x = self.cpu_f32(name)?;
+                let w = weight.map(|t| t.cpu_f32(name)).transpose()?;
+                let b = bias.map(|t| t.cpu_f32(name)).transpose()?;
+                let mut y = vec![0.0f32; n];
+                if n > 0 {
+                    let row = |r: usize, yr: &mut [f32], xr: &[f32]| {
+                        let c0 = (r % l.groups) * l.cpg;
+                        norm_row(xr, yr, c0, l.spatial, w, b, eps)
+                    };
+                    if n >= PAR_MIN {
+                        let min_rows = (PAR_MIN / row_len).max(1);
+                        y.par_chunks_mut(row_len)
+                            .zip(x.par_chunks(row_len))
+                            .enumerate()
+                            .with_min_len(min_rows)
+                            .for_each(|(r, (yr, xr))| row(r, yr, xr));
+                    } else {
+                        y.chunks_mut(row_len)
+                            .zip(x.chunks(row_len))
+                            .enumerate()
+                            .for_each(|(r, (yr, xr))| row(r, yr, xr));
+                    }
+                }
+                Ok(Tensor::cpu(y, self.shape()))
+            }
+            Device::Gpu(ctx) => {
+                let out = Tensor::gpu_empty(&ctx, name, self.shape())?;
+                if n == 0 {
+                    return Ok(out);
+                }
+                u32_of(name, n)?;
+                let params = NormParams {
+                    rows: u32_of(name, l.rows)?,
+                    row_len: u32_of(name, row_len)?,
+                    spatial: u32_of(name, l.spatial)?,
+                    cpg: u32_of(name, l.cpg)?,
+                    groups: u32_of(name, l.groups)?,
+                    has_w: weight.is_some() as u32,
+                    has_b: bias.is_some() as u32,
+                    eps,
+                };
+                // An absent weight or bias binds `x` in its place (read-only; the flag skips it).
+                let xb = self.gpu_buf(name)?;
+                let wb = weight.map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
+                let bb = bias.map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
+                let bufs = [xb, wb, bb, out.gpu_buf(name)?];
+                ctx.dispatch(&NORM, "main", &params, &bufs, ctx.grid(l.rows as u64))?;
+                Ok(out)
+            }
+        }
+    }
+}

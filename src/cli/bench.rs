@@ -1,0 +1,247 @@
+//! `vipo bench`: kernel throughput on each device, with an optional peer (PyTorch) for ratios.
+//!
+//! Case names match `benches/pytorch_ops.py`, so `--peer torch.json` joins the two by name.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crate::device::{list_adapters, Device, DeviceRequest};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Print JSON (one object per case and device) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Only cases whose name contains this text.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// The small cases only (for software adapters, where the full set takes many minutes).
+    #[arg(long)]
+    pub quick: bool,
+    /// Seconds to spend per case after warm-up (at least one run is always timed).
+    #[arg(long, default_value_t = 1.0)]
+    pub min_time: f64,
+    /// JSON from `benches/pytorch_ops.py --json`: adds its times and the ratio vipo/peer.
+    #[arg(long)]
+    pub peer: Option<std::path::PathBuf>,
+}
+
+/// One benchmark: inputs are built once, `run` is timed.
+struct Case {
+    name: String,
+    /// FLOPs per run (compute-bound cases) or bytes moved (memory-bound ones).
+    work: f64,
+    is_bytes: bool,
+    quick: bool,
+    shapes: Vec<Vec<usize>>,
+    run: fn(&[Tensor]) -> Result<Tensor>,
+}
+
+fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for (m, n, k, quick) in [
+        (512, 512, 512, true),
+        (1024, 1024, 1024, false),
+        (2048, 2048, 2048, false),
+        (4096, 320, 320, false),
+        (4096, 1280, 320, false),
+    ] {
+        v.push(Case {
+            name: format!("matmul {m}x{n}x{k}"),
+            work: 2.0 * m as f64 * n as f64 * k as f64,
+            is_bytes: false,
+            quick,
+            shapes: vec![vec![m, k], vec![k, n]],
+            run: |t| t[0].matmul(&t[1]),
+        });
+    }
+    for (c, px, quick) in [
+        (320, 64, false),
+        (640, 32, false),
+        (1280, 16, false),
+        (1280, 8, true),
+    ] {
+        v.push(Case {
+            name: format!("conv2d {c}ch {px}px"),
+            work: 2.0 * (c * c * 9) as f64 * (px * px) as f64,
+            is_bytes: false,
+            quick,
+            shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3], vec![c]],
+            run: |t| t[0].conv2d(&t[1], Some(&t[2]), (1, 1), (1, 1)),
+        });
+    }
+    v.push(Case {
+        name: "attention self 4096x4096 h8 d40".into(),
+        work: 4.0 * 8.0 * 4096.0 * 4096.0 * 40.0,
+        is_bytes: false,
+        quick: false,
+        shapes: vec![
+            vec![1, 8, 4096, 40],
+            vec![1, 8, 4096, 40],
+            vec![1, 8, 4096, 40],
+        ],
+        run: |t| t[0].attention(&t[1], &t[2], None),
+    });
+    v.push(Case {
+        name: "attention cross 4096x77 h8 d40".into(),
+        work: 4.0 * 8.0 * 4096.0 * 77.0 * 40.0,
+        is_bytes: false,
+        quick: true,
+        shapes: vec![vec![1, 8, 4096, 40], vec![1, 8, 77, 40], vec![1, 8, 77, 40]],
+        run: |t| t[0].attention(&t[1], &t[2], None),
+    });
+    for (shape, quick) in [(vec![1, 320, 64, 64], false), (vec![2, 1280, 16, 16], true)] {
+        let numel: usize = shape.iter().product();
+        v.push(Case {
+            name: format!("group_norm {}ch {}px g32", shape[1], shape[2]),
+            work: 2.0 * numel as f64 * 4.0,
+            is_bytes: true,
+            quick,
+            shapes: vec![shape.clone(), vec![shape[1]], vec![shape[1]]],
+            run: |t| t[0].group_norm(32, Some(&t[1]), Some(&t[2]), 1e-5),
+        });
+    }
+    v
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    pub name: String,
+    pub device: String,
+    pub ms: f64,
+    pub gflops: Option<f64>,
+    pub gbps: Option<f64>,
+    /// Peak bytes held in GPU buffers during the case (GPU only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_ms: Option<f64>,
+    /// vipo time / peer time (below 1: vipo is faster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+}
+
+fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<Record> {
+    let inputs: Vec<Tensor> = case
+        .shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Tensor::randn(s, 1 + i as u64, device))
+        .collect::<Result<_>>()?;
+    if let Device::Gpu(g) = device {
+        g.sync()?;
+        g.reset_peak();
+    }
+    // Warm-up: pipelines compiled, pool filled, caches warm.
+    drop((case.run)(&inputs)?);
+    device.sync()?;
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.is_empty() || (start.elapsed().as_secs_f64() < min_time && times.len() < 50) {
+        let t0 = Instant::now();
+        let out = (case.run)(&inputs)?;
+        device.sync()?;
+        times.push(t0.elapsed().as_secs_f64());
+        drop(out);
+    }
+    times.sort_by(f64::total_cmp);
+    let secs = times[times.len() / 2];
+    let rate = case.work / secs / 1e9;
+    Ok(Record {
+        name: case.name.clone(),
+        device: match device {
+            Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Device::Gpu(g) => format!("gpu:{} {}", g.index, g.info.name),
+        },
+        ms: secs * 1e3,
+        gflops: (!case.is_bytes).then_some(rate),
+        gbps: case.is_bytes.then_some(rate),
+        peak_bytes: device.gpu().map(|g| g.pool_stats().peak_live_bytes),
+        peer_ms: None,
+        ratio: None,
+    })
+}
+
+/// Devices to measure: the one asked for, or with `auto` the CPU and every hardware adapter.
+fn devices(device_arg: &str) -> Result<Vec<Device>> {
+    let req: DeviceRequest = device_arg.parse()?;
+    if req != DeviceRequest::Auto {
+        return Ok(vec![Device::select(req)?.device]);
+    }
+    let mut v = vec![Device::Cpu];
+    for a in list_adapters().iter().filter(|a| !a.software) {
+        match Device::select(DeviceRequest::GpuIndex(a.index)) {
+            Ok(s) => v.push(s.device),
+            Err(e) => eprintln!("skipping gpu:{}: {e}", a.index),
+        }
+    }
+    Ok(v)
+}
+
+pub fn run(args: &Args, device_arg: &str) -> Result<()> {
+    let peer: HashMap<String, f64> = match &args.peer {
+        None => HashMap::new(),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            let recs: Vec<Record> = serde_json::from_str(&text).map_err(|e| Error::File {
+                path: p.clone(),
+                msg: format!("not a bench JSON array: {e}"),
+            })?;
+            recs.into_iter().map(|r| (r.name, r.ms)).collect()
+        }
+    };
+    let selected: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| {
+            args.filter
+                .as_ref()
+                .is_none_or(|f| c.name.contains(f.as_str()))
+        })
+        .filter(|c| !args.quick || c.quick)
+        .collect();
+    if selected.is_empty() {
+        return Err(Error::Invalid("bench: no case matches the filter".into()));
+    }
+    let mut records = Vec::new();
+    if !args.json {
+        println!(
+            "{:<34} {:<34} {:>10} {:>12} {:>10} {:>9}",
+            "case", "device", "ms", "GFLOP/s|GB/s", "peer ms", "vipo/peer"
+        );
+    }
+    for device in devices(device_arg)? {
+        for case in &selected {
+            let mut r = time_case(case, &device, args.min_time)?;
+            if let Some(&p) = peer.get(&r.name) {
+                r.peer_ms = Some(p);
+                r.ratio = Some(r.ms / p);
+            }
+            if !args.json {
+                let rate = r.gflops.or(r.gbps).unwrap_or(0.0);
+                let unit = if r.gbps.is_some() { "GB/s" } else { "GF/s" };
+                let peer = r
+                    .peer_ms
+                    .map(|p| format!("{p:.2}"))
+                    .unwrap_or_else(|| "-".into());
+                let ratio = r
+                    .ratio
+                    .map(|x| format!("{x:.2}"))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<34} {:<34} {:>10.2} {:>7.1} {unit} {:>10} {:>9}",
+                    r.name, r.device, r.ms, rate, peer, ratio
+                );
+            }
+            records.push(r);
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&records).map_err(|e| Error::Invalid(e.to_string()))?
+        );
+    }
+    Ok(())
+}

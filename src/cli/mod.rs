@@ -1,0 +1,29 @@
+//! Command-line front end: one file per subcommand; `main.rs` only parses and dispatches.
+
+pub mod bench;
+pub mod devices;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vipo",
+    version,
+    about = "Visual preference optimization (Poly-DPO) for diffusion models, on any GPU wgpu reaches or on the CPU"
+)]
+pub struct Cli {
+    /// Device: auto (a hardware GPU if there is one, else the CPU), cpu, gpu, or gpu:N from `vipo devices`.
+    #[arg(long, global = true, env = "VIPO_DEVICE", default_value = "auto")]
+    pub device: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List every GPU adapter wgpu finds, with the features and limits that matter to vipo.
+    Devices(devices::Args),
+    /// Measure kernel throughput (GFLOP/s, GB/s) on the CPU path and on GPUs.
+    Bench(bench::Args),
+}

@@ -1,0 +1,138 @@
+//! GPU plumbing: device selection, the buffer pool in a steady loop, batched submits,
+//! and the binding-size limit.
+mod common;
+use common::*;
+use vipo::{Device, DeviceRequest, Error, Tensor};
+
+#[test]
+fn device_requests_parse() {
+    assert_eq!(
+        "auto".parse::<DeviceRequest>().unwrap(),
+        DeviceRequest::Auto
+    );
+    assert_eq!("CPU".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cpu);
+    assert_eq!("gpu".parse::<DeviceRequest>().unwrap(), DeviceRequest::Gpu);
+    assert_eq!(
+        "gpu:3".parse::<DeviceRequest>().unwrap(),
+        DeviceRequest::GpuIndex(3)
+    );
+    for bad in ["gpu:", "gpu:x", "cuda", "gpu:-1"] {
+        let e = bad.parse::<DeviceRequest>().unwrap_err().to_string();
+        assert!(e.contains("auto, cpu, gpu or gpu:N"), "{bad}: {e}");
+    }
+    assert!(Device::select(DeviceRequest::GpuIndex(999))
+        .unwrap_err()
+        .to_string()
+        .contains("gpu:999"));
+}
+
+#[test]
+fn auto_never_takes_a_software_adapter() {
+    let adapters = vipo::device::list_adapters();
+    let sel = Device::select(DeviceRequest::Auto).unwrap();
+    match &sel.device {
+        Device::Gpu(g) => assert!(!g.is_software(), "auto took {}", sel.device),
+        Device::Cpu => assert!(
+            adapters.iter().all(|a| a.software),
+            "auto took the CPU although a hardware adapter exists: {adapters:?}"
+        ),
+    }
+    assert!(!sel.reason.is_empty());
+}
+
+#[test]
+fn steady_loop_reuses_pooled_buffers_and_batches_submits() {
+    let Some(shared) = gpu() else { return };
+    // A context of its own, so parallel tests do not move its counters.
+    let g = Device::open_private(shared.gpu().unwrap().index).unwrap();
+    let ctx = g.gpu().unwrap().clone();
+    let x = Tensor::randn(&[37, 129], 5, &g).unwrap();
+    let w = Tensor::randn(&[129, 61], 6, &g).unwrap();
+    let step = |x: &Tensor| -> Tensor {
+        x.matmul(&w)
+            .unwrap()
+            .silu()
+            .unwrap()
+            .matmul_t(&w, false, true)
+            .unwrap()
+            .mul_scalar(0.01)
+            .unwrap()
+            .add(x)
+            .unwrap()
+    };
+    let mut y = step(&x);
+    y = step(&y);
+    ctx.sync().unwrap();
+    let before = ctx.pool_stats();
+    for _ in 0..50 {
+        y = step(&y);
+    }
+    let after = ctx.pool_stats();
+    assert_eq!(
+        after.device_allocations, before.device_allocations,
+        "the pool allocated in a steady loop: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after.live_bytes, before.live_bytes,
+        "live bytes grew: {before:?} -> {after:?}"
+    );
+    // 250 dispatches with no readback fit in one batch: nothing was submitted.
+    assert_eq!(
+        after.submits, before.submits,
+        "ops submitted without a readback: {before:?} -> {after:?}"
+    );
+    // The loop computed something real: compare with the same loop on the CPU.
+    let (xc, wc) = (x.to(&Device::Cpu).unwrap(), w.to(&Device::Cpu).unwrap());
+    let stepc = |x: &Tensor| -> Tensor {
+        x.matmul(&wc)
+            .unwrap()
+            .silu()
+            .unwrap()
+            .matmul_t(&wc, false, true)
+            .unwrap()
+            .mul_scalar(0.01)
+            .unwrap()
+            .add(x)
+            .unwrap()
+    };
+    let mut yc = stepc(&xc);
+    for _ in 0..51 {
+        yc = stepc(&yc);
+    }
+    let submits = ctx.pool_stats().submits;
+    assert_close(
+        "steady loop gpu vs cpu",
+        &y.to_vec().unwrap(),
+        &yc.to_vec().unwrap(),
+        1e-4,
+        5,
+    );
+    assert_eq!(
+        ctx.pool_stats().submits,
+        submits + 1,
+        "one readback, one submit"
+    );
+    drop(y);
+    assert!(ctx.pool_stats().live_bytes < after.live_bytes);
+}
+
+#[test]
+fn tensors_over_the_binding_limit_are_refused_by_name() {
+    let Some(g) = gpu() else { return };
+    let limit = g.gpu().unwrap().limits.max_storage_buffer_binding_size;
+    let n = (limit / 4 + 1) as usize;
+    let err = vipo::Tensor::from_vec(vec![1.0; n], &[n], &g).unwrap_err();
+    match &err {
+        Error::TooLarge {
+            bytes, limit: l, ..
+        } => {
+            assert_eq!(*l, limit);
+            assert!(*bytes > limit);
+        }
+        other => panic!("expected TooLarge, got {other}"),
+    }
+    assert!(
+        err.to_string().contains("max_storage_buffer_binding_size"),
+        "{err}"
+    );
+}

@@ -1,0 +1,494 @@
+//! conv2d, nearest upsampling, layout copies and the timestep embedding: GPU against the CPU
+//! twin on awkward shapes, and the CPU against plain loops (float64 for the arithmetic ones).
+mod common;
+use common::*;
+use vipo::{Device, Tensor};
+
+// Conv sums up to 630 products in f32; the GPU (fma, K-order tiles) and the GEMM crate
+// (its own blocking) round differently, both well inside this.
+const CONV_TOL: f64 = 2e-5;
+
+/// Row-major index of `coord` in `shape`.
+fn lin(coord: &[usize], shape: &[usize]) -> usize {
+    coord.iter().zip(shape).fold(0, |acc, (&c, &d)| acc * d + c)
+}
+
+/// Coordinates of element `i` of a contiguous `shape`.
+fn coords(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut c = vec![0; shape.len()];
+    for d in (0..shape.len()).rev() {
+        c[d] = i % shape[d];
+        i /= shape[d];
+    }
+    c
+}
+
+/// Direct convolution in float64: x (N, Cin, H, W), w (Cout, Cin, KH, KW) -> (N, Cout, OH, OW).
+fn conv_ref(
+    x: &[f32],
+    xs: [usize; 4],
+    w: &[f32],
+    ws: [usize; 4],
+    b: Option<&[f32]>,
+    stride: (usize, usize),
+    pad: (usize, usize),
+) -> (Vec<f32>, Vec<usize>) {
+    let [n, cin, h, wd] = xs;
+    let [cout, _, kh, kw] = ws;
+    let oh = (h + 2 * pad.0 - kh) / stride.0 + 1;
+    let ow = (wd + 2 * pad.1 - kw) / stride.1 + 1;
+    let mut y = vec![0.0f32; n * cout * oh * ow];
+    for ni in 0..n {
+        for co in 0..cout {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut s = b.map_or(0.0, |b| b[co] as f64);
+                    for ci in 0..cin {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * stride.0 + ky) as isize - pad.0 as isize;
+                                let ix = (ox * stride.1 + kx) as isize - pad.1 as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                    continue;
+                                }
+                                let xv = x[lin(&[ni, ci, iy as usize, ix as usize], &xs)];
+                                s += xv as f64 * w[lin(&[co, ci, ky, kx], &ws)] as f64;
+                            }
+                        }
+                    }
+                    y[lin(&[ni, co, oy, ox], &[n, cout, oh, ow])] = s as f32;
+                }
+            }
+        }
+    }
+    (y, vec![n, cout, oh, ow])
+}
+
+#[test]
+fn conv2d_gpu_vs_cpu_vs_f64_loop() {
+    // (N, Cin, H, W), (Cout, KH, KW), stride, padding, bias. GEMM dims are not multiples of 64;
+    // 1x1 direct, im2col with serial and parallel fills, per-image parallel batches, an output
+    // row of height 1, and channel counts past one 64-row tile.
+    type Case = ([usize; 4], [usize; 3], (usize, usize), (usize, usize), bool);
+    let cases: &[Case] = &[
+        ([1, 3, 7, 9], [5, 1, 1], (1, 1), (0, 0), true),
+        ([2, 70, 5, 6], [3, 1, 1], (1, 1), (0, 0), false),
+        ([2, 17, 12, 11], [70, 3, 3], (1, 1), (1, 1), true),
+        ([2, 5, 9, 10], [17, 3, 3], (2, 2), (1, 1), false),
+        ([1, 3, 8, 7], [5, 5, 3], (1, 2), (2, 1), true),
+        ([2, 70, 5, 6], [3, 1, 1], (2, 2), (0, 0), false),
+        ([1, 5, 3, 6], [17, 3, 3], (1, 1), (0, 0), true),
+        ([2, 3, 5, 5], [70, 5, 3], (2, 1), (2, 1), false),
+        ([1, 17, 20, 19], [70, 3, 3], (1, 1), (1, 1), true),
+        ([3, 5, 1, 1], [3, 3, 3], (2, 1), (1, 1), true),
+        ([1, 3, 6, 6], [5, 3, 3], (2, 2), (0, 0), false),
+    ];
+    let mut worst_gpu_cpu = 0f64;
+    let mut worst_cpu_ref = 0f64;
+    for (ci, &(xs, [cout, kh, kw], stride, pad, with_bias)) in cases.iter().enumerate() {
+        let seed = 500 + ci as u64;
+        let ws = [cout, xs[1], kh, kw];
+        let x = randn(numel(&xs), seed);
+        let w = randn(numel(&ws), seed + 1);
+        let b = randn(cout, seed + 2);
+        let mut inputs = vec![(x.clone(), xs.to_vec()), (w.clone(), ws.to_vec())];
+        if with_bias {
+            inputs.push((b.clone(), vec![cout]));
+        }
+        let what = format!("conv2d x{xs:?} w{ws:?} s{stride:?} p{pad:?} bias {with_bias}");
+        let got = gpu_vs_cpu(&what, CONV_TOL, seed, &inputs, |t| {
+            t[0].conv2d(&t[1], t.get(2), stride, pad)
+        });
+        let (want, shape) = conv_ref(&x, xs, &w, ws, with_bias.then_some(&b[..]), stride, pad);
+        assert_eq!(got.shape(), &shape[..], "{what}");
+        let g = got.to_vec().unwrap();
+        assert_close(&format!("{what} cpu vs f64"), &g, &want, CONV_TOL, seed);
+        worst_cpu_ref = worst_cpu_ref.max(rel_err(&g, &want));
+        // Measured again only to report the worst case (gpu_vs_cpu asserted it).
+        if let Some(dev) = gpu() {
+            let gx = Tensor::from_slice(&x, &xs, &dev).unwrap();
+            let gw = Tensor::from_slice(&w, &ws, &dev).unwrap();
+            let gb = Tensor::from_slice(&b, &[cout], &dev).unwrap();
+            let out = gx
+                .conv2d(&gw, with_bias.then_some(&gb), stride, pad)
+                .unwrap();
+            worst_gpu_cpu = worst_gpu_cpu.max(rel_err(&out.to_vec().unwrap(), &g));
+        }
+    }
+    eprintln!("conv2d: max rel err cpu vs f64 {worst_cpu_ref:.2e}, gpu vs cpu {worst_gpu_cpu:.2e}");
+}
+
+#[test]
+fn conv2d_rejects_bad_arguments() {
+    let cpu = Device::Cpu;
+    let x = Tensor::zeros(&[1, 3, 4, 4], &cpu).unwrap();
+    let w = Tensor::zeros(&[5, 3, 3, 3], &cpu).unwrap();
+    let err = |r: vipo::Result<Tensor>| r.unwrap_err().to_string();
+    let e = err(x.conv2d(
+        &Tensor::zeros(&[5, 2, 3, 3], &cpu).unwrap(),
+        None,
+        (1, 1),
+        (0, 0),
+    ));
+    assert!(
+        e.contains("conv2d") && e.contains("[1, 3, 4, 4]") && e.contains("[5, 2, 3, 3]"),
+        "{e}"
+    );
+    let e = err(x.conv2d(
+        &Tensor::zeros(&[5, 3, 7, 3], &cpu).unwrap(),
+        None,
+        (1, 1),
+        (1, 1),
+    ));
+    assert!(e.contains("larger than the padded input"), "{e}");
+    let e = err(x.conv2d(
+        &w,
+        Some(&Tensor::zeros(&[4], &cpu).unwrap()),
+        (1, 1),
+        (0, 0),
+    ));
+    assert!(e.contains("bias") && e.contains("[4]"), "{e}");
+    let e = err(x.conv2d(&w, None, (0, 1), (0, 0)));
+    assert!(e.contains("stride"), "{e}");
+    let e = err(x
+        .reshape(&[3, 4, 4])
+        .unwrap()
+        .conv2d(&w, None, (1, 1), (0, 0)));
+    assert!(e.contains("(N, Cin, H, W)"), "{e}");
+    // A kernel exactly as large as the padded input is fine: a 1x1 output.
+    let y = x.conv2d(
+        &Tensor::zeros(&[5, 3, 6, 6], &cpu).unwrap(),
+        None,
+        (1, 1),
+        (1, 1),
+    );
+    assert_eq!(y.unwrap().shape(), &[1, 5, 1, 1]);
+    if let Some(g) = gpu() {
+        let e = err(x.conv2d(&w.to(&g).unwrap(), None, (1, 1), (0, 0)));
+        assert!(e.contains("different devices"), "{e}");
+    }
+}
+
+#[test]
+fn upsample_nearest_gpu_vs_cpu_vs_loop() {
+    for (k, shape) in [
+        [2usize, 3, 5, 7],
+        [1, 1, 1, 1],
+        [1, 4, 1, 3],
+        [3, 2, 33, 17],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 700 + k as u64;
+        let x = randn(numel(shape), seed);
+        let got = gpu_vs_cpu(
+            &format!("upsample {shape:?}"),
+            0.0,
+            seed,
+            &[(x.clone(), shape.to_vec())],
+            |t| t[0].upsample_nearest2x(),
+        );
+        let [n, c, h, w] = *shape;
+        assert_eq!(got.shape(), &[n, c, 2 * h, 2 * w]);
+        let g = got.to_vec().unwrap();
+        for (i, &v) in g.iter().enumerate() {
+            let [a, b, oy, ox] = coords(i, got.shape())[..] else {
+                unreachable!()
+            };
+            assert_eq!(
+                v,
+                x[lin(&[a, b, oy / 2, ox / 2], shape)],
+                "{shape:?} at {i}"
+            );
+        }
+    }
+    let e = Tensor::zeros(&[2, 3], &Device::Cpu)
+        .unwrap()
+        .upsample_nearest2x()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("upsample") && e.contains("[2, 3]"), "{e}");
+}
+
+#[test]
+fn permute_and_transpose_match_index_loops() {
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[7], &[0]),
+        (&[3, 1, 5], &[2, 0, 1]),
+        (&[2, 3, 4, 5], &[0, 2, 1, 3]),
+        (&[1, 4, 1, 3, 2], &[4, 2, 0, 3, 1]),
+        (&[2, 1, 3], &[1, 0, 2]),
+        (&[3, 2, 1, 4, 5], &[4, 3, 2, 1, 0]),
+        (&[9, 70], &[1, 0]),
+        // Past the CPU's parallel threshold.
+        (&[8, 64, 9, 8], &[0, 2, 1, 3]),
+    ];
+    for (k, &(shape, perm)) in cases.iter().enumerate() {
+        let seed = 800 + k as u64;
+        let x = randn(numel(shape), seed);
+        let got = gpu_vs_cpu(
+            &format!("permute {shape:?} {perm:?}"),
+            0.0,
+            seed,
+            &[(x.clone(), shape.to_vec())],
+            |t| t[0].permute(perm),
+        );
+        let out: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+        assert_eq!(got.shape(), &out[..]);
+        let g = got.to_vec().unwrap();
+        for (i, &v) in g.iter().enumerate() {
+            let oc = coords(i, &out);
+            let mut ic = vec![0; shape.len()];
+            for (d, &p) in perm.iter().enumerate() {
+                ic[p] = oc[d];
+            }
+            assert_eq!(v, x[lin(&ic, shape)], "permute {shape:?} {perm:?} at {i}");
+        }
+    }
+    let shape = [3, 4, 5];
+    let x = randn(60, 850);
+    let got = gpu_vs_cpu("transpose", 0.0, 850, &[(x.clone(), shape.to_vec())], |t| {
+        t[0].transpose(-1, 0)
+    });
+    assert_eq!(got.shape(), &[5, 4, 3]);
+    let g = got.to_vec().unwrap();
+    for (i, &v) in g.iter().enumerate() {
+        let c = coords(i, &[5, 4, 3]);
+        assert_eq!(v, x[lin(&[c[2], c[1], c[0]], &shape)]);
+    }
+    let t = Tensor::zeros(&[2, 3], &Device::Cpu).unwrap();
+    for bad in [&[0usize, 0][..], &[0], &[0, 2], &[1, 0, 2]] {
+        let e = t.permute(bad).unwrap_err().to_string();
+        assert!(e.contains("permute") && e.contains("[2, 3]"), "{e}");
+    }
+    assert!(t.transpose(0, 2).is_err());
+}
+
+#[test]
+fn slice_matches_index_loop() {
+    // (shape, axis, start, len)
+    let cases: &[(&[usize], isize, usize, usize)] = &[
+        (&[10], 0, 3, 5),
+        (&[5, 7, 3], 1, 2, 4),
+        (&[5, 7, 3], -1, 2, 1),
+        (&[5, 7, 3], 0, 4, 1),
+        (&[2, 1, 3, 4, 2], 3, 1, 2),
+        (&[2, 1, 3, 4, 2], 1, 0, 1),
+        (&[4, 9], 1, 0, 0),
+        (&[3, 130, 100], 1, 7, 111),
+    ];
+    for (k, &(shape, axis, start, len)) in cases.iter().enumerate() {
+        let seed = 900 + k as u64;
+        let x = randn(numel(shape), seed);
+        let ax = axis.rem_euclid(shape.len() as isize) as usize;
+        let mut out = shape.to_vec();
+        out[ax] = len;
+        let what = format!("slice {shape:?} axis {axis} {start}+{len}");
+        let got = if numel(&out) == 0 {
+            let t = Tensor::from_slice(&x, shape, &Device::Cpu).unwrap();
+            t.slice(axis, start, len).unwrap()
+        } else {
+            gpu_vs_cpu(&what, 0.0, seed, &[(x.clone(), shape.to_vec())], |t| {
+                t[0].narrow(axis, start, len)
+            })
+        };
+        assert_eq!(got.shape(), &out[..], "{what}");
+        let g = got.to_vec().unwrap();
+        for (i, &v) in g.iter().enumerate() {
+            let mut c = coords(i, &out);
+            c[ax] += start;
+            assert_eq!(v, x[lin(&c, shape)], "{what} at {i}");
+        }
+    }
+    let t = Tensor::zeros(&[4, 5], &Device::Cpu).unwrap();
+    let e = t.slice(1, 3, 3).unwrap_err().to_string();
+    assert!(e.contains("slice") && e.contains("[4, 5]"), "{e}");
+    assert!(t.slice(2, 0, 1).is_err());
+    assert!(t.slice(0, usize::MAX, 2).is_err());
+    assert_eq!(t.slice(-1, 0, 5).unwrap().shape(), &[4, 5]);
+}
+
+#[test]
+fn concat_matches_index_loop() {
+    // (shapes, axis)
+    let cases: &[(&[&[usize]], isize)] = &[
+        (&[&[4], &[7], &[1]], 0),
+        (&[&[2, 3, 4], &[2, 1, 4], &[2, 5, 4]], 1),
+        (&[&[2, 3, 4], &[1, 3, 4]], 0),
+        (&[&[3, 2], &[3, 5]], -1),
+        (&[&[2, 1, 3, 1, 2], &[2, 1, 4, 1, 2], &[2, 1, 1, 1, 2]], 2),
+        (&[&[2, 3, 4], &[2, 0, 4], &[2, 2, 4]], 1),
+        (&[&[2, 40, 300], &[2, 17, 300]], 1),
+    ];
+    for (k, &(shapes, axis)) in cases.iter().enumerate() {
+        let seed = 1000 + k as u64;
+        let inputs: Vec<(Vec<f32>, Vec<usize>)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(j, s)| (randn(numel(s), seed * 10 + j as u64), s.to_vec()))
+            .collect();
+        let what = format!("concat {shapes:?} axis {axis}");
+        let got = gpu_vs_cpu(&what, 0.0, seed, &inputs, |t| {
+            let refs: Vec<&Tensor> = t.iter().collect();
+            Tensor::concat(&refs, axis)
+        });
+        let ax = axis.rem_euclid(shapes[0].len() as isize) as usize;
+        let mut out = shapes[0].to_vec();
+        out[ax] = shapes.iter().map(|s| s[ax]).sum();
+        assert_eq!(got.shape(), &out[..], "{what}");
+        let g = got.to_vec().unwrap();
+        for (i, &v) in g.iter().enumerate() {
+            let mut c = coords(i, &out);
+            let mut j = 0;
+            while c[ax] >= shapes[j][ax] {
+                c[ax] -= shapes[j][ax];
+                j += 1;
+            }
+            assert_eq!(v, inputs[j].0[lin(&c, shapes[j])], "{what} at {i}");
+        }
+    }
+    let cpu = Device::Cpu;
+    let a = Tensor::zeros(&[2, 3], &cpu).unwrap();
+    let b = Tensor::zeros(&[3, 3], &cpu).unwrap();
+    let e = Tensor::concat(&[&a, &b], 1).unwrap_err().to_string();
+    assert!(e.contains("concat") && e.contains("[3, 3]"), "{e}");
+    assert!(Tensor::concat(&[&a, &b], 0).is_ok());
+    assert!(Tensor::concat(&[&a, &b], 2).is_err());
+    assert!(Tensor::concat(&[], 0).is_err());
+    let c = Tensor::zeros(&[2], &cpu).unwrap();
+    assert!(Tensor::concat(&[&a, &c], 0).is_err());
+    if let Some(g) = gpu() {
+        let ag = a.to(&g).unwrap();
+        let e = Tensor::concat(&[&ag, &a], 0).unwrap_err().to_string();
+        assert!(e.contains("different devices"), "{e}");
+    }
+}
+
+#[test]
+fn broadcast_to_matches_index_loop() {
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[3, 1, 5], &[2, 3, 4, 5]),
+        (&[1], &[7, 3]),
+        (&[4], &[2, 1, 4]),
+        (&[1, 1], &[1, 1]),
+        (&[2, 1, 3, 1, 1], &[2, 4, 3, 2, 5]),
+        (&[1, 70], &[600, 70]),
+    ];
+    for (k, &(src, dst)) in cases.iter().enumerate() {
+        let seed = 1100 + k as u64;
+        let x = randn(numel(src), seed);
+        let what = format!("broadcast_to {src:?} -> {dst:?}");
+        let got = gpu_vs_cpu(&what, 0.0, seed, &[(x.clone(), src.to_vec())], |t| {
+            t[0].broadcast_to(dst)
+        });
+        assert_eq!(got.shape(), dst, "{what}");
+        let g = got.to_vec().unwrap();
+        let lead = dst.len() - src.len();
+        for (i, &v) in g.iter().enumerate() {
+            let c = coords(i, dst);
+            let sc: Vec<usize> = (0..src.len())
+                .map(|d| if src[d] == 1 { 0 } else { c[d + lead] })
+                .collect();
+            assert_eq!(v, x[lin(&sc, src)], "{what} at {i}");
+        }
+    }
+    let t = Tensor::zeros(&[3, 2], &Device::Cpu).unwrap();
+    for bad in [&[3usize][..], &[3, 4], &[2, 6, 2]] {
+        let e = t.broadcast_to(bad).unwrap_err().to_string();
+        assert!(e.contains("broadcast_to") && e.contains("[3, 2]"), "{e}");
+    }
+}
+
+/// diffusers' `get_timestep_embedding` with PyTorch's f32 frequencies and arguments and
+/// float64 sin/cos; `f32_steps = false` does everything in float64 instead.
+fn timestep_ref(t: &[f32], dim: usize, flip: bool, shift: f32, f32_steps: bool) -> Vec<f32> {
+    let half = dim / 2;
+    let mut y = vec![0.0f32; t.len() * dim];
+    for (r, &tv) in t.iter().enumerate() {
+        for j in 0..half {
+            let a = if f32_steps {
+                let scale = -(10000f64.ln()) as f32;
+                let f = (scale * j as f32 / (half as f32 - shift)).exp();
+                (tv * f) as f64
+            } else {
+                tv as f64 * (-(10000f64.ln()) * j as f64 / (half as f64 - shift as f64)).exp()
+            };
+            let (first, second) = if flip {
+                (a.cos(), a.sin())
+            } else {
+                (a.sin(), a.cos())
+            };
+            y[r * dim + j] = first as f32;
+            y[r * dim + half + j] = second as f32;
+        }
+    }
+    y
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()))
+}
+
+#[test]
+fn timestep_embedding_matches_f64_loop() {
+    let t = vec![0.0f32, 1.0, 37.5, 999.0];
+    let (mut cpu_ref, mut gpu_cpu, mut f32_vs_f64) = (0f64, 0f64, 0f64);
+    for dim in [32usize, 33, 320] {
+        for flip in [false, true] {
+            for shift in [0.0f32, 1.0] {
+                let what = format!("timestep dim {dim} flip {flip} shift {shift}");
+                let got = gpu_vs_cpu(&what, 2e-6, dim as u64, &[(t.clone(), vec![4])], |x| {
+                    Tensor::timestep_embedding(&x[0], dim, flip, shift, 10000.0)
+                });
+                assert_eq!(got.shape(), &[4, dim]);
+                let g = got.to_vec().unwrap();
+                let want = timestep_ref(&t, dim, flip, shift, true);
+                let e = max_abs(&g, &want);
+                assert!(e <= 1e-6, "{what}: cpu vs f64 loop max abs {e:.2e}");
+                cpu_ref = cpu_ref.max(e);
+                if dim % 2 == 1 {
+                    assert!((0..4).all(|r| g[r * dim + dim - 1] == 0.0), "{what}: pad");
+                }
+                if let Some(dev) = gpu() {
+                    let tg = Tensor::from_slice(&t, &[4], &dev).unwrap();
+                    let out = Tensor::timestep_embedding(&tg, dim, flip, shift, 10000.0).unwrap();
+                    gpu_cpu = gpu_cpu.max(max_abs(&out.to_vec().unwrap(), &g));
+                }
+                // PyTorch's f32 rounding of the frequency and argument costs up to
+                // ~ulp(1000) radians against an all-float64 computation.
+                let e64 = max_abs(&g, &timestep_ref(&t, dim, flip, shift, false));
+                assert!(e64 <= 5e-4, "{what}: vs all-f64 {e64:.2e}");
+                f32_vs_f64 = f32_vs_f64.max(e64);
+            }
+        }
+    }
+    eprintln!(
+        "timestep_embedding: max abs cpu vs f64 loop {cpu_ref:.2e}, gpu vs cpu {gpu_cpu:.2e}, \
+         f32-step formula vs all-f64 {f32_vs_f64:.2e}"
+    );
+    let e = Tensor::timestep_embedding(
+        &Tensor::zeros(&[2, 1], &Device::Cpu).unwrap(),
+        8,
+        false,
+        0.0,
+        10000.0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("timestep_embedding") && e.contains("[2, 1]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn timestep_embedding_gpu_large_arguments() {
+    // The explicit range reduction holds for arguments far past [-pi, pi] in both signs.
+    let t: Vec<f32> = vec![-999.0, -3.7, 0.5, 123.25, 999.0, 2500.0, 9000.0, 12000.0];
+    gpu_vs_cpu("timestep large args", 2e-6, 7, &[(t, vec![8])], |x| {
+        Tensor::timestep_embedding(&x[0], 66, true, 1.0, 10000.0)
+    });
+}

@@ -1,0 +1,120 @@
+//! Every shader is parsed and validated by naga with WebGPU's capabilities, and translated to
+//! SPIR-V, MSL and HLSL, so a kernel that would fail on Vulkan, Metal or DX12 fails here first,
+//! without a device. Also checks the limits wgpu does not check itself.
+
+use std::collections::BTreeSet;
+
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+
+/// WebGPU's default limits, which portable kernels must respect.
+const MAX_WORKGROUP_STORAGE: u32 = 16 * 1024;
+const MAX_INVOCATIONS: u32 = 256;
+
+fn check(name: &str, source: &str) -> Vec<String> {
+    let mut errs = Vec::new();
+    let module = match naga::front::wgsl::parse_str(source) {
+        Ok(m) => m,
+        Err(e) => return vec![format!("{name}: parse: {}", e.emit_to_string(source))],
+    };
+    let info = match Validator::new(ValidationFlags::all(), Capabilities::empty()).validate(&module)
+    {
+        Ok(i) => i,
+        Err(e) => return vec![format!("{name}: validate: {}", e.emit_to_string(source))],
+    };
+    if module.entry_points.is_empty() {
+        errs.push(format!("{name}: no entry point"));
+    }
+    let wg_bytes: u32 = module
+        .global_variables
+        .iter()
+        .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+        .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
+        .sum();
+    if wg_bytes > MAX_WORKGROUP_STORAGE {
+        errs.push(format!(
+            "{name}: {wg_bytes} bytes of workgroup storage > {MAX_WORKGROUP_STORAGE}"
+        ));
+    }
+    for ep in &module.entry_points {
+        let n: u32 = ep.workgroup_size.iter().product();
+        if n > MAX_INVOCATIONS {
+            errs.push(format!(
+                "{name}::{}: {n} invocations per workgroup > {MAX_INVOCATIONS}",
+                ep.name
+            ));
+        }
+    }
+    if let Err(e) =
+        naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+    {
+        errs.push(format!("{name}: SPIR-V: {e}"));
+    }
+    if let Err(e) = naga::back::msl::write_string(
+        &module,
+        &info,
+        &naga::back::msl::Options::default(),
+        &naga::back::msl::PipelineOptions::default(),
+    ) {
+        errs.push(format!("{name}: MSL: {e}"));
+    }
+    let mut hlsl = String::new();
+    let opts = naga::back::hlsl::Options::default();
+    let popts = naga::back::hlsl::PipelineOptions::default();
+    if let Err(e) =
+        naga::back::hlsl::Writer::new(&mut hlsl, &opts, &popts).write(&module, &info, None)
+    {
+        errs.push(format!("{name}: HLSL: {e}"));
+    }
+    errs
+}
+
+#[test]
+fn all_shaders_validate_and_translate() {
+    let mut errs = Vec::new();
+    for s in vipo::shaders::all() {
+        errs.extend(check(s.name, s.source));
+    }
+    assert!(errs.is_empty(), "shader problems:\n{}", errs.join("\n"));
+}
+
+#[test]
+fn every_shader_file_is_registered() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    let files: BTreeSet<String> = std::fs::read_dir(&dir)
+        .expect("shaders/ exists")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".wgsl"))
+                .map(String::from)
+        })
+        .collect();
+    let registered: BTreeSet<String> = vipo::shaders::all()
+        .iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(
+        files, registered,
+        "shaders/ and vipo::shaders::all() disagree"
+    );
+    // The registered source is the file on disk (include_str! of the same path).
+    for s in vipo::shaders::all() {
+        let disk = std::fs::read_to_string(dir.join(format!("{}.wgsl", s.name))).expect("readable");
+        assert_eq!(disk, s.source, "{}", s.name);
+    }
+}
+
+#[test]
+fn validator_rejects_a_broken_shader() {
+    // The check above must be able to fail: an undefined name and an oversized workgroup array.
+    let bad = "@compute @workgroup_size(64) fn main() { x = 1.0; }";
+    assert!(!check("bad", bad).is_empty());
+    let big = "var<workgroup> t: array<f32, 8192>;\n@compute @workgroup_size(512) fn main() { t[0] = 1.0; }";
+    let errs = check("big", big);
+    assert!(
+        errs.iter().any(|e| e.contains("workgroup storage")),
+        "{errs:?}"
+    );
+    assert!(errs.iter().any(|e| e.contains("invocations")), "{errs:?}");
+}
