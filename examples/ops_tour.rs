@@ -16,19 +16,12 @@ fn main() -> vipo::Result<()> {
     let w = Tensor::randn(&[32, 32, 3, 3], 2, &dev)?.mul_scalar(0.05)?;
     let gamma = Tensor::full(1.0, &[32], &dev)?;
     let beta = Tensor::zeros(&[32], &dev)?;
-    let h = x
-        .conv2d(&w, None, (1, 1), (1, 1))?
-        .group_norm(8, Some(&gamma), Some(&beta), 1e-5)?
-        .silu()?;
+    let h = x.conv2d(&w, None, (1, 1), (1, 1))?.group_norm(8, Some(&gamma), Some(&beta), 1e-5)?.silu()?;
     // (B, C, H, W) -> (B, heads=4, H*W, C/4)
     let tokens = h.reshape(&[1, 4, 8, 24 * 24])?.permute(&[0, 1, 3, 2])?;
     let out = tokens.attention(&tokens, &tokens, None)?;
     let y = out.to_vec()?;
-    println!(
-        "attention output {:?}, mean {:.5}",
-        out.shape(),
-        y.iter().sum::<f32>() / y.len() as f32
-    );
+    println!("attention output {:?}, mean {:.5}", out.shape(), y.iter().sum::<f32>() / y.len() as f32);
 
     if !dev.is_cpu() {
         let cpu = Device::Cpu;
@@ -39,11 +32,7 @@ fn main() -> vipo::Result<()> {
             .silu()?;
         let tc = hc.reshape(&[1, 4, 8, 24 * 24])?.permute(&[0, 1, 3, 2])?;
         let yc = tc.attention(&tc, &tc, None)?.to_vec()?;
-        let err = y
-            .iter()
-            .zip(&yc)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = y.iter().zip(&yc).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         println!("max |gpu - cpu| = {err:.2e}");
     }
     Ok(())

@@ -15,19 +15,11 @@ pub enum Error {
 
     /// A dtype an op cannot run on yet (f16 storage is planned for several ops).
     #[error("{op}: dtype {dtype} is not supported here (supported: {supported})")]
-    DType {
-        op: &'static str,
-        dtype: String,
-        supported: &'static str,
-    },
+    DType { op: &'static str, dtype: String, supported: &'static str },
 
     /// A buffer bigger than one storage binding of the adapter.
     #[error("{op}: tensor of {bytes} bytes exceeds the adapter's max_storage_buffer_binding_size of {limit} bytes; use a smaller batch or the CPU device")]
-    TooLarge {
-        op: &'static str,
-        bytes: u64,
-        limit: u64,
-    },
+    TooLarge { op: &'static str, bytes: u64, limit: u64 },
 
     /// No device of the kind asked for.
     #[error("device: {0}")]
@@ -42,10 +34,7 @@ pub enum Error {
     Invalid(String),
 
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
@@ -55,15 +44,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::Shape {
-            op,
-            msg: msg.into(),
-        }
+        Error::Shape { op, msg: msg.into() }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 }

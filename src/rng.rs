@@ -9,10 +9,7 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng {
-            state: seed ^ 0x9E37_79B9_7F4A_7C15,
-            spare: None,
-        }
+        Rng { state: seed ^ 0x9E37_79B9_7F4A_7C15, spare: None }
     }
 
     pub fn next_u64(&mut self) -> u64 {

@@ -5,10 +5,8 @@ use crate::device::Shader;
 
 macro_rules! shader {
     ($ident:ident, $name:literal) => {
-        pub static $ident: Shader = Shader {
-            name: $name,
-            source: include_str!(concat!("../shaders/", $name, ".wgsl")),
-        };
+        pub static $ident: Shader =
+            Shader { name: $name, source: include_str!(concat!("../shaders/", $name, ".wgsl")) };
     };
 }
 
@@ -29,7 +27,7 @@ shader!(GEGLU, "geglu");
 /// All shaders, in no particular order.
 pub fn all() -> [&'static Shader; 13] {
     [
-        &UNARY, &BINARY, &WHERE, &REDUCE, &SOFTMAX, &NORM, &MATMUL, &CONV2D, &UPSAMPLE, &COPY,
-        &TIMESTEP, &ATTENTION, &GEGLU,
+        &UNARY, &BINARY, &WHERE, &REDUCE, &SOFTMAX, &NORM, &MATMUL, &CONV2D, &UPSAMPLE, &COPY, &TIMESTEP, &ATTENTION,
+        &GEGLU,
     ]
 }

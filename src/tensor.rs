@@ -51,13 +51,7 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Tensor({:?}, {}, {})",
-            self.shape,
-            self.dtype,
-            self.device()
-        )
+        write!(f, "Tensor({:?}, {}, {})", self.shape, self.dtype, self.device())
     }
 }
 
@@ -76,21 +70,13 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 
 impl Tensor {
     pub(crate) fn from_parts(shape: Vec<usize>, dtype: DType, storage: Storage) -> Tensor {
-        Tensor {
-            shape,
-            dtype,
-            storage: Arc::new(storage),
-        }
+        Tensor { shape, dtype, storage: Arc::new(storage) }
     }
 
     /// A CPU tensor from f32 values.
     pub(crate) fn cpu(data: Vec<f32>, shape: &[usize]) -> Tensor {
         debug_assert_eq!(data.len(), numel(shape));
-        Tensor::from_parts(
-            shape.to_vec(),
-            DType::F32,
-            Storage::Cpu(CpuStorage::F32(data)),
-        )
+        Tensor::from_parts(shape.to_vec(), DType::F32, Storage::Cpu(CpuStorage::F32(data)))
     }
 
     /// Host f32 values `data`, laid out row-major as `shape`, placed on `device`.
@@ -98,11 +84,7 @@ impl Tensor {
         if data.len() != numel(shape) {
             return Err(Error::shape(
                 "from_vec",
-                format!(
-                    "{} values do not fill shape {shape:?} ({} elements)",
-                    data.len(),
-                    numel(shape)
-                ),
+                format!("{} values do not fill shape {shape:?} ({} elements)", data.len(), numel(shape)),
             ));
         }
         match device {
@@ -110,11 +92,7 @@ impl Tensor {
             Device::Gpu(ctx) => {
                 let buf = ctx.alloc("from_vec", (data.len() * 4) as u64)?;
                 ctx.write(&buf, bytemuck::cast_slice(&data));
-                Ok(Tensor::from_parts(
-                    shape.to_vec(),
-                    DType::F32,
-                    Storage::Gpu(buf),
-                ))
+                Ok(Tensor::from_parts(shape.to_vec(), DType::F32, Storage::Gpu(buf)))
             }
         }
     }
@@ -138,32 +116,16 @@ impl Tensor {
     }
 
     /// Uniform values in [lo, hi) from a fixed seed.
-    pub fn rand_uniform(
-        shape: &[usize],
-        lo: f32,
-        hi: f32,
-        seed: u64,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn rand_uniform(shape: &[usize], lo: f32, hi: f32, seed: u64, device: &Device) -> Result<Tensor> {
         let mut rng = crate::rng::Rng::new(seed);
-        let v = (0..numel(shape))
-            .map(|_| lo + (hi - lo) * rng.uniform())
-            .collect();
+        let v = (0..numel(shape)).map(|_| lo + (hi - lo) * rng.uniform()).collect();
         Tensor::from_vec(v, shape, device)
     }
 
     /// An uninitialised GPU output of `shape` (every op writes all of it).
-    pub(crate) fn gpu_empty(
-        ctx: &Arc<crate::device::GpuContext>,
-        op: &'static str,
-        shape: &[usize],
-    ) -> Result<Tensor> {
+    pub(crate) fn gpu_empty(ctx: &Arc<crate::device::GpuContext>, op: &'static str, shape: &[usize]) -> Result<Tensor> {
         let buf = ctx.alloc(op, (numel(shape).max(1) * 4) as u64)?;
-        Ok(Tensor::from_parts(
-            shape.to_vec(),
-            DType::F32,
-            Storage::Gpu(buf),
-        ))
+        Ok(Tensor::from_parts(shape.to_vec(), DType::F32, Storage::Gpu(buf)))
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -187,10 +149,7 @@ impl Tensor {
         let r = self.rank() as isize;
         let a = if axis < 0 { axis + r } else { axis };
         if a < 0 || a >= r {
-            return Err(Error::shape(
-                op,
-                format!("axis {axis} out of range for shape {:?}", self.shape),
-            ));
+            return Err(Error::shape(op, format!("axis {axis} out of range for shape {:?}", self.shape)));
         }
         Ok(a as usize)
     }
@@ -215,10 +174,7 @@ impl Tensor {
     pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            Storage::Gpu(_) => Err(Error::Device {
-                op,
-                msg: format!("expected a CPU tensor, got {self:?}"),
-            }),
+            Storage::Gpu(_) => Err(Error::Device { op, msg: format!("expected a CPU tensor, got {self:?}") }),
         }
     }
 
@@ -227,20 +183,13 @@ impl Tensor {
         self.ensure_f32(op)?;
         match &*self.storage {
             Storage::Gpu(b) => Ok(b),
-            Storage::Cpu(_) => Err(Error::Device {
-                op,
-                msg: format!("expected a GPU tensor, got {self:?}"),
-            }),
+            Storage::Cpu(_) => Err(Error::Device { op, msg: format!("expected a GPU tensor, got {self:?}") }),
         }
     }
 
     pub(crate) fn ensure_f32(&self, op: &'static str) -> Result<()> {
         if self.dtype != DType::F32 {
-            return Err(Error::DType {
-                op,
-                dtype: self.dtype.to_string(),
-                supported: "f32",
-            });
+            return Err(Error::DType { op, dtype: self.dtype.to_string(), supported: "f32" });
         }
         Ok(())
     }
@@ -260,10 +209,7 @@ impl Tensor {
     /// The single value of a one-element tensor.
     pub fn scalar(&self) -> Result<f32> {
         if self.numel() != 1 {
-            return Err(Error::shape(
-                "scalar",
-                format!("expected one element, shape is {:?}", self.shape),
-            ));
+            return Err(Error::shape("scalar", format!("expected one element, shape is {:?}", self.shape)));
         }
         Ok(self.to_vec()?[0])
     }
@@ -278,30 +224,14 @@ impl Tensor {
 
     /// Same storage, new shape of the same element count. `-1` in one place is inferred.
     pub fn reshape(&self, shape: &[isize]) -> Result<Tensor> {
-        let known: usize = shape
-            .iter()
-            .filter(|&&d| d >= 0)
-            .map(|&d| d as usize)
-            .product();
+        let known: usize = shape.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
         let holes = shape.iter().filter(|&&d| d < 0).count();
         let new: Vec<usize> = match holes {
             0 => shape.iter().map(|&d| d as usize).collect(),
-            1 if known > 0 && self.numel() % known == 0 => shape
-                .iter()
-                .map(|&d| {
-                    if d < 0 {
-                        self.numel() / known
-                    } else {
-                        d as usize
-                    }
-                })
-                .collect(),
-            _ => {
-                return Err(Error::shape(
-                    "reshape",
-                    format!("cannot infer {shape:?} from {:?}", self.shape),
-                ))
+            1 if known > 0 && self.numel() % known == 0 => {
+                shape.iter().map(|&d| if d < 0 { self.numel() / known } else { d as usize }).collect()
             }
+            _ => return Err(Error::shape("reshape", format!("cannot infer {shape:?} from {:?}", self.shape))),
         };
         self.reshape_to(&new)
     }
@@ -310,28 +240,16 @@ impl Tensor {
         if numel(shape) != self.numel() {
             return Err(Error::shape(
                 "reshape",
-                format!(
-                    "{:?} has {} elements, {shape:?} has {}",
-                    self.shape,
-                    self.numel(),
-                    numel(shape)
-                ),
+                format!("{:?} has {} elements, {shape:?} has {}", self.shape, self.numel(), numel(shape)),
             ));
         }
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            dtype: self.dtype,
-            storage: self.storage.clone(),
-        })
+        Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: self.storage.clone() })
     }
 
     /// Checks that `other` lives on the same device, naming the op.
     pub(crate) fn same_device(&self, op: &'static str, other: &Tensor) -> Result<()> {
         if self.device() != other.device() {
-            return Err(Error::Device {
-                op,
-                msg: format!("operands on different devices: {self:?} and {other:?}"),
-            });
+            return Err(Error::Device { op, msg: format!("operands on different devices: {self:?} and {other:?}") });
         }
         Ok(())
     }

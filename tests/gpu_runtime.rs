@@ -6,24 +6,15 @@ use vipo::{Device, DeviceRequest, Error, Tensor};
 
 #[test]
 fn device_requests_parse() {
-    assert_eq!(
-        "auto".parse::<DeviceRequest>().unwrap(),
-        DeviceRequest::Auto
-    );
+    assert_eq!("auto".parse::<DeviceRequest>().unwrap(), DeviceRequest::Auto);
     assert_eq!("CPU".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cpu);
     assert_eq!("gpu".parse::<DeviceRequest>().unwrap(), DeviceRequest::Gpu);
-    assert_eq!(
-        "gpu:3".parse::<DeviceRequest>().unwrap(),
-        DeviceRequest::GpuIndex(3)
-    );
+    assert_eq!("gpu:3".parse::<DeviceRequest>().unwrap(), DeviceRequest::GpuIndex(3));
     for bad in ["gpu:", "gpu:x", "cuda", "gpu:-1"] {
         let e = bad.parse::<DeviceRequest>().unwrap_err().to_string();
         assert!(e.contains("auto, cpu, gpu or gpu:N"), "{bad}: {e}");
     }
-    assert!(Device::select(DeviceRequest::GpuIndex(999))
-        .unwrap_err()
-        .to_string()
-        .contains("gpu:999"));
+    assert!(Device::select(DeviceRequest::GpuIndex(999)).unwrap_err().to_string().contains("gpu:999"));
 }
 
 #[test]
@@ -72,15 +63,9 @@ fn steady_loop_reuses_pooled_buffers_and_batches_submits() {
         after.device_allocations, before.device_allocations,
         "the pool allocated in a steady loop: {before:?} -> {after:?}"
     );
-    assert_eq!(
-        after.live_bytes, before.live_bytes,
-        "live bytes grew: {before:?} -> {after:?}"
-    );
+    assert_eq!(after.live_bytes, before.live_bytes, "live bytes grew: {before:?} -> {after:?}");
     // 250 dispatches with no readback fit in one batch: nothing was submitted.
-    assert_eq!(
-        after.submits, before.submits,
-        "ops submitted without a readback: {before:?} -> {after:?}"
-    );
+    assert_eq!(after.submits, before.submits, "ops submitted without a readback: {before:?} -> {after:?}");
     // The loop computed something real: compare with the same loop on the CPU.
     let (xc, wc) = (x.to(&Device::Cpu).unwrap(), w.to(&Device::Cpu).unwrap());
     let stepc = |x: &Tensor| -> Tensor {
@@ -100,18 +85,8 @@ fn steady_loop_reuses_pooled_buffers_and_batches_submits() {
         yc = stepc(&yc);
     }
     let submits = ctx.pool_stats().submits;
-    assert_close(
-        "steady loop gpu vs cpu",
-        &y.to_vec().unwrap(),
-        &yc.to_vec().unwrap(),
-        1e-4,
-        5,
-    );
-    assert_eq!(
-        ctx.pool_stats().submits,
-        submits + 1,
-        "one readback, one submit"
-    );
+    assert_close("steady loop gpu vs cpu", &y.to_vec().unwrap(), &yc.to_vec().unwrap(), 1e-4, 5);
+    assert_eq!(ctx.pool_stats().submits, submits + 1, "one readback, one submit");
     drop(y);
     assert!(ctx.pool_stats().live_bytes < after.live_bytes);
 }
@@ -123,16 +98,11 @@ fn tensors_over_the_binding_limit_are_refused_by_name() {
     let n = (limit / 4 + 1) as usize;
     let err = vipo::Tensor::from_vec(vec![1.0; n], &[n], &g).unwrap_err();
     match &err {
-        Error::TooLarge {
-            bytes, limit: l, ..
-        } => {
+        Error::TooLarge { bytes, limit: l, .. } => {
             assert_eq!(*l, limit);
             assert!(*bytes > limit);
         }
         other => panic!("expected TooLarge, got {other}"),
     }
-    assert!(
-        err.to_string().contains("max_storage_buffer_binding_size"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("max_storage_buffer_binding_size"), "{err}");
 }

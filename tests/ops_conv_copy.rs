@@ -82,6 +82,10 @@ fn conv2d_gpu_vs_cpu_vs_f64_loop() {
         ([1, 17, 20, 19], [70, 3, 3], (1, 1), (1, 1), true),
         ([3, 5, 1, 1], [3, 3, 3], (2, 1), (1, 1), true),
         ([1, 3, 6, 6], [5, 3, 3], (2, 2), (0, 0), false),
+        // Big enough for the CPU's blocked path (output rows split across threads), with a
+        // last block shorter than the others.
+        ([1, 3, 53, 47], [5, 3, 3], (1, 1), (1, 1), true),
+        ([1, 2, 70, 33], [3, 3, 1], (1, 1), (1, 0), false),
     ];
     let mut worst_gpu_cpu = 0f64;
     let mut worst_cpu_ref = 0f64;
@@ -96,9 +100,7 @@ fn conv2d_gpu_vs_cpu_vs_f64_loop() {
             inputs.push((b.clone(), vec![cout]));
         }
         let what = format!("conv2d x{xs:?} w{ws:?} s{stride:?} p{pad:?} bias {with_bias}");
-        let got = gpu_vs_cpu(&what, CONV_TOL, seed, &inputs, |t| {
-            t[0].conv2d(&t[1], t.get(2), stride, pad)
-        });
+        let got = gpu_vs_cpu(&what, CONV_TOL, seed, &inputs, |t| t[0].conv2d(&t[1], t.get(2), stride, pad));
         let (want, shape) = conv_ref(&x, xs, &w, ws, with_bias.then_some(&b[..]), stride, pad);
         assert_eq!(got.shape(), &shape[..], "{what}");
         let g = got.to_vec().unwrap();
@@ -109,9 +111,7 @@ fn conv2d_gpu_vs_cpu_vs_f64_loop() {
             let gx = Tensor::from_slice(&x, &xs, &dev).unwrap();
             let gw = Tensor::from_slice(&w, &ws, &dev).unwrap();
             let gb = Tensor::from_slice(&b, &[cout], &dev).unwrap();
-            let out = gx
-                .conv2d(&gw, with_bias.then_some(&gb), stride, pad)
-                .unwrap();
+            let out = gx.conv2d(&gw, with_bias.then_some(&gb), stride, pad).unwrap();
             worst_gpu_cpu = worst_gpu_cpu.max(rel_err(&out.to_vec().unwrap(), &g));
         }
     }
@@ -124,44 +124,18 @@ fn conv2d_rejects_bad_arguments() {
     let x = Tensor::zeros(&[1, 3, 4, 4], &cpu).unwrap();
     let w = Tensor::zeros(&[5, 3, 3, 3], &cpu).unwrap();
     let err = |r: vipo::Result<Tensor>| r.unwrap_err().to_string();
-    let e = err(x.conv2d(
-        &Tensor::zeros(&[5, 2, 3, 3], &cpu).unwrap(),
-        None,
-        (1, 1),
-        (0, 0),
-    ));
-    assert!(
-        e.contains("conv2d") && e.contains("[1, 3, 4, 4]") && e.contains("[5, 2, 3, 3]"),
-        "{e}"
-    );
-    let e = err(x.conv2d(
-        &Tensor::zeros(&[5, 3, 7, 3], &cpu).unwrap(),
-        None,
-        (1, 1),
-        (1, 1),
-    ));
+    let e = err(x.conv2d(&Tensor::zeros(&[5, 2, 3, 3], &cpu).unwrap(), None, (1, 1), (0, 0)));
+    assert!(e.contains("conv2d") && e.contains("[1, 3, 4, 4]") && e.contains("[5, 2, 3, 3]"), "{e}");
+    let e = err(x.conv2d(&Tensor::zeros(&[5, 3, 7, 3], &cpu).unwrap(), None, (1, 1), (1, 1)));
     assert!(e.contains("larger than the padded input"), "{e}");
-    let e = err(x.conv2d(
-        &w,
-        Some(&Tensor::zeros(&[4], &cpu).unwrap()),
-        (1, 1),
-        (0, 0),
-    ));
+    let e = err(x.conv2d(&w, Some(&Tensor::zeros(&[4], &cpu).unwrap()), (1, 1), (0, 0)));
     assert!(e.contains("bias") && e.contains("[4]"), "{e}");
     let e = err(x.conv2d(&w, None, (0, 1), (0, 0)));
     assert!(e.contains("stride"), "{e}");
-    let e = err(x
-        .reshape(&[3, 4, 4])
-        .unwrap()
-        .conv2d(&w, None, (1, 1), (0, 0)));
+    let e = err(x.reshape(&[3, 4, 4]).unwrap().conv2d(&w, None, (1, 1), (0, 0)));
     assert!(e.contains("(N, Cin, H, W)"), "{e}");
     // A kernel exactly as large as the padded input is fine: a 1x1 output.
-    let y = x.conv2d(
-        &Tensor::zeros(&[5, 3, 6, 6], &cpu).unwrap(),
-        None,
-        (1, 1),
-        (1, 1),
-    );
+    let y = x.conv2d(&Tensor::zeros(&[5, 3, 6, 6], &cpu).unwrap(), None, (1, 1), (1, 1));
     assert_eq!(y.unwrap().shape(), &[1, 5, 1, 1]);
     if let Some(g) = gpu() {
         let e = err(x.conv2d(&w.to(&g).unwrap(), None, (1, 1), (0, 0)));
@@ -171,43 +145,21 @@ fn conv2d_rejects_bad_arguments() {
 
 #[test]
 fn upsample_nearest_gpu_vs_cpu_vs_loop() {
-    for (k, shape) in [
-        [2usize, 3, 5, 7],
-        [1, 1, 1, 1],
-        [1, 4, 1, 3],
-        [3, 2, 33, 17],
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (k, shape) in [[2usize, 3, 5, 7], [1, 1, 1, 1], [1, 4, 1, 3], [3, 2, 33, 17]].iter().enumerate() {
         let seed = 700 + k as u64;
         let x = randn(numel(shape), seed);
-        let got = gpu_vs_cpu(
-            &format!("upsample {shape:?}"),
-            0.0,
-            seed,
-            &[(x.clone(), shape.to_vec())],
-            |t| t[0].upsample_nearest2x(),
-        );
+        let got = gpu_vs_cpu(&format!("upsample {shape:?}"), 0.0, seed, &[(x.clone(), shape.to_vec())], |t| {
+            t[0].upsample_nearest2x()
+        });
         let [n, c, h, w] = *shape;
         assert_eq!(got.shape(), &[n, c, 2 * h, 2 * w]);
         let g = got.to_vec().unwrap();
         for (i, &v) in g.iter().enumerate() {
-            let [a, b, oy, ox] = coords(i, got.shape())[..] else {
-                unreachable!()
-            };
-            assert_eq!(
-                v,
-                x[lin(&[a, b, oy / 2, ox / 2], shape)],
-                "{shape:?} at {i}"
-            );
+            let [a, b, oy, ox] = coords(i, got.shape())[..] else { unreachable!() };
+            assert_eq!(v, x[lin(&[a, b, oy / 2, ox / 2], shape)], "{shape:?} at {i}");
         }
     }
-    let e = Tensor::zeros(&[2, 3], &Device::Cpu)
-        .unwrap()
-        .upsample_nearest2x()
-        .unwrap_err()
-        .to_string();
+    let e = Tensor::zeros(&[2, 3], &Device::Cpu).unwrap().upsample_nearest2x().unwrap_err().to_string();
     assert!(e.contains("upsample") && e.contains("[2, 3]"), "{e}");
 }
 
@@ -227,13 +179,9 @@ fn permute_and_transpose_match_index_loops() {
     for (k, &(shape, perm)) in cases.iter().enumerate() {
         let seed = 800 + k as u64;
         let x = randn(numel(shape), seed);
-        let got = gpu_vs_cpu(
-            &format!("permute {shape:?} {perm:?}"),
-            0.0,
-            seed,
-            &[(x.clone(), shape.to_vec())],
-            |t| t[0].permute(perm),
-        );
+        let got = gpu_vs_cpu(&format!("permute {shape:?} {perm:?}"), 0.0, seed, &[(x.clone(), shape.to_vec())], |t| {
+            t[0].permute(perm)
+        });
         let out: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
         assert_eq!(got.shape(), &out[..]);
         let g = got.to_vec().unwrap();
@@ -248,9 +196,7 @@ fn permute_and_transpose_match_index_loops() {
     }
     let shape = [3, 4, 5];
     let x = randn(60, 850);
-    let got = gpu_vs_cpu("transpose", 0.0, 850, &[(x.clone(), shape.to_vec())], |t| {
-        t[0].transpose(-1, 0)
-    });
+    let got = gpu_vs_cpu("transpose", 0.0, 850, &[(x.clone(), shape.to_vec())], |t| t[0].transpose(-1, 0));
     assert_eq!(got.shape(), &[5, 4, 3]);
     let g = got.to_vec().unwrap();
     for (i, &v) in g.iter().enumerate() {
@@ -289,9 +235,7 @@ fn slice_matches_index_loop() {
             let t = Tensor::from_slice(&x, shape, &Device::Cpu).unwrap();
             t.slice(axis, start, len).unwrap()
         } else {
-            gpu_vs_cpu(&what, 0.0, seed, &[(x.clone(), shape.to_vec())], |t| {
-                t[0].narrow(axis, start, len)
-            })
+            gpu_vs_cpu(&what, 0.0, seed, &[(x.clone(), shape.to_vec())], |t| t[0].narrow(axis, start, len))
         };
         assert_eq!(got.shape(), &out[..], "{what}");
         let g = got.to_vec().unwrap();
@@ -323,11 +267,8 @@ fn concat_matches_index_loop() {
     ];
     for (k, &(shapes, axis)) in cases.iter().enumerate() {
         let seed = 1000 + k as u64;
-        let inputs: Vec<(Vec<f32>, Vec<usize>)> = shapes
-            .iter()
-            .enumerate()
-            .map(|(j, s)| (randn(numel(s), seed * 10 + j as u64), s.to_vec()))
-            .collect();
+        let inputs: Vec<(Vec<f32>, Vec<usize>)> =
+            shapes.iter().enumerate().map(|(j, s)| (randn(numel(s), seed * 10 + j as u64), s.to_vec())).collect();
         let what = format!("concat {shapes:?} axis {axis}");
         let got = gpu_vs_cpu(&what, 0.0, seed, &inputs, |t| {
             let refs: Vec<&Tensor> = t.iter().collect();
@@ -379,17 +320,13 @@ fn broadcast_to_matches_index_loop() {
         let seed = 1100 + k as u64;
         let x = randn(numel(src), seed);
         let what = format!("broadcast_to {src:?} -> {dst:?}");
-        let got = gpu_vs_cpu(&what, 0.0, seed, &[(x.clone(), src.to_vec())], |t| {
-            t[0].broadcast_to(dst)
-        });
+        let got = gpu_vs_cpu(&what, 0.0, seed, &[(x.clone(), src.to_vec())], |t| t[0].broadcast_to(dst));
         assert_eq!(got.shape(), dst, "{what}");
         let g = got.to_vec().unwrap();
         let lead = dst.len() - src.len();
         for (i, &v) in g.iter().enumerate() {
             let c = coords(i, dst);
-            let sc: Vec<usize> = (0..src.len())
-                .map(|d| if src[d] == 1 { 0 } else { c[d + lead] })
-                .collect();
+            let sc: Vec<usize> = (0..src.len()).map(|d| if src[d] == 1 { 0 } else { c[d + lead] }).collect();
             assert_eq!(v, x[lin(&sc, src)], "{what} at {i}");
         }
     }
@@ -414,11 +351,7 @@ fn timestep_ref(t: &[f32], dim: usize, flip: bool, shift: f32, f32_steps: bool) 
             } else {
                 tv as f64 * (-(10000f64.ln()) * j as f64 / (half as f64 - shift as f64)).exp()
             };
-            let (first, second) = if flip {
-                (a.cos(), a.sin())
-            } else {
-                (a.sin(), a.cos())
-            };
+            let (first, second) = if flip { (a.cos(), a.sin()) } else { (a.sin(), a.cos()) };
             y[r * dim + j] = first as f32;
             y[r * dim + half + j] = second as f32;
         }
@@ -427,9 +360,7 @@ fn timestep_ref(t: &[f32], dim: usize, flip: bool, shift: f32, f32_steps: bool) 
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()))
+    a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()))
 }
 
 #[test]
@@ -469,19 +400,10 @@ fn timestep_embedding_matches_f64_loop() {
         "timestep_embedding: max abs cpu vs f64 loop {cpu_ref:.2e}, gpu vs cpu {gpu_cpu:.2e}, \
          f32-step formula vs all-f64 {f32_vs_f64:.2e}"
     );
-    let e = Tensor::timestep_embedding(
-        &Tensor::zeros(&[2, 1], &Device::Cpu).unwrap(),
-        8,
-        false,
-        0.0,
-        10000.0,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("timestep_embedding") && e.contains("[2, 1]"),
-        "{e}"
-    );
+    let e = Tensor::timestep_embedding(&Tensor::zeros(&[2, 1], &Device::Cpu).unwrap(), 8, false, 0.0, 10000.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("timestep_embedding") && e.contains("[2, 1]"), "{e}");
 }
 
 #[test]

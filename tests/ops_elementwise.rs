@@ -32,25 +32,13 @@ fn unary_ops_gpu_vs_cpu() {
         let seed = 100 + k as u64;
         let shape = vec![3, 1, 257];
         let x = randn(numel(&shape), seed).iter().map(|v| v * 3.0).collect();
-        gpu_vs_cpu(&format!("{op:?}"), TOL, seed, &[(x, shape)], |t| {
-            t[0].unary(op)
-        });
+        gpu_vs_cpu(&format!("{op:?}"), TOL, seed, &[(x, shape)], |t| t[0].unary(op));
     }
     // Ops defined for positive inputs only.
-    for (k, op) in [
-        UnaryOp::Log,
-        UnaryOp::Sqrt,
-        UnaryOp::Rsqrt,
-        UnaryOp::PowScalar(1.7),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (k, op) in [UnaryOp::Log, UnaryOp::Sqrt, UnaryOp::Rsqrt, UnaryOp::PowScalar(1.7)].into_iter().enumerate() {
         let seed = 200 + k as u64;
         let x = uniform(1000, 0.05, 20.0, seed);
-        gpu_vs_cpu(&format!("{op:?}"), TOL, seed, &[(x, vec![1000])], |t| {
-            t[0].unary(op)
-        });
+        gpu_vs_cpu(&format!("{op:?}"), TOL, seed, &[(x, vec![1000])], |t| t[0].unary(op));
     }
 }
 
@@ -68,10 +56,7 @@ fn unary_cpu_matches_closed_forms() {
             1.0 => 0.841_344_746_1,
             _ => 3.999_873_315_0,
         };
-        assert!(
-            (*g as f64 - want).abs() < 3e-7,
-            "gelu({v}) = {g}, want {want}"
-        );
+        assert!((*g as f64 - want).abs() < 3e-7, "gelu({v}) = {g}, want {want}");
     }
     let s = x.silu().unwrap().to_vec().unwrap();
     assert!((s[3] as f64 - 1.0 / (1.0 + (-1f64).exp())).abs() < 1e-7);
@@ -86,31 +71,16 @@ fn erf_approximation_is_within_its_bound() {
     for i in -800..=800 {
         let x = i as f64 / 100.0;
         let (got, want) = (vipo::ops::unary::erf(x), erf_ref(x));
-        assert!(
-            (got - want).abs() < 2e-7,
-            "erf({x}) = {got}, reference {want}"
-        );
+        assert!((got - want).abs() < 2e-7, "erf({x}) = {got}, reference {want}");
     }
 }
 
 #[test]
 fn gpu_tanh_and_sigmoid_saturate_without_nan() {
     let x: Vec<f32> = vec![-1e4, -90.0, -20.0, 20.0, 90.0, 1e4, 0.0];
-    for op in [
-        UnaryOp::Tanh,
-        UnaryOp::Sigmoid,
-        UnaryOp::Silu,
-        UnaryOp::GeluTanh,
-        UnaryOp::GeluErf,
-        UnaryOp::QuickGelu,
-    ] {
-        gpu_vs_cpu(
-            &format!("{op:?} extremes"),
-            TOL,
-            0,
-            &[(x.clone(), vec![7])],
-            |t| t[0].unary(op),
-        );
+    for op in [UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Silu, UnaryOp::GeluTanh, UnaryOp::GeluErf, UnaryOp::QuickGelu]
+    {
+        gpu_vs_cpu(&format!("{op:?} extremes"), TOL, 0, &[(x.clone(), vec![7])], |t| t[0].unary(op));
     }
 }
 
@@ -126,14 +96,7 @@ fn binary_broadcasting_gpu_vs_cpu() {
         (&[1], &[31, 3]),
         (&[2, 1, 3, 1, 5], &[7, 1, 4, 1]),
     ];
-    let ops = [
-        BinaryOp::Add,
-        BinaryOp::Sub,
-        BinaryOp::Mul,
-        BinaryOp::Div,
-        BinaryOp::Maximum,
-        BinaryOp::Minimum,
-    ];
+    let ops = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Maximum, BinaryOp::Minimum];
     for (ci, (sa, sb)) in cases.iter().enumerate() {
         for (oi, op) in ops.iter().enumerate() {
             let seed = (ci * 10 + oi) as u64;
@@ -141,13 +104,7 @@ fn binary_broadcasting_gpu_vs_cpu() {
             // Divisors kept away from zero so the comparison measures the kernel, not 1/0.
             let b: Vec<f32> = randn(numel(sb), seed + 1000)
                 .iter()
-                .map(|v| {
-                    if *op == BinaryOp::Div {
-                        v.signum() * (v.abs() + 0.5)
-                    } else {
-                        *v
-                    }
-                })
+                .map(|v| if *op == BinaryOp::Div { v.signum() * (v.abs() + 0.5) } else { *v })
                 .collect();
             let want = gpu_vs_cpu(
                 &format!("{op:?} {sa:?} {sb:?}"),
@@ -204,11 +161,7 @@ fn where_broadcasts_three_ways() {
         "where",
         0.0,
         3,
-        &[
-            (cond.clone(), vec![1, 12]),
-            (a.clone(), vec![5, 12]),
-            (b.clone(), vec![1]),
-        ],
+        &[(cond.clone(), vec![1, 12]), (a.clone(), vec![5, 12]), (b.clone(), vec![1])],
         |t| t[0].where_cond(&t[1], &t[2]),
     );
     let g = got.to_vec().unwrap();
@@ -230,9 +183,6 @@ fn reshape_shares_storage_and_to_moves() {
     if let Some(g) = gpu() {
         let xg = x.to(&g).unwrap();
         assert_eq!(xg.to_vec().unwrap(), x.to_vec().unwrap());
-        assert_eq!(
-            xg.to(&Device::Cpu).unwrap().to_vec().unwrap(),
-            x.to_vec().unwrap()
-        );
+        assert_eq!(xg.to(&Device::Cpu).unwrap().to_vec().unwrap(), x.to_vec().unwrap());
     }
 }

@@ -25,20 +25,9 @@ fn matmul_f64(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: 
 #[test]
 fn matmul_transposes_and_awkward_sizes() {
     // (M, N, K): below, at and above the 64x64x16 tile; 1-sized dims.
-    let sizes = [
-        (1, 1, 1),
-        (7, 5, 3),
-        (65, 63, 17),
-        (64, 64, 16),
-        (130, 1, 33),
-        (1, 97, 200),
-        (33, 70, 129),
-    ];
+    let sizes = [(1, 1, 1), (7, 5, 3), (65, 63, 17), (64, 64, 16), (130, 1, 33), (1, 97, 200), (33, 70, 129)];
     for (si, &(m, n, k)) in sizes.iter().enumerate() {
-        for (ti, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)]
-            .into_iter()
-            .enumerate()
-        {
+        for (ti, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)].into_iter().enumerate() {
             let seed = (si * 4 + ti) as u64;
             let a = randn(m * k, seed);
             let b = randn(k * n, seed + 500);
@@ -52,13 +41,7 @@ fn matmul_transposes_and_awkward_sizes() {
                 |t| t[0].matmul_t(&t[1], ta, tb),
             );
             assert_eq!(c.shape(), &[m, n]);
-            assert_close(
-                "matmul cpu vs f64",
-                &c.to_vec().unwrap(),
-                &matmul_f64(&a, &b, m, n, k, ta, tb),
-                1e-5,
-                seed,
-            );
+            assert_close("matmul cpu vs f64", &c.to_vec().unwrap(), &matmul_f64(&a, &b, m, n, k, ta, tb), 1e-5, seed);
         }
     }
 }
@@ -67,11 +50,8 @@ fn matmul_transposes_and_awkward_sizes() {
 fn matmul_batched_and_broadcast() {
     let (m, n, k) = (19, 23, 37);
     // Both batched (2, 3, ...), and a shared 2-D weight on either side.
-    let cases: [(Vec<usize>, Vec<usize>); 3] = [
-        (vec![2, 3, m, k], vec![2, 3, k, n]),
-        (vec![2, 3, m, k], vec![k, n]),
-        (vec![m, k], vec![5, k, n]),
-    ];
+    let cases: [(Vec<usize>, Vec<usize>); 3] =
+        [(vec![2, 3, m, k], vec![2, 3, k, n]), (vec![2, 3, m, k], vec![k, n]), (vec![m, k], vec![5, k, n])];
     for (ci, (sa, sb)) in cases.into_iter().enumerate() {
         let seed = 40 + ci as u64;
         let a = randn(numel(&sa), seed);
@@ -86,16 +66,8 @@ fn matmul_batched_and_broadcast() {
         let batch = c.numel() / (m * n);
         let got = c.to_vec().unwrap();
         for bi in 0..batch {
-            let ab = if sa.len() > 2 {
-                &a[bi * m * k..(bi + 1) * m * k]
-            } else {
-                &a[..]
-            };
-            let bb = if sb.len() > 2 {
-                &b[bi * k * n..(bi + 1) * k * n]
-            } else {
-                &b[..]
-            };
+            let ab = if sa.len() > 2 { &a[bi * m * k..(bi + 1) * m * k] } else { &a[..] };
+            let bb = if sb.len() > 2 { &b[bi * k * n..(bi + 1) * k * n] } else { &b[..] };
             assert_close(
                 "batched cpu vs f64",
                 &got[bi * m * n..(bi + 1) * m * n],
@@ -112,13 +84,7 @@ fn matmul_shape_errors_name_the_shapes() {
     let a = Tensor::zeros(&[2, 3], &Device::Cpu).unwrap();
     let b = Tensor::zeros(&[4, 5], &Device::Cpu).unwrap();
     let e = a.matmul(&b).unwrap_err().to_string();
-    assert!(
-        e.contains("matmul")
-            && e.contains("[2, 3]")
-            && e.contains("[4, 5]")
-            && e.contains("3 != 4"),
-        "{e}"
-    );
+    assert!(e.contains("matmul") && e.contains("[2, 3]") && e.contains("[4, 5]") && e.contains("3 != 4"), "{e}");
     let c = Tensor::zeros(&[2, 3, 5], &Device::Cpu).unwrap();
     let d = Tensor::zeros(&[3, 5, 2], &Device::Cpu).unwrap();
     assert!(c.matmul(&d).unwrap_err().to_string().contains("batch"));
@@ -142,20 +108,15 @@ fn attention_f64(
         for i in 0..lq {
             let s: Vec<f64> = (0..lk)
                 .map(|j| {
-                    (0..d)
-                        .map(|c| q[(b * lq + i) * d + c] as f64 * k[(b * lk + j) * d + c] as f64)
-                        .sum::<f64>()
-                        * scale
+                    (0..d).map(|c| q[(b * lq + i) * d + c] as f64 * k[(b * lk + j) * d + c] as f64).sum::<f64>() * scale
                 })
                 .collect();
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
             let z: f64 = e.iter().sum();
             for c in 0..dv {
-                o[(b * lq + i) * dv + c] = ((0..lk)
-                    .map(|j| e[j] * v[(b * lk + j) * dv + c] as f64)
-                    .sum::<f64>()
-                    / z) as f32;
+                o[(b * lq + i) * dv + c] =
+                    ((0..lk).map(|j| e[j] * v[(b * lk + j) * dv + c] as f64).sum::<f64>() / z) as f32;
             }
         }
     }
@@ -179,27 +140,13 @@ fn attention_self_and_cross() {
         let q = randn(b * h * lq * d, seed);
         let k = randn(b * h * lk * d, seed + 1);
         let v = randn(b * h * lk * dv, seed + 2);
-        let inputs = [
-            (q.clone(), vec![b, h, lq, d]),
-            (k.clone(), vec![b, h, lk, d]),
-            (v.clone(), vec![b, h, lk, dv]),
-        ];
-        let o = gpu_vs_cpu(
-            &format!("attention {:?}", cases[ci]),
-            2e-5,
-            seed,
-            &inputs,
-            |t| t[0].attention(&t[1], &t[2], None),
-        );
+        let inputs = [(q.clone(), vec![b, h, lq, d]), (k.clone(), vec![b, h, lk, d]), (v.clone(), vec![b, h, lk, dv])];
+        let o = gpu_vs_cpu(&format!("attention {:?}", cases[ci]), 2e-5, seed, &inputs, |t| {
+            t[0].attention(&t[1], &t[2], None)
+        });
         assert_eq!(o.shape(), &[b, h, lq, dv]);
         let want = attention_f64(&q, &k, &v, b * h, lq, lk, d, dv, 1.0 / (d as f64).sqrt());
-        assert_close(
-            "attention cpu vs f64",
-            &o.to_vec().unwrap(),
-            &want,
-            2e-5,
-            seed,
-        );
+        assert_close("attention cpu vs f64", &o.to_vec().unwrap(), &want, 2e-5, seed);
     }
 }
 
@@ -210,23 +157,11 @@ fn attention_is_stable_for_large_scores() {
     let q: Vec<f32> = randn(lq * d, 1).iter().map(|x| x * 40.0).collect();
     let k: Vec<f32> = randn(lk * d, 2).iter().map(|x| x * 40.0).collect();
     let v = randn(lk * d, 3);
-    let inputs = [
-        (q.clone(), vec![1, lq, d]),
-        (k.clone(), vec![1, lk, d]),
-        (v.clone(), vec![1, lk, d]),
-    ];
-    let o = gpu_vs_cpu("attention large scores", 2e-5, 1, &inputs, |t| {
-        t[0].attention(&t[1], &t[2], Some(1.0))
-    });
+    let inputs = [(q.clone(), vec![1, lq, d]), (k.clone(), vec![1, lk, d]), (v.clone(), vec![1, lk, d])];
+    let o = gpu_vs_cpu("attention large scores", 2e-5, 1, &inputs, |t| t[0].attention(&t[1], &t[2], Some(1.0)));
     let got = o.to_vec().unwrap();
     assert!(got.iter().all(|x| x.is_finite()));
-    assert_close(
-        "attention large cpu vs f64",
-        &got,
-        &attention_f64(&q, &k, &v, 1, lq, lk, d, d, 1.0),
-        2e-5,
-        1,
-    );
+    assert_close("attention large cpu vs f64", &got, &attention_f64(&q, &k, &v, 1, lq, lk, d, d, 1.0), 2e-5, 1);
 }
 
 #[test]
@@ -234,19 +169,13 @@ fn attention_rejects_mismatched_shapes() {
     let q = Tensor::zeros(&[1, 4, 8], &Device::Cpu).unwrap();
     let k = Tensor::zeros(&[1, 5, 7], &Device::Cpu).unwrap();
     let e = q.attention(&k, &k, None).unwrap_err().to_string();
-    assert!(
-        e.contains("attention") && e.contains("[1, 4, 8]") && e.contains("[1, 5, 7]"),
-        "{e}"
-    );
+    assert!(e.contains("attention") && e.contains("[1, 4, 8]") && e.contains("[1, 5, 7]"), "{e}");
 }
 
 #[test]
 fn geglu_gpu_vs_cpu_and_f64() {
     let shape = vec![3, 7, 2 * 45];
-    let x = randn(numel(&shape), 9)
-        .iter()
-        .map(|v| v * 2.0)
-        .collect::<Vec<_>>();
+    let x = randn(numel(&shape), 9).iter().map(|v| v * 2.0).collect::<Vec<_>>();
     let y = gpu_vs_cpu("geglu", 2e-6, 9, &[(x.clone(), shape)], |t| t[0].geglu());
     assert_eq!(y.shape(), &[3, 7, 45]);
     let got = y.to_vec().unwrap();
@@ -255,14 +184,8 @@ fn geglu_gpu_vs_cpu_and_f64() {
             let h = x[r * 90 + c] as f64;
             let g = x[r * 90 + 45 + c] as f64;
             let want = h * 0.5 * g * (1.0 + erf_ref(g / std::f64::consts::SQRT_2));
-            assert!(
-                (got[r * 45 + c] as f64 - want).abs() < 1e-5,
-                "geglu at {r},{c}"
-            );
+            assert!((got[r * 45 + c] as f64 - want).abs() < 1e-5, "geglu at {r},{c}");
         }
     }
-    assert!(Tensor::zeros(&[2, 3], &Device::Cpu)
-        .unwrap()
-        .geglu()
-        .is_err());
+    assert!(Tensor::zeros(&[2, 3], &Device::Cpu).unwrap().geglu().is_err());
 }

@@ -42,10 +42,7 @@ fn ref_reduce(x: &[f32], shape: &[usize], axis: usize, op: ReduceOp) -> Vec<f32>
 fn ref_softmax(x: &[f32], cols: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks(cols) {
-        let m = row
-            .iter()
-            .map(|&v| v as f64)
-            .fold(f64::NEG_INFINITY, f64::max);
+        let m = row.iter().map(|&v| v as f64).fold(f64::NEG_INFINITY, f64::max);
         let s: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
         out.extend(row.iter().map(|&v| ((v as f64 - m).exp() / s) as f32));
     }
@@ -65,11 +62,7 @@ fn ref_norm_set(
 ) {
     let n = idx.len() as f64;
     let mean = idx.iter().map(|&i| x[i] as f64).sum::<f64>() / n;
-    let var = idx
-        .iter()
-        .map(|&i| (x[i] as f64 - mean) * (x[i] as f64 - mean))
-        .sum::<f64>()
-        / n;
+    let var = idx.iter().map(|&i| (x[i] as f64 - mean) * (x[i] as f64 - mean)).sum::<f64>() / n;
     for (&i, &c) in idx.iter().zip(ch) {
         let mut v = (x[i] as f64 - mean) / (var + eps).sqrt();
         if let Some(w) = w {
@@ -142,11 +135,7 @@ fn reduce_axes_gpu_vs_cpu_vs_f64() {
                     let got = gpu_vs_cpu(&what, TOL, seed, &[(x.clone(), shape.to_vec())], |t| {
                         t[0].reduce(axis, keepdim, op)
                     });
-                    let a = if axis < 0 {
-                        axis + shape.len() as isize
-                    } else {
-                        axis
-                    } as usize;
+                    let a = if axis < 0 { axis + shape.len() as isize } else { axis } as usize;
                     let mut want_shape = shape.to_vec();
                     if keepdim {
                         want_shape[a] = 1;
@@ -175,14 +164,8 @@ fn reduce_long_axes() {
             let seed = 2000 + 10 * k as u64 + op as u64;
             let x = uniform(numel(shape), 0.5, 1.5, seed);
             let what = format!("{op:?} axis {axis} of {shape:?}");
-            let got = gpu_vs_cpu(&what, TOL, seed, &[(x.clone(), shape.to_vec())], |t| {
-                t[0].reduce(*axis, false, op)
-            });
-            let a = if *axis < 0 {
-                axis + shape.len() as isize
-            } else {
-                *axis
-            } as usize;
+            let got = gpu_vs_cpu(&what, TOL, seed, &[(x.clone(), shape.to_vec())], |t| t[0].reduce(*axis, false, op));
+            let a = if *axis < 0 { axis + shape.len() as isize } else { *axis } as usize;
             let want = ref_reduce(&x, shape, a, op);
             assert_close(&what, &got.to_vec().unwrap(), &want, TOL_F64, seed);
         }
@@ -191,45 +174,17 @@ fn reduce_long_axes() {
     let shape = vec![3, 33_335];
     let x = uniform(numel(&shape), 0.5, 1.5, seed);
     let want_sum: f64 = x.iter().map(|&v| v as f64).sum();
-    let s = gpu_vs_cpu("sum_all", TOL, seed, &[(x.clone(), shape.clone())], |t| {
-        t[0].sum_all()
-    });
+    let s = gpu_vs_cpu("sum_all", TOL, seed, &[(x.clone(), shape.clone())], |t| t[0].sum_all());
     assert_eq!(s.shape(), &[] as &[usize]);
-    assert_close(
-        "sum_all",
-        &s.to_vec().unwrap(),
-        &[want_sum as f32],
-        TOL_F64,
-        seed,
-    );
-    let m = gpu_vs_cpu("mean_all", TOL, seed, &[(x.clone(), shape)], |t| {
-        t[0].mean_all()
-    });
+    assert_close("sum_all", &s.to_vec().unwrap(), &[want_sum as f32], TOL_F64, seed);
+    let m = gpu_vs_cpu("mean_all", TOL, seed, &[(x.clone(), shape)], |t| t[0].mean_all());
     let want_mean = (want_sum / x.len() as f64) as f32;
-    assert_close(
-        "mean_all",
-        &m.to_vec().unwrap(),
-        &[want_mean],
-        TOL_F64,
-        seed,
-    );
+    assert_close("mean_all", &m.to_vec().unwrap(), &[want_mean], TOL_F64, seed);
     // Small whole-tensor sums go through the one-pass path.
     let x = randn(77, seed + 1);
-    let s = gpu_vs_cpu(
-        "sum_all small",
-        TOL,
-        seed + 1,
-        &[(x.clone(), vec![7, 11])],
-        |t| t[0].sum_all(),
-    );
+    let s = gpu_vs_cpu("sum_all small", TOL, seed + 1, &[(x.clone(), vec![7, 11])], |t| t[0].sum_all());
     let want: f64 = x.iter().map(|&v| v as f64).sum();
-    assert_close(
-        "sum_all small",
-        &s.to_vec().unwrap(),
-        &[want as f32],
-        TOL_F64,
-        seed + 1,
-    );
+    assert_close("sum_all small", &s.to_vec().unwrap(), &[want as f32], TOL_F64, seed + 1);
 }
 
 #[test]
@@ -251,24 +206,13 @@ fn reduce_cpu_parallel_paths_vs_f64() {
 #[test]
 fn sum_to_shape_matches_broadcast_sum() {
     let src = [2usize, 3, 4, 5];
-    let targets: &[&[usize]] = &[
-        &[3, 1, 5],
-        &[4, 1],
-        &[5],
-        &[],
-        &[1, 1, 1, 1],
-        &[2, 1, 4, 1],
-        &[1, 3, 1, 1],
-        &[2, 3, 4, 5],
-        &[1, 4, 5],
-    ];
+    let targets: &[&[usize]] =
+        &[&[3, 1, 5], &[4, 1], &[5], &[], &[1, 1, 1, 1], &[2, 1, 4, 1], &[1, 3, 1, 1], &[2, 3, 4, 5], &[1, 4, 5]];
     for (k, target) in targets.iter().enumerate() {
         let seed = 3000 + k as u64;
         let x = randn(numel(&src), seed);
         let what = format!("sum_to_shape {src:?} -> {target:?}");
-        let got = gpu_vs_cpu(&what, TOL, seed, &[(x.clone(), src.to_vec())], |t| {
-            t[0].sum_to_shape(target)
-        });
+        let got = gpu_vs_cpu(&what, TOL, seed, &[(x.clone(), src.to_vec())], |t| t[0].sum_to_shape(target));
         assert_eq!(got.shape(), *target, "{what}");
         // Reference: add each source element into the target element it broadcasts from.
         let lead = src.len() - target.len();
@@ -294,14 +238,7 @@ fn sum_to_shape_matches_broadcast_sum() {
 
 #[test]
 fn softmax_gpu_vs_cpu_vs_f64() {
-    let cases: &[&[usize]] = &[
-        &[5, 1],
-        &[3, 77],
-        &[4, 300],
-        &[2, 1025],
-        &[2, 3, 77],
-        &[129],
-    ];
+    let cases: &[&[usize]] = &[&[5, 1], &[3, 77], &[4, 300], &[2, 1025], &[2, 3, 77], &[129]];
     for (k, shape) in cases.iter().enumerate() {
         for big_offset in [false, true] {
             let seed = 4000 + 2 * k as u64 + big_offset as u64;
@@ -310,9 +247,7 @@ fn softmax_gpu_vs_cpu_vs_f64() {
                 x = offset(x, 1000.0);
             }
             let what = format!("softmax {shape:?} offset {big_offset}");
-            let got = gpu_vs_cpu(&what, TOL, seed, &[(x.clone(), shape.to_vec())], |t| {
-                t[0].softmax_last()
-            });
+            let got = gpu_vs_cpu(&what, TOL, seed, &[(x.clone(), shape.to_vec())], |t| t[0].softmax_last());
             let cols = *shape.last().unwrap();
             let want = ref_softmax(&x, cols);
             assert_close(&what, &got.to_vec().unwrap(), &want, TOL_F64, seed);
@@ -320,16 +255,8 @@ fn softmax_gpu_vs_cpu_vs_f64() {
     }
     // Extreme logits: the max subtraction keeps exp finite.
     let x = vec![1e4, -1e4, 0.0, 88.0, 89.0, -50.0];
-    let got = gpu_vs_cpu("softmax extreme", TOL, 0, &[(x.clone(), vec![2, 3])], |t| {
-        t[0].softmax_last()
-    });
-    assert_close(
-        "softmax extreme",
-        &got.to_vec().unwrap(),
-        &ref_softmax(&x, 3),
-        TOL_F64,
-        0,
-    );
+    let got = gpu_vs_cpu("softmax extreme", TOL, 0, &[(x.clone(), vec![2, 3])], |t| t[0].softmax_last());
+    assert_close("softmax extreme", &got.to_vec().unwrap(), &ref_softmax(&x, 3), TOL_F64, 0);
 }
 
 #[test]
@@ -338,35 +265,13 @@ fn softmax_and_norms_many_rows() {
     let rows = 66_000;
     let seed = 4500;
     let x = randn(rows * 3, seed);
-    let got = gpu_vs_cpu(
-        "softmax many rows",
-        TOL,
-        seed,
-        &[(x.clone(), vec![rows, 3])],
-        |t| t[0].softmax_last(),
-    );
-    assert_close(
-        "softmax many rows",
-        &got.to_vec().unwrap(),
-        &ref_softmax(&x, 3),
-        TOL_F64,
-        seed,
-    );
-    let got = gpu_vs_cpu(
-        "layer_norm many rows",
-        TOL,
-        seed,
-        &[(x.clone(), vec![rows, 3])],
-        |t| t[0].layer_norm(None, None, 1e-5),
-    );
+    let got = gpu_vs_cpu("softmax many rows", TOL, seed, &[(x.clone(), vec![rows, 3])], |t| t[0].softmax_last());
+    assert_close("softmax many rows", &got.to_vec().unwrap(), &ref_softmax(&x, 3), TOL_F64, seed);
+    let got = gpu_vs_cpu("layer_norm many rows", TOL, seed, &[(x.clone(), vec![rows, 3])], |t| {
+        t[0].layer_norm(None, None, 1e-5)
+    });
     let want = ref_layer_norm(&x, 3, None, None, 1e-5);
-    assert_close(
-        "layer_norm many rows",
-        &got.to_vec().unwrap(),
-        &want,
-        TOL_F64,
-        seed,
-    );
+    assert_close("layer_norm many rows", &got.to_vec().unwrap(), &want, TOL_F64, seed);
 }
 
 /// An optional weight and an optional bias, both (C,).
@@ -376,21 +281,11 @@ type Affine = (Option<Vec<f32>>, Option<Vec<f32>>);
 fn affine_variants(c: usize, seed: u64) -> Vec<Affine> {
     let w = uniform(c, 0.5, 1.5, seed);
     let b = randn(c, seed + 1);
-    vec![
-        (None, None),
-        (Some(w.clone()), None),
-        (None, Some(b.clone())),
-        (Some(w), Some(b)),
-    ]
+    vec![(None, None), (Some(w.clone()), None), (None, Some(b.clone())), (Some(w), Some(b))]
 }
 
 /// Inputs for `gpu_vs_cpu`: x, then weight and bias where present.
-fn norm_inputs(
-    x: &[f32],
-    shape: &[usize],
-    w: &Option<Vec<f32>>,
-    b: &Option<Vec<f32>>,
-) -> Vec<(Vec<f32>, Vec<usize>)> {
+fn norm_inputs(x: &[f32], shape: &[usize], w: &Option<Vec<f32>>, b: &Option<Vec<f32>>) -> Vec<(Vec<f32>, Vec<usize>)> {
     let mut v = vec![(x.to_vec(), shape.to_vec())];
     if let Some(w) = w {
         v.push((w.clone(), vec![w.len()]));
@@ -440,10 +335,7 @@ fn layer_norm_gpu_vs_cpu_vs_f64() {
     let y = cpu_t(&x, &[3, 1]).layer_norm(None, None, eps).unwrap();
     assert_eq!(y.to_vec().unwrap(), vec![0.0; 3]);
     if let Some(g) = gpu() {
-        let y = Tensor::from_slice(&x, &[3, 1], &g)
-            .unwrap()
-            .layer_norm(None, None, eps)
-            .unwrap();
+        let y = Tensor::from_slice(&x, &[3, 1], &g).unwrap().layer_norm(None, None, eps).unwrap();
         assert_eq!(y.to_vec().unwrap(), vec![0.0; 3]);
     }
 }
@@ -463,16 +355,13 @@ fn group_norm_gpu_vs_cpu_vs_f64() {
         for &g in *groups {
             for (a, (w, b)) in affine_variants(c, 6000 + k as u64).into_iter().enumerate() {
                 for big_offset in [false, true] {
-                    let seed =
-                        6100 + 100 * k as u64 + 10 * g as u64 + 2 * a as u64 + big_offset as u64;
+                    let seed = 6100 + 100 * k as u64 + 10 * g as u64 + 2 * a as u64 + big_offset as u64;
                     let mut x = randn(numel(shape), seed);
                     if big_offset {
                         x = offset(x, 1000.0);
                     }
                     let (hw, hb) = (w.is_some(), b.is_some());
-                    let what = format!(
-                        "group_norm {shape:?} groups {g} w {hw} b {hb} offset {big_offset}"
-                    );
+                    let what = format!("group_norm {shape:?} groups {g} w {hw} b {hb} offset {big_offset}");
                     let inputs = norm_inputs(&x, shape, &w, &b);
                     let got = gpu_vs_cpu(&what, TOL, seed, &inputs, |t| {
                         let (wt, bt) = wb(t, hw, hb);
@@ -494,40 +383,18 @@ fn norms_and_softmax_cpu_parallel_paths_vs_f64() {
     let w = uniform(320, 0.5, 1.5, seed + 1);
     let b = randn(320, seed + 2);
     let (wt, bt) = (cpu_t(&w, &[320]), cpu_t(&b, &[320]));
-    let got = cpu_t(&x, &[200, 320])
-        .layer_norm(Some(&wt), Some(&bt), 1e-5)
-        .unwrap();
+    let got = cpu_t(&x, &[200, 320]).layer_norm(Some(&wt), Some(&bt), 1e-5).unwrap();
     let want = ref_layer_norm(&x, 320, Some(&w), Some(&b), 1e-5);
-    assert_close(
-        "cpu layer_norm (200, 320)",
-        &got.to_vec().unwrap(),
-        &want,
-        TOL_F64,
-        seed,
-    );
+    assert_close("cpu layer_norm (200, 320)", &got.to_vec().unwrap(), &want, TOL_F64, seed);
     let got = cpu_t(&x, &[200, 320]).softmax_last().unwrap();
-    assert_close(
-        "cpu softmax (200, 320)",
-        &got.to_vec().unwrap(),
-        &ref_softmax(&x, 320),
-        TOL_F64,
-        seed,
-    );
+    assert_close("cpu softmax (200, 320)", &got.to_vec().unwrap(), &ref_softmax(&x, 320), TOL_F64, seed);
     let shape = [2, 32, 40, 40];
     let x = randn(numel(&shape), seed + 3);
     let w = uniform(32, 0.5, 1.5, seed + 4);
     let wt = cpu_t(&w, &[32]);
-    let got = cpu_t(&x, &shape)
-        .group_norm(8, Some(&wt), None, 1e-5)
-        .unwrap();
+    let got = cpu_t(&x, &shape).group_norm(8, Some(&wt), None, 1e-5).unwrap();
     let want = ref_group_norm(&x, &shape, 8, Some(&w), None, 1e-5);
-    assert_close(
-        "cpu group_norm (2, 32, 40, 40)",
-        &got.to_vec().unwrap(),
-        &want,
-        TOL_F64,
-        seed,
-    );
+    assert_close("cpu group_norm (2, 32, 40, 40)", &got.to_vec().unwrap(), &want, TOL_F64, seed);
 }
 
 /// The error text of `r`, which must be an error.
@@ -555,35 +422,23 @@ fn bad_shapes_are_errors() {
 
     let m = err_text(x.group_norm(5, None, None, 1e-5));
     assert_mentions(&m, &["group_norm", "[2, 12, 5, 7]", "5 groups"]);
-    assert_mentions(
-        &err_text(x.group_norm(0, None, None, 1e-5)),
-        &["group_norm", "0 groups"],
-    );
+    assert_mentions(&err_text(x.group_norm(0, None, None, 1e-5)), &["group_norm", "0 groups"]);
     let m = err_text(x.group_norm(4, Some(&w11), None, 1e-5));
     assert_mentions(&m, &["group_norm", "weight", "[11]", "[12]"]);
     let m = err_text(x.group_norm(4, Some(&w12), Some(&w11), 1e-5));
     assert_mentions(&m, &["group_norm", "bias", "[11]", "[12]"]);
     let v = Tensor::randn(&[12], 5, &d).unwrap();
-    assert_mentions(
-        &err_text(v.group_norm(4, None, None, 1e-5)),
-        &["group_norm", "[12]"],
-    );
+    assert_mentions(&err_text(v.group_norm(4, None, None, 1e-5)), &["group_norm", "[12]"]);
 
     let m = err_text(x.layer_norm(Some(&w12), None, 1e-5));
     assert_mentions(&m, &["layer_norm", "weight", "[12]", "[7]"]);
     let m = err_text(x.layer_norm(None, Some(&w7), 1e-5));
     assert_mentions(&m, &["layer_norm", "bias", "[1, 7]"]);
     let s = Tensor::randn(&[], 6, &d).unwrap();
-    assert_mentions(
-        &err_text(s.layer_norm(None, None, 1e-5)),
-        &["layer_norm", "[]"],
-    );
+    assert_mentions(&err_text(s.layer_norm(None, None, 1e-5)), &["layer_norm", "[]"]);
     assert_mentions(&err_text(s.softmax_last()), &["softmax_last", "[]"]);
 
-    assert_mentions(
-        &err_text(x.sum(4, false)),
-        &["sum", "axis 4", "[2, 12, 5, 7]"],
-    );
+    assert_mentions(&err_text(x.sum(4, false)), &["sum", "axis 4", "[2, 12, 5, 7]"]);
     assert_mentions(&err_text(x.mean(-5, true)), &["mean", "axis -5"]);
     let e = Tensor::zeros(&[3, 0], &d).unwrap();
     assert_mentions(&err_text(e.max(1, false)), &["max", "[3, 0]", "empty"]);

@@ -16,8 +16,7 @@ fn check(name: &str, source: &str) -> Vec<String> {
         Ok(m) => m,
         Err(e) => return vec![format!("{name}: parse: {}", e.emit_to_string(source))],
     };
-    let info = match Validator::new(ValidationFlags::all(), Capabilities::empty()).validate(&module)
-    {
+    let info = match Validator::new(ValidationFlags::all(), Capabilities::empty()).validate(&module) {
         Ok(i) => i,
         Err(e) => return vec![format!("{name}: validate: {}", e.emit_to_string(source))],
     };
@@ -31,22 +30,15 @@ fn check(name: &str, source: &str) -> Vec<String> {
         .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
         .sum();
     if wg_bytes > MAX_WORKGROUP_STORAGE {
-        errs.push(format!(
-            "{name}: {wg_bytes} bytes of workgroup storage > {MAX_WORKGROUP_STORAGE}"
-        ));
+        errs.push(format!("{name}: {wg_bytes} bytes of workgroup storage > {MAX_WORKGROUP_STORAGE}"));
     }
     for ep in &module.entry_points {
         let n: u32 = ep.workgroup_size.iter().product();
         if n > MAX_INVOCATIONS {
-            errs.push(format!(
-                "{name}::{}: {n} invocations per workgroup > {MAX_INVOCATIONS}",
-                ep.name
-            ));
+            errs.push(format!("{name}::{}: {n} invocations per workgroup > {MAX_INVOCATIONS}", ep.name));
         }
     }
-    if let Err(e) =
-        naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
-    {
+    if let Err(e) = naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None) {
         errs.push(format!("{name}: SPIR-V: {e}"));
     }
     if let Err(e) = naga::back::msl::write_string(
@@ -60,9 +52,7 @@ fn check(name: &str, source: &str) -> Vec<String> {
     let mut hlsl = String::new();
     let opts = naga::back::hlsl::Options::default();
     let popts = naga::back::hlsl::PipelineOptions::default();
-    if let Err(e) =
-        naga::back::hlsl::Writer::new(&mut hlsl, &opts, &popts).write(&module, &info, None)
-    {
+    if let Err(e) = naga::back::hlsl::Writer::new(&mut hlsl, &opts, &popts).write(&module, &info, None) {
         errs.push(format!("{name}: HLSL: {e}"));
     }
     errs
@@ -83,21 +73,10 @@ fn every_shader_file_is_registered() {
     let files: BTreeSet<String> = std::fs::read_dir(&dir)
         .expect("shaders/ exists")
         .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".wgsl"))
-                .map(String::from)
-        })
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".wgsl")).map(String::from))
         .collect();
-    let registered: BTreeSet<String> = vipo::shaders::all()
-        .iter()
-        .map(|s| s.name.to_string())
-        .collect();
-    assert_eq!(
-        files, registered,
-        "shaders/ and vipo::shaders::all() disagree"
-    );
+    let registered: BTreeSet<String> = vipo::shaders::all().iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(files, registered, "shaders/ and vipo::shaders::all() disagree");
     // The registered source is the file on disk (include_str! of the same path).
     for s in vipo::shaders::all() {
         let disk = std::fs::read_to_string(dir.join(format!("{}.wgsl", s.name))).expect("readable");
@@ -112,9 +91,44 @@ fn validator_rejects_a_broken_shader() {
     assert!(!check("bad", bad).is_empty());
     let big = "var<workgroup> t: array<f32, 8192>;\n@compute @workgroup_size(512) fn main() { t[0] = 1.0; }";
     let errs = check("big", big);
-    assert!(
-        errs.iter().any(|e| e.contains("workgroup storage")),
-        "{errs:?}"
-    );
+    assert!(errs.iter().any(|e| e.contains("workgroup storage")), "{errs:?}");
     assert!(errs.iter().any(|e| e.contains("invocations")), "{errs:?}");
+}
+
+#[test]
+fn params_mirrors_match_the_shader_structs() {
+    use std::mem::size_of;
+    use vipo::ops::*;
+    // Each shader's `Params` against its `#[repr(C)]` Rust mirror: a missing field or a
+    // wrong padding shows up as a size difference, and the GPU would read shifted values.
+    let mirrors: &[(&str, usize)] = &[
+        ("unary", size_of::<unary::UnaryParams>()),
+        ("binary", size_of::<binary::BinaryParams>()),
+        ("where", size_of::<binary::WhereParams>()),
+        ("reduce", size_of::<reduce::ReduceParams>()),
+        ("softmax", size_of::<softmax::SoftmaxParams>()),
+        ("norm", size_of::<norm::NormParams>()),
+        ("matmul", size_of::<matmul::MatmulParams>()),
+        ("conv2d", size_of::<conv2d::Conv2dParams>()),
+        ("upsample", size_of::<upsample::UpsampleParams>()),
+        ("copy", size_of::<copy::CopyParams>()),
+        ("timestep", size_of::<timestep::TimestepParams>()),
+        ("attention", size_of::<attention::AttentionParams>()),
+        ("geglu", size_of::<geglu::GegluParams>()),
+    ];
+    let covered: BTreeSet<&str> = mirrors.iter().map(|m| m.0).collect();
+    let all: BTreeSet<&str> = vipo::shaders::all().iter().map(|s| s.name).collect();
+    assert_eq!(covered, all, "every shader needs its Params mirror listed here");
+    for s in vipo::shaders::all() {
+        let module = naga::front::wgsl::parse_str(s.source).expect("parses (checked above)");
+        let (_, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some("Params"))
+            .unwrap_or_else(|| panic!("{}: no Params struct", s.name));
+        let wgsl = ty.inner.size(module.to_ctx()) as usize;
+        let rust = mirrors.iter().find(|m| m.0 == s.name).map(|m| m.1).unwrap_or_default();
+        assert_eq!(wgsl, rust, "{}: WGSL Params is {wgsl} bytes, the Rust mirror {rust}", s.name);
+        assert_eq!(rust % 16, 0, "{}: uniform structs are padded to 16 bytes", s.name);
+    }
 }

@@ -57,12 +57,7 @@ fn cases() -> Vec<Case> {
             run: |t| t[0].matmul(&t[1]),
         });
     }
-    for (c, px, quick) in [
-        (320, 64, false),
-        (640, 32, false),
-        (1280, 16, false),
-        (1280, 8, true),
-    ] {
+    for (c, px, quick) in [(320, 64, false), (640, 32, false), (1280, 16, false), (1280, 8, true)] {
         v.push(Case {
             name: format!("conv2d {c}ch {px}px"),
             work: 2.0 * (c * c * 9) as f64 * (px * px) as f64,
@@ -77,11 +72,7 @@ fn cases() -> Vec<Case> {
         work: 4.0 * 8.0 * 4096.0 * 4096.0 * 40.0,
         is_bytes: false,
         quick: false,
-        shapes: vec![
-            vec![1, 8, 4096, 40],
-            vec![1, 8, 4096, 40],
-            vec![1, 8, 4096, 40],
-        ],
+        shapes: vec![vec![1, 8, 4096, 40], vec![1, 8, 4096, 40], vec![1, 8, 4096, 40]],
         run: |t| t[0].attention(&t[1], &t[2], None),
     });
     v.push(Case {
@@ -121,15 +112,14 @@ pub struct Record {
     /// vipo time / peer time (below 1: vipo is faster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
+    /// GPU records: this time / the CPU path's time for the same case in this run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_cpu: Option<f64>,
 }
 
 fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<Record> {
-    let inputs: Vec<Tensor> = case
-        .shapes
-        .iter()
-        .enumerate()
-        .map(|(i, s)| Tensor::randn(s, 1 + i as u64, device))
-        .collect::<Result<_>>()?;
+    let inputs: Vec<Tensor> =
+        case.shapes.iter().enumerate().map(|(i, s)| Tensor::randn(s, 1 + i as u64, device)).collect::<Result<_>>()?;
     if let Device::Gpu(g) = device {
         g.sync()?;
         g.reset_peak();
@@ -161,14 +151,18 @@ fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<Record> {
         peak_bytes: device.gpu().map(|g| g.pool_stats().peak_live_bytes),
         peer_ms: None,
         ratio: None,
+        vs_cpu: None,
     })
 }
 
-/// Devices to measure: the one asked for, or with `auto` the CPU and every hardware adapter.
+/// Devices to measure: the CPU path (every GPU number is also given as a ratio to it) and
+/// the GPU asked for, or with `auto` every hardware adapter.
 fn devices(device_arg: &str) -> Result<Vec<Device>> {
     let req: DeviceRequest = device_arg.parse()?;
-    if req != DeviceRequest::Auto {
-        return Ok(vec![Device::select(req)?.device]);
+    match req {
+        DeviceRequest::Cpu => return Ok(vec![Device::Cpu]),
+        DeviceRequest::Gpu | DeviceRequest::GpuIndex(_) => return Ok(vec![Device::Cpu, Device::select(req)?.device]),
+        DeviceRequest::Auto => {}
     }
     let mut v = vec![Device::Cpu];
     for a in list_adapters().iter().filter(|a| !a.software) {
@@ -185,30 +179,24 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
         None => HashMap::new(),
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-            let recs: Vec<Record> = serde_json::from_str(&text).map_err(|e| Error::File {
-                path: p.clone(),
-                msg: format!("not a bench JSON array: {e}"),
-            })?;
+            let recs: Vec<Record> = serde_json::from_str(&text)
+                .map_err(|e| Error::File { path: p.clone(), msg: format!("not a bench JSON array: {e}") })?;
             recs.into_iter().map(|r| (r.name, r.ms)).collect()
         }
     };
     let selected: Vec<Case> = cases()
         .into_iter()
-        .filter(|c| {
-            args.filter
-                .as_ref()
-                .is_none_or(|f| c.name.contains(f.as_str()))
-        })
+        .filter(|c| args.filter.as_ref().is_none_or(|f| c.name.contains(f.as_str())))
         .filter(|c| !args.quick || c.quick)
         .collect();
     if selected.is_empty() {
         return Err(Error::Invalid("bench: no case matches the filter".into()));
     }
-    let mut records = Vec::new();
+    let mut records: Vec<Record> = Vec::new();
     if !args.json {
         println!(
-            "{:<34} {:<34} {:>10} {:>12} {:>10} {:>9}",
-            "case", "device", "ms", "GFLOP/s|GB/s", "peer ms", "vipo/peer"
+            "{:<34} {:<34} {:>10} {:>12} {:>10} {:>9} {:>8}",
+            "case", "device", "ms", "GFLOP/s|GB/s", "peer ms", "vipo/peer", "vs cpu"
         );
     }
     for device in devices(device_arg)? {
@@ -218,30 +206,26 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
                 r.peer_ms = Some(p);
                 r.ratio = Some(r.ms / p);
             }
+            if !device.is_cpu() {
+                let cpu = records.iter().find(|c| c.name == r.name && c.device.starts_with("cpu"));
+                r.vs_cpu = cpu.map(|c| r.ms / c.ms);
+            }
             if !args.json {
                 let rate = r.gflops.or(r.gbps).unwrap_or(0.0);
                 let unit = if r.gbps.is_some() { "GB/s" } else { "GF/s" };
-                let peer = r
-                    .peer_ms
-                    .map(|p| format!("{p:.2}"))
-                    .unwrap_or_else(|| "-".into());
-                let ratio = r
-                    .ratio
-                    .map(|x| format!("{x:.2}"))
-                    .unwrap_or_else(|| "-".into());
+                let peer = r.peer_ms.map(|p| format!("{p:.2}")).unwrap_or_else(|| "-".into());
+                let ratio = r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+                let vs_cpu = r.vs_cpu.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<34} {:<34} {:>10.2} {:>7.1} {unit} {:>10} {:>9}",
-                    r.name, r.device, r.ms, rate, peer, ratio
+                    "{:<34} {:<34} {:>10.2} {:>7.1} {unit} {:>10} {:>9} {:>8}",
+                    r.name, r.device, r.ms, rate, peer, ratio, vs_cpu
                 );
             }
             records.push(r);
         }
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&records).map_err(|e| Error::Invalid(e.to_string()))?
-        );
+        println!("{}", serde_json::to_string_pretty(&records).map_err(|e| Error::Invalid(e.to_string()))?);
     }
     Ok(())
 }

@@ -17,15 +17,12 @@ fn mib(b: u64) -> String {
 pub fn run(args: &Args, device_arg: &str) -> Result<()> {
     let adapters = list_adapters();
     if args.json {
-        let s = serde_json::to_string_pretty(&adapters)
-            .map_err(|e| crate::Error::Invalid(e.to_string()))?;
+        let s = serde_json::to_string_pretty(&adapters).map_err(|e| crate::Error::Invalid(e.to_string()))?;
         println!("{s}");
         return Ok(());
     }
     if adapters.is_empty() {
-        println!(
-            "no GPU adapters found (on Linux, install Vulkan drivers, e.g. mesa-vulkan-drivers)"
-        );
+        println!("no GPU adapters found (on Linux, install Vulkan drivers, e.g. mesa-vulkan-drivers)");
     }
     for a in &adapters {
         println!(
@@ -34,25 +31,14 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
             a.name,
             a.backend,
             a.device_type,
-            if a.software {
-                ", software: only by name"
-            } else {
-                ""
-            }
+            if a.software { ", software: only by name" } else { "" }
         );
-        println!(
-            "        driver: {}",
-            if a.driver.is_empty() { "-" } else { &a.driver }
-        );
+        println!("        driver: {}", if a.driver.is_empty() { "-" } else { &a.driver });
         println!(
             "        f16: {}  subgroups: {}{}",
             if a.shader_f16 { "yes" } else { "no" },
             if a.subgroups { "yes" } else { "no" },
-            if a.subgroups {
-                format!(" (size {}..{})", a.subgroup_size.0, a.subgroup_size.1)
-            } else {
-                String::new()
-            }
+            if a.subgroups { format!(" (size {}..{})", a.subgroup_size.0, a.subgroup_size.1) } else { String::new() }
         );
         println!(
             "        max storage binding: {}  max buffer: {}  workgroup storage: {} KiB  invocations/workgroup: {}",
@@ -62,10 +48,7 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
             a.max_invocations_per_workgroup
         );
     }
-    println!(
-        "cpu    {} threads (rayon), gemm crate",
-        rayon::current_num_threads()
-    );
+    println!("cpu    {} threads (rayon), gemm crate", rayon::current_num_threads());
     let sel = Device::from_arg(Some(device_arg))?;
     println!("--device {device_arg} -> {}", sel.reason);
     Ok(())

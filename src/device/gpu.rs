@@ -84,11 +84,9 @@ impl GpuContext {
         let mut limits = wgpu::Limits::downlevel_defaults();
         limits.max_storage_buffer_binding_size = alimits.max_storage_buffer_binding_size;
         limits.max_buffer_size = alimits.max_buffer_size;
-        limits.max_storage_buffers_per_shader_stage =
-            alimits.max_storage_buffers_per_shader_stage.min(16);
+        limits.max_storage_buffers_per_shader_stage = alimits.max_storage_buffers_per_shader_stage.min(16);
         limits.max_compute_workgroup_storage_size = alimits.max_compute_workgroup_storage_size;
-        limits.max_compute_invocations_per_workgroup =
-            alimits.max_compute_invocations_per_workgroup;
+        limits.max_compute_invocations_per_workgroup = alimits.max_compute_invocations_per_workgroup;
         limits.max_compute_workgroup_size_x = alimits.max_compute_workgroup_size_x;
         limits.max_compute_workgroup_size_y = alimits.max_compute_workgroup_size_y;
         limits.max_compute_workgroup_size_z = alimits.max_compute_workgroup_size_z;
@@ -96,8 +94,7 @@ impl GpuContext {
         limits.max_uniform_buffer_binding_size = alimits.max_uniform_buffer_binding_size;
         limits.min_uniform_buffer_offset_alignment = alimits.min_uniform_buffer_offset_alignment;
         limits.min_storage_buffer_offset_alignment = alimits.min_storage_buffer_offset_alignment;
-        let wanted =
-            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let features = adapter.features() & wanted;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("vipo"),
@@ -105,12 +102,7 @@ impl GpuContext {
             required_limits: limits.clone(),
             ..Default::default()
         }))
-        .map_err(|e| {
-            Error::Gpu(format!(
-                "cannot open {} ({:?}): {e}",
-                info.name, info.backend
-            ))
-        })?;
+        .map_err(|e| Error::Gpu(format!("cannot open {} ({:?}): {e}", info.name, info.backend)))?;
         let uniform_align = u64::from(limits.min_uniform_buffer_offset_alignment).max(16);
         let uniform_buf = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("vipo params"),
@@ -130,11 +122,7 @@ impl GpuContext {
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
-            batch: Mutex::new(Batch {
-                encoder: None,
-                uniforms: Vec::new(),
-                dispatches: 0,
-            }),
+            batch: Mutex::new(Batch { encoder: None, uniforms: Vec::new(), dispatches: 0 }),
         })
     }
 
@@ -178,21 +166,14 @@ impl GpuContext {
                 self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(op),
                     size: bucket,
-                    usage: wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_SRC
-                        | wgpu::BufferUsages::COPY_DST,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
                 })
             }
         };
         p.stats.live_bytes += bucket;
         p.stats.peak_live_bytes = p.stats.peak_live_bytes.max(p.stats.live_bytes);
-        Ok(GpuBuffer {
-            ctx: self.clone(),
-            buf: Some(buf),
-            bytes,
-            bucket,
-        })
+        Ok(GpuBuffer { ctx: self.clone(), buf: Some(buf), bytes, bucket })
     }
 
     fn release(&self, buf: wgpu::Buffer, bucket: u64) {
@@ -255,9 +236,7 @@ impl GpuContext {
             .map_err(|_| Error::Gpu("readback callback never ran".into()))?
             .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
         let out = {
-            let view = staging
-                .get_mapped_range(0..size)
-                .map_err(|e| Error::Gpu(format!("readback view: {e:?}")))?;
+            let view = staging.get_mapped_range(0..size).map_err(|e| Error::Gpu(format!("readback view: {e:?}")))?;
             view[..bytes as usize].to_vec()
         };
         staging.unmap();
@@ -267,10 +246,7 @@ impl GpuContext {
 
     fn encoder<'a>(&self, b: &'a mut Batch) -> &'a mut wgpu::CommandEncoder {
         b.encoder.get_or_insert_with(|| {
-            self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("vipo batch"),
-                })
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("vipo batch") })
         })
     }
 
@@ -306,23 +282,19 @@ impl GpuContext {
         }
         let mut modules = lock(&self.modules);
         let module = modules.entry(shader.name).or_insert_with(|| {
-            self.device
-                .create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(shader.name),
-                    source: wgpu::ShaderSource::Wgsl(shader.source.into()),
-                })
+            self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(shader.name),
+                source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+            })
         });
-        let p = Arc::new(
-            self.device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(entry),
-                    layout: None,
-                    module,
-                    entry_point: Some(entry),
-                    compilation_options: Default::default(),
-                    cache: None,
-                }),
-        );
+        let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        }));
         lock(&self.pipelines).insert((shader.name, entry), p.clone());
         p
     }
@@ -385,10 +357,8 @@ impl GpuContext {
         });
         let enc = self.encoder(&mut b);
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(entry),
-                timestamp_writes: None,
-            });
+            let mut pass =
+                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
@@ -438,11 +408,7 @@ impl Drop for GpuBuffer {
 
 impl std::fmt::Debug for GpuBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "GpuBuffer({} bytes on {})",
-            self.bytes, self.ctx.info.name
-        )
+        write!(f, "GpuBuffer({} bytes on {})", self.bytes, self.ctx.info.name)
     }
 }
 
@@ -452,17 +418,7 @@ mod tests {
 
     #[test]
     fn buckets_cover_and_bound_waste() {
-        for bytes in [
-            1u64,
-            17,
-            255,
-            256,
-            257,
-            1 << 20,
-            (1 << 20) + 1,
-            5_000_000,
-            123_456_789,
-        ] {
+        for bytes in [1u64, 17, 255, 256, 257, 1 << 20, (1 << 20) + 1, 5_000_000, 123_456_789] {
             let b = bucket_size(bytes);
             assert!(b >= bytes, "{bytes} -> {b}");
             if bytes > 1 << 20 {

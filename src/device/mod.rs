@@ -93,9 +93,7 @@ pub struct AdapterSummary {
 fn instance() -> &'static wgpu::Instance {
     static INSTANCE: OnceLock<wgpu::Instance> = OnceLock::new();
     // Reads WGPU_BACKEND etc., so CI can force Vulkan and a broken driver cannot hide behind GL.
-    INSTANCE.get_or_init(|| {
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
-    })
+    INSTANCE.get_or_init(|| wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env()))
 }
 
 /// Adapters in a stable order: the index is what `gpu:N` means.
@@ -107,10 +105,7 @@ fn adapters() -> &'static [wgpu::Adapter] {
         // Native compute back ends before GL, hardware before software: `auto` takes the first fit.
         v.sort_by_key(|a| {
             let i = a.get_info();
-            (
-                i.backend == wgpu::Backend::Gl,
-                i.device_type == wgpu::DeviceType::Cpu,
-            )
+            (i.backend == wgpu::Backend::Gl, i.device_type == wgpu::DeviceType::Cpu)
         });
         v
     })
@@ -160,11 +155,7 @@ fn open(index: usize) -> Result<Device> {
             adapters().len()
         ))
     })?;
-    let ctx = slots[index].get_or_init(|| {
-        GpuContext::new(adapter, index)
-            .map(Arc::new)
-            .map_err(|e| e.to_string())
-    });
+    let ctx = slots[index].get_or_init(|| GpuContext::new(adapter, index).map(Arc::new).map_err(|e| e.to_string()));
     match ctx {
         Ok(c) => Ok(Device::Gpu(c.clone())),
         Err(e) => Err(Error::NoDevice(e.clone())),
@@ -200,7 +191,9 @@ impl Device {
             },
             DeviceRequest::Auto => match hw().map(open) {
                 Some(Ok(device)) => Ok(Selected { reason: format!("{device}: hardware GPU found"), device }),
-                Some(Err(e)) => Ok(Selected { device: Device::Cpu, reason: format!("cpu: the GPU could not be opened ({e})") }),
+                Some(Err(e)) => {
+                    Ok(Selected { device: Device::Cpu, reason: format!("cpu: the GPU could not be opened ({e})") })
+                }
                 None => Ok(Selected {
                     device: Device::Cpu,
                     reason: if adapters().is_empty() {
@@ -228,9 +221,9 @@ impl Device {
     /// A new context on adapter `index`, shared with nobody: for measurements (pool counters,
     /// submits) that other users of the shared context would disturb.
     pub fn open_private(index: usize) -> Result<Device> {
-        let adapter = adapters().get(index).ok_or_else(|| {
-            Error::NoDevice(format!("gpu:{index} does not exist (see `vipo devices`)"))
-        })?;
+        let adapter = adapters()
+            .get(index)
+            .ok_or_else(|| Error::NoDevice(format!("gpu:{index} does not exist (see `vipo devices`)")))?;
         Ok(Device::Gpu(Arc::new(GpuContext::new(adapter, index)?)))
     }
 

@@ -24,7 +24,7 @@ pub struct AttentionParams {
 
 /// Largest head dim of the fused kernel (`MAX_D` in the shader): SD1.5's 160 fits.
 pub const FUSED_MAX_D: usize = 160;
-const CPU_ROWS: usize = 64;
+const CPU_ROWS: usize = 256;
 
 impl Tensor {
     /// `softmax(q k^T * scale) v` over the last two dims: q (..., Lq, D), k (..., Lk, D),
@@ -45,11 +45,7 @@ impl Tensor {
         }
         let r = qs.len();
         let (lq, d, lk, dv) = (qs[r - 2], qs[r - 1], ks[r - 2], vs[r - 1]);
-        if ks[r - 1] != d
-            || vs[r - 2] != lk
-            || qs[..r - 2] != ks[..r - 2]
-            || qs[..r - 2] != vs[..r - 2]
-        {
+        if ks[r - 1] != d || vs[r - 2] != lk || qs[..r - 2] != ks[..r - 2] || qs[..r - 2] != vs[..r - 2] {
             return Err(bad());
         }
         if lk == 0 {
@@ -69,22 +65,10 @@ impl Tensor {
             Device::Gpu(ctx) if d <= FUSED_MAX_D && dv <= FUSED_MAX_D => {
                 let out = Tensor::gpu_empty(&ctx, OP, &out_shape)?;
                 let u = |x: usize| crate::ops::u32_of(OP, x);
-                let params = AttentionParams {
-                    bh: u(bh)?,
-                    lq: u(lq)?,
-                    lk: u(lk)?,
-                    d: u(d)?,
-                    dv: u(dv)?,
-                    scale,
-                    _pad: [0; 2],
-                };
+                let params =
+                    AttentionParams { bh: u(bh)?, lq: u(lq)?, lk: u(lk)?, d: u(d)?, dv: u(dv)?, scale, _pad: [0; 2] };
                 let groups = [lq.div_ceil(64) as u32, u(bh)?, 1];
-                let bufs = [
-                    self.gpu_buf(OP)?,
-                    k.gpu_buf(OP)?,
-                    v.gpu_buf(OP)?,
-                    out.gpu_buf(OP)?,
-                ];
+                let bufs = [self.gpu_buf(OP)?, k.gpu_buf(OP)?, v.gpu_buf(OP)?, out.gpu_buf(OP)?];
                 ctx.dispatch(&ATTENTION, "main", &params, &bufs, groups)?;
                 Ok(out)
             }
@@ -97,10 +81,7 @@ impl Tensor {
                 let mut parts = Vec::new();
                 for s in (0..lq).step_by(rows) {
                     let qc = q3.slice(1, s, rows.min(lq - s))?; // (BH, rows, D)
-                    let p = qc
-                        .matmul_t(&k3, false, true)?
-                        .mul_scalar(scale)?
-                        .softmax_last()?; // (BH, rows, Lk)
+                    let p = qc.matmul_t(&k3, false, true)?.mul_scalar(scale)?.softmax_last()?; // (BH, rows, Lk)
                     parts.push(p.matmul(&v3)?); // (BH, rows, Dv)
                 }
                 let refs: Vec<&Tensor> = parts.iter().collect();
@@ -130,63 +111,29 @@ fn cpu_attention(
     }
     debug_assert_eq!(o.len(), bh * lq * dv);
     o.par_chunks_mut(lq * dv).enumerate().for_each(|(b, oh)| {
-        let (qh, kh, vh) = (
-            &q[b * lq * d..(b + 1) * lq * d],
-            &k[b * lk * d..(b + 1) * lk * d],
-            &v[b * lk * dv..(b + 1) * lk * dv],
-        );
+        let (qh, kh, vh) =
+            (&q[b * lq * d..(b + 1) * lq * d], &k[b * lk * d..(b + 1) * lk * d], &v[b * lk * dv..(b + 1) * lk * dv]);
         oh.par_chunks_mut(CPU_ROWS * dv).enumerate().for_each_init(
             || vec![0.0f32; CPU_ROWS * lk],
             |s, (ci, oc)| {
                 let r0 = ci * CPU_ROWS;
                 let rows = oc.len() / dv;
                 let st = &mut s[..rows * lk];
-                let qv = MatRef {
-                    data: &qh[r0 * d..],
-                    rs: d,
-                    cs: 1,
-                };
-                sgemm(
-                    rows,
-                    lk,
-                    d,
-                    qv,
-                    MatRef {
-                        data: kh,
-                        rs: 1,
-                        cs: d,
-                    },
-                    st,
-                    lk,
-                    false,
-                    false,
-                );
+                let qv = MatRef { data: &qh[r0 * d..], rs: d, cs: 1 };
+                sgemm(rows, lk, d, qv, MatRef { data: kh, rs: 1, cs: d }, st, lk, false, false);
                 for row in st.chunks_mut(lk) {
-                    let mut m = f32::NEG_INFINITY;
-                    for x in row.iter_mut() {
-                        *x *= scale;
-                        m = m.max(*x);
-                    }
-                    row.iter_mut()
-                        .for_each(|x| *x = crate::ops::fast_exp(*x - m));
-                    let sum: f32 = row.iter().sum();
-                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= scale);
+                    let m = crate::ops::max_lanes(row);
+                    row.iter_mut().for_each(|x| *x = crate::ops::fast_exp(*x - m));
+                    let inv = 1.0 / crate::ops::sum_lanes(row);
                     row.iter_mut().for_each(|x| *x *= inv);
                 }
                 sgemm(
                     rows,
                     dv,
                     lk,
-                    MatRef {
-                        data: st,
-                        rs: lk,
-                        cs: 1,
-                    },
-                    MatRef {
-                        data: vh,
-                        rs: dv,
-                        cs: 1,
-                    },
+                    MatRef { data: st, rs: lk, cs: 1 },
+                    MatRef { data: vh, rs: dv, cs: 1 },
                     oc,
                     dv,
                     false,

@@ -2,9 +2,7 @@
 
 use crate::device::Device;
 use crate::error::Result;
-use crate::ops::{
-    broadcast_shape, broadcast_strides, groups_for, pack8, par_fill, strided_offset, u32_of,
-};
+use crate::ops::{broadcast_shape, broadcast_strides, groups_for, pack8, par_fill, strided_offset, u32_of};
 use crate::shaders::{BINARY, WHERE};
 use crate::tensor::Tensor;
 
@@ -82,12 +80,7 @@ impl Tensor {
                     let s = b[0];
                     par_fill(&mut y, |i| op.eval(a[strided_offset(i, &shape, &sa)], s));
                 } else {
-                    par_fill(&mut y, |i| {
-                        op.eval(
-                            a[strided_offset(i, &shape, &sa)],
-                            b[strided_offset(i, &shape, &sb)],
-                        )
-                    });
+                    par_fill(&mut y, |i| op.eval(a[strided_offset(i, &shape, &sa)], b[strided_offset(i, &shape, &sb)]));
                 }
                 Ok(Tensor::cpu(y, &shape))
             }
@@ -102,11 +95,7 @@ impl Tensor {
                     sa: pack8(NAME, &sa)?,
                     sb: pack8(NAME, &sb)?,
                 };
-                let bufs = [
-                    self.gpu_buf(NAME)?,
-                    other.gpu_buf(NAME)?,
-                    out.gpu_buf(NAME)?,
-                ];
+                let bufs = [self.gpu_buf(NAME)?, other.gpu_buf(NAME)?, out.gpu_buf(NAME)?];
                 ctx.dispatch(&BINARY, "main", &params, &bufs, groups_for(&ctx, n))?;
                 Ok(out)
             }
@@ -140,11 +129,7 @@ impl Tensor {
         }
         self.same_device(NAME, a)?;
         self.same_device(NAME, b)?;
-        let shape = broadcast_shape(
-            NAME,
-            &broadcast_shape(NAME, self.shape(), a.shape())?,
-            b.shape(),
-        )?;
+        let shape = broadcast_shape(NAME, &broadcast_shape(NAME, self.shape(), a.shape())?, b.shape())?;
         let n = crate::tensor::numel(&shape);
         let sc = broadcast_strides(self.shape(), &shape);
         let sa = broadcast_strides(a.shape(), &shape);
@@ -173,12 +158,7 @@ impl Tensor {
                     sa: pack8(NAME, &sa)?,
                     sb: pack8(NAME, &sb)?,
                 };
-                let bufs = [
-                    self.gpu_buf(NAME)?,
-                    a.gpu_buf(NAME)?,
-                    b.gpu_buf(NAME)?,
-                    out.gpu_buf(NAME)?,
-                ];
+                let bufs = [self.gpu_buf(NAME)?, a.gpu_buf(NAME)?, b.gpu_buf(NAME)?, out.gpu_buf(NAME)?];
                 ctx.dispatch(&WHERE, "main", &params, &bufs, groups_for(&ctx, n))?;
                 Ok(out)
             }

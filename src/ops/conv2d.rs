@@ -4,7 +4,7 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::ops::matmul::{sgemm, MatRef};
+use crate::ops::matmul::{sgemm, sgemm_raw, MatRef};
 use crate::ops::{u32_of, PAR_MIN};
 use crate::shaders::CONV2D;
 use crate::tensor::Tensor;
@@ -71,14 +71,10 @@ fn geometry(
 ) -> Result<Geom> {
     let bad = |msg: String| Err(Error::shape(OP, msg));
     let (&[n, cin, h, w], &[cout, wcin, kh, kw]) = (x, wt) else {
-        return bad(format!(
-            "input {x:?} must be (N, Cin, H, W) and weight {wt:?} (Cout, Cin, KH, KW)"
-        ));
+        return bad(format!("input {x:?} must be (N, Cin, H, W) and weight {wt:?} (Cout, Cin, KH, KW)"));
     };
     if wcin != cin {
-        return bad(format!(
-            "input {x:?} has {cin} channels, weight {wt:?} expects {wcin}"
-        ));
+        return bad(format!("input {x:?} has {cin} channels, weight {wt:?} expects {wcin}"));
     }
     if stride.0 == 0 || stride.1 == 0 {
         return bad(format!("stride {stride:?} must be positive"));
@@ -114,19 +110,17 @@ fn geometry(
     })
 }
 
-/// Row `row` = (ci, ky, kx) of the im2col matrix of one image: `out` (OH*OW) gets the input
-/// pixel under that kernel tap for every output pixel, 0 in the padding.
-fn im2col_row(xi: &[f32] /* (Cin, H, W) */, row: usize, out: &mut [f32], g: &Geom) {
+/// Row `row` = (ci, ky, kx) of the im2col matrix of one image, for output rows from `oy0`:
+/// `out` (rows * OW) gets the input pixel under that kernel tap for each output pixel, 0 in
+/// the padding.
+fn im2col_row(xi: &[f32] /* (Cin, H, W) */, row: usize, out: &mut [f32], g: &Geom, oy0: usize) {
     let (ci, ky, kx) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
     let plane = &xi[ci * g.h * g.w..(ci + 1) * g.h * g.w];
     // Output columns whose input column ox*sw + kx - pw lies inside [0, W).
     let lo = g.pw.saturating_sub(kx).div_ceil(g.sw).min(g.ow);
-    let hi = (g.w + g.pw)
-        .saturating_sub(kx)
-        .div_ceil(g.sw)
-        .clamp(lo, g.ow);
-    for (oy, o) in out.chunks_mut(g.ow).enumerate() {
-        let iy = oy * g.sh + ky;
+    let hi = (g.w + g.pw).saturating_sub(kx).div_ceil(g.sw).clamp(lo, g.ow);
+    for (r, o) in out.chunks_mut(g.ow).enumerate() {
+        let iy = (oy0 + r) * g.sh + ky;
         if iy < g.ph || iy - g.ph >= g.h {
             o.fill(0.0);
             continue;
@@ -148,45 +142,73 @@ fn im2col_row(xi: &[f32] /* (Cin, H, W) */, row: usize, out: &mut [f32], g: &Geo
 /// One image on the CPU: `out` (Cout, OH*OW) = W (Cout, K) x im2col(xi) (K, OH*OW),
 /// added to what `out` holds when `acc` (the bias). `col` is the im2col scratch (K*OH*OW,
 /// empty for a pointwise kernel).
-fn conv_image(
-    g: &Geom,
-    wt: &[f32],
-    xi: &[f32],
-    out: &mut [f32],
-    col: &mut [f32],
-    acc: bool,
-    parallel: bool,
-) {
+fn conv_image(g: &Geom, wt: &[f32], xi: &[f32], out: &mut [f32], col: &mut [f32], acc: bool, parallel: bool) {
     let (m, n, k) = (g.cout, g.ncol(), g.k());
-    let a = MatRef {
-        data: wt,
-        rs: k,
-        cs: 1,
-    };
+    let a = MatRef { data: wt, rs: k, cs: 1 };
+    // Large images: blocks of output rows, each thread building the im2col of its block
+    // (in cache) and running a serial GEMM, instead of one huge im2col then one GEMM.
+    let rows = (BLOCK_COLS / g.ow).clamp(1, g.oh);
+    let blocks = g.oh.div_ceil(rows);
+    if parallel && !g.is_pointwise() && blocks >= 2 * rayon::current_num_threads() {
+        conv_image_blocked(g, a, xi, out, acc, rows);
+        return;
+    }
     let b = if g.is_pointwise() {
-        MatRef {
-            data: xi,
-            rs: n,
-            cs: 1,
-        }
+        MatRef { data: xi, rs: n, cs: 1 }
     } else {
         if parallel && col.len() >= PAR_MIN {
             use rayon::prelude::*;
-            col.par_chunks_mut(n)
-                .enumerate()
-                .for_each(|(r, o)| im2col_row(xi, r, o, g));
+            col.par_chunks_mut(n).enumerate().for_each(|(r, o)| im2col_row(xi, r, o, g, 0));
         } else {
-            col.chunks_mut(n)
-                .enumerate()
-                .for_each(|(r, o)| im2col_row(xi, r, o, g));
+            col.chunks_mut(n).enumerate().for_each(|(r, o)| im2col_row(xi, r, o, g, 0));
         }
-        MatRef {
-            data: col,
-            rs: n,
-            cs: 1,
-        }
+        MatRef { data: col, rs: n, cs: 1 }
     };
     sgemm(m, n, k, a, b, out, n, acc, parallel);
+}
+
+/// Output columns per im2col block: K * 256 floats (2.9 MB at K = 2880) stays in cache.
+const BLOCK_COLS: usize = 256;
+
+/// `conv_image` by blocks of `rows` output rows, in parallel; `out` (Cout, OH*OW).
+fn conv_image_blocked(g: &Geom, a: MatRef, xi: &[f32], out: &mut [f32], acc: bool, rows: usize) {
+    use rayon::prelude::*;
+    let (m, n, k) = (g.cout, g.ncol(), g.k());
+    let blocks = g.oh.div_ceil(rows);
+    // Each block writes a column range of every output channel, through a raw pointer.
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_len = out.len();
+    (0..blocks).into_par_iter().for_each_init(
+        || vec![0.0f32; k * rows * g.ow],
+        |col, bi| {
+            let oy0 = bi * rows;
+            let nb = (rows.min(g.oh - oy0)) * g.ow;
+            let colb = &mut col[..k * nb];
+            colb.chunks_mut(nb).enumerate().for_each(|(r, o)| im2col_row(xi, r, o, g, oy0));
+            let p0 = oy0 * g.ow;
+            debug_assert!(p0 + (m - 1) * n + nb <= out_len);
+            let b = MatRef { data: colb, rs: nb, cs: 1 };
+            assert!((k - 1) * nb + nb <= colb.len() && (m - 1) * a.rs + k <= a.data.len());
+            // SAFETY: block `bi` writes only columns [p0, p0 + nb) of each of the m rows of
+            // `out` (row stride n), disjoint from every other block, all inside `out`; no
+            // reference to `out` is alive while the tasks run.
+            unsafe { sgemm_raw(m, nb, k, a, b, out_ptr.get().add(p0), n, acc, false) };
+        },
+    );
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only by `conv_image_blocked`, whose tasks write disjoint elements.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    // A method, so closures capture the whole (Send) wrapper rather than its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 fn conv_cpu(g: &Geom, x: &[f32], wt: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
@@ -208,11 +230,7 @@ fn conv_cpu(g: &Geom, x: &[f32], wt: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
         return y;
     }
     let acc = bias.is_some();
-    let col_len = if g.is_pointwise() {
-        0
-    } else {
-        g.k() * g.ncol()
-    };
+    let col_len = if g.is_pointwise() { 0 } else { g.k() * g.ncol() };
     let work = g.cout * g.ncol() * g.k();
     if g.n >= rayon::current_num_threads() && g.n > 1 && work < 1 << 22 {
         // Many small images: one image per task, each with its own scratch and a serial GEMM.
@@ -252,13 +270,7 @@ impl Tensor {
             b.ensure_f32(OP)?;
             self.same_device(OP, b)?;
         }
-        let g = geometry(
-            self.shape(),
-            weight.shape(),
-            bias.map(|b| b.shape()),
-            stride,
-            padding,
-        )?;
+        let g = geometry(self.shape(), weight.shape(), bias.map(|b| b.shape()), stride, padding)?;
         let out_shape = [g.n, g.cout, g.oh, g.ow];
         match self.device() {
             Device::Cpu => {
@@ -294,13 +306,7 @@ impl Tensor {
                 let groups = [u(g.ncol().div_ceil(64))?, u(g.cout.div_ceil(64))?, u(g.n)?];
                 let (xb, wb, yb) = (self.gpu_buf(OP)?, weight.gpu_buf(OP)?, out.gpu_buf(OP)?);
                 match bias {
-                    Some(b) => ctx.dispatch(
-                        &CONV2D,
-                        "main",
-                        &params,
-                        &[xb, wb, yb, b.gpu_buf(OP)?],
-                        groups,
-                    )?,
+                    Some(b) => ctx.dispatch(&CONV2D, "main", &params, &[xb, wb, yb, b.gpu_buf(OP)?], groups)?,
                     None => ctx.dispatch(&CONV2D, "main_nobias", &params, &[xb, wb, yb], groups)?,
                 }
                 Ok(out)

@@ -55,11 +55,7 @@ fn gather_cpu(x: &[f32], offset: usize, shape: &[usize], st: &[usize]) -> Vec<f3
         return y;
     }
     let r = shape.len();
-    let (inner, s_in) = if r == 0 {
-        (1, 0)
-    } else {
-        (shape[r - 1], st[r - 1])
-    };
+    let (inner, s_in) = if r == 0 { (1, 0) } else { (shape[r - 1], st[r - 1]) };
     let (outer_shape, outer_st) = (&shape[..r.saturating_sub(1)], &st[..r.saturating_sub(1)]);
     let row = |ri: usize, out: &mut [f32]| {
         let base = offset + strided_offset(ri, outer_shape, outer_st);
@@ -74,36 +70,23 @@ fn gather_cpu(x: &[f32], offset: usize, shape: &[usize], st: &[usize]) -> Vec<f3
         }
     };
     if n < PAR_MIN {
-        y.chunks_mut(inner)
-            .enumerate()
-            .for_each(|(ri, o)| row(ri, o));
+        y.chunks_mut(inner).enumerate().for_each(|(ri, o)| row(ri, o));
     } else {
         let rows = (4096 / inner).max(1);
-        y.par_chunks_mut(rows * inner)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for (k, o) in chunk.chunks_mut(inner).enumerate() {
-                    row(c * rows + k, o);
-                }
-            });
+        y.par_chunks_mut(rows * inner).enumerate().for_each(|(c, chunk)| {
+            for (k, o) in chunk.chunks_mut(inner).enumerate() {
+                row(c * rows + k, o);
+            }
+        });
     }
     y
 }
 
 /// A contiguous tensor of `shape` read from `x` at `offset` with per-dim strides `st`.
-fn gather(
-    op: &'static str,
-    x: &Tensor,
-    offset: usize,
-    shape: &[usize],
-    st: &[usize],
-) -> Result<Tensor> {
+fn gather(op: &'static str, x: &Tensor, offset: usize, shape: &[usize], st: &[usize]) -> Result<Tensor> {
     let (csh, cst) = coalesce(shape, st);
     match x.device() {
-        Device::Cpu => Ok(Tensor::cpu(
-            gather_cpu(x.cpu_f32(op)?, offset, &csh, &cst),
-            shape,
-        )),
+        Device::Cpu => Ok(Tensor::cpu(gather_cpu(x.cpu_f32(op)?, offset, &csh, &cst), shape)),
         Device::Gpu(ctx) => {
             let out = Tensor::gpu_empty(&ctx, op, shape)?;
             let n = numel(shape);
@@ -119,13 +102,7 @@ fn gather(
                 shape: pack8(op, &csh)?,
                 strides: pack8(op, &cst)?,
             };
-            ctx.dispatch(
-                &COPY,
-                "gather",
-                &params,
-                &[x.gpu_buf(op)?, out.gpu_buf(op)?],
-                groups_for(&ctx, n),
-            )?;
+            ctx.dispatch(&COPY, "gather", &params, &[x.gpu_buf(op)?, out.gpu_buf(op)?], groups_for(&ctx, n))?;
             Ok(out)
         }
     }
@@ -133,11 +110,7 @@ fn gather(
 
 /// `t` as (outer, axis, inner) around `axis`.
 fn split3(shape: &[usize], axis: usize) -> (usize, usize, usize) {
-    (
-        numel(&shape[..axis]),
-        shape[axis],
-        numel(&shape[axis + 1..]),
-    )
+    (numel(&shape[..axis]), shape[axis], numel(&shape[axis + 1..]))
 }
 
 impl Tensor {
@@ -147,26 +120,16 @@ impl Tensor {
         self.ensure_f32(OP)?;
         let r = self.rank();
         let mut seen = vec![false; r];
-        let valid = perm.len() == r
-            && perm
-                .iter()
-                .all(|&p| p < r && !std::mem::replace(&mut seen[p], true));
+        let valid = perm.len() == r && perm.iter().all(|&p| p < r && !std::mem::replace(&mut seen[p], true));
         if !valid {
             return Err(Error::shape(
                 OP,
-                format!(
-                    "{perm:?} is not a permutation of the {r} dims of {:?}",
-                    self.shape()
-                ),
+                format!("{perm:?} is not a permutation of the {r} dims of {:?}", self.shape()),
             ));
         }
         let shape: Vec<usize> = perm.iter().map(|&p| self.shape()[p]).collect();
         // Only size-1 dims move: the element order is unchanged, so a reshape shares storage.
-        let moved: Vec<usize> = perm
-            .iter()
-            .copied()
-            .filter(|&p| self.shape()[p] != 1)
-            .collect();
+        let moved: Vec<usize> = perm.iter().copied().filter(|&p| self.shape()[p] != 1).collect();
         if moved.windows(2).all(|w| w[0] < w[1]) {
             return self.reshape_to(&shape);
         }
@@ -192,10 +155,7 @@ impl Tensor {
         if start.checked_add(len).is_none_or(|end| end > dim) {
             return Err(Error::shape(
                 OP,
-                format!(
-                    "range {start}..{start}+{len} out of bounds for axis {axis} of {:?}",
-                    self.shape()
-                ),
+                format!("range {start}..{start}+{len} out of bounds for axis {axis} of {:?}", self.shape()),
             ));
         }
         if len == dim {
@@ -203,13 +163,7 @@ impl Tensor {
         }
         let mut shape = self.shape().to_vec();
         shape[ax] = len;
-        let out = gather(
-            OP,
-            self,
-            start * inner,
-            &[outer, len, inner],
-            &[dim * inner, inner, 1],
-        )?;
+        let out = gather(OP, self, start * inner, &[outer, len, inner], &[dim * inner, inner, 1])?;
         out.reshape_to(&shape)
     }
 
@@ -224,15 +178,9 @@ impl Tensor {
         self.ensure_f32(OP)?;
         let src = self.shape();
         let ok = shape.len() >= src.len()
-            && src
-                .iter()
-                .zip(&shape[shape.len() - src.len()..])
-                .all(|(&s, &t)| s == t || s == 1);
+            && src.iter().zip(&shape[shape.len() - src.len()..]).all(|(&s, &t)| s == t || s == 1);
         if !ok {
-            return Err(Error::shape(
-                OP,
-                format!("{src:?} cannot be broadcast to {shape:?}"),
-            ));
+            return Err(Error::shape(OP, format!("{src:?} cannot be broadcast to {shape:?}")));
         }
         if numel(shape) == self.numel() {
             return self.reshape_to(shape);
@@ -251,17 +199,10 @@ impl Tensor {
             t.ensure_f32(OP)?;
             first.same_device(OP, t)?;
             let same = t.rank() == first.rank()
-                && t.shape()
-                    .iter()
-                    .zip(first.shape())
-                    .enumerate()
-                    .all(|(d, (a, b))| d == ax || a == b);
+                && t.shape().iter().zip(first.shape()).enumerate().all(|(d, (a, b))| d == ax || a == b);
             if !same {
                 let shapes: Vec<&[usize]> = tensors.iter().map(|t| t.shape()).collect();
-                return Err(Error::shape(
-                    OP,
-                    format!("shapes {shapes:?} differ outside axis {axis}"),
-                ));
+                return Err(Error::shape(OP, format!("shapes {shapes:?} differ outside axis {axis}")));
             }
         }
         if tensors.len() == 1 {
@@ -274,10 +215,8 @@ impl Tensor {
         let row = total * inner;
         match first.device() {
             Device::Cpu => {
-                let parts = tensors
-                    .iter()
-                    .map(|t| Ok((t.cpu_f32(OP)?, t.shape()[ax] * inner)))
-                    .collect::<Result<Vec<_>>>()?;
+                let parts =
+                    tensors.iter().map(|t| Ok((t.cpu_f32(OP)?, t.shape()[ax] * inner))).collect::<Result<Vec<_>>>()?;
                 let mut y = vec![0.0f32; outer * row];
                 if y.is_empty() {
                     return Ok(Tensor::cpu(y, &shape));
@@ -291,13 +230,9 @@ impl Tensor {
                 };
                 if y.len() >= PAR_MIN && outer > 1 {
                     use rayon::prelude::*;
-                    y.par_chunks_mut(row)
-                        .enumerate()
-                        .for_each(|(o, out)| fill(o, out));
+                    y.par_chunks_mut(row).enumerate().for_each(|(o, out)| fill(o, out));
                 } else {
-                    y.chunks_mut(row)
-                        .enumerate()
-                        .for_each(|(o, out)| fill(o, out));
+                    y.chunks_mut(row).enumerate().for_each(|(o, out)| fill(o, out));
                 }
                 Ok(Tensor::cpu(y, &shape))
             }
@@ -341,11 +276,5 @@ fn concat_part(
         shape: [0; 8],
         strides: [0; 8],
     };
-    ctx.dispatch(
-        &COPY,
-        "concat_part",
-        &params,
-        &[t.gpu_buf(OP)?, out.gpu_buf(OP)?],
-        groups_for(ctx, n),
-    )
+    ctx.dispatch(&COPY, "concat_part", &params, &[t.gpu_buf(OP)?, out.gpu_buf(OP)?], groups_for(ctx, n))
 }

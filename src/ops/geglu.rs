@@ -20,17 +20,11 @@ impl Tensor {
     pub fn geglu(&self) -> Result<Tensor> {
         const OP: &str = "geglu";
         self.ensure_f32(OP)?;
-        let two_c = *self
-            .shape()
-            .last()
-            .ok_or_else(|| Error::shape(OP, "needs at least one dim"))?;
+        let two_c = *self.shape().last().ok_or_else(|| Error::shape(OP, "needs at least one dim"))?;
         if two_c % 2 != 0 {
             return Err(Error::shape(
                 OP,
-                format!(
-                    "last dim of {:?} must be even (hidden and gate halves)",
-                    self.shape()
-                ),
+                format!("last dim of {:?} must be even (hidden and gate halves)", self.shape()),
             ));
         }
         let c = two_c / 2;
@@ -51,18 +45,8 @@ impl Tensor {
             }
             Device::Gpu(ctx) => {
                 let out = Tensor::gpu_empty(&ctx, OP, &shape)?;
-                let params = GegluParams {
-                    n: u32_of(OP, n)?,
-                    c: u32_of(OP, c)?,
-                    _pad: [0; 2],
-                };
-                ctx.dispatch(
-                    &GEGLU,
-                    "main",
-                    &params,
-                    &[self.gpu_buf(OP)?, out.gpu_buf(OP)?],
-                    groups_for(&ctx, n),
-                )?;
+                let params = GegluParams { n: u32_of(OP, n)?, c: u32_of(OP, c)?, _pad: [0; 2] };
+                ctx.dispatch(&GEGLU, "main", &params, &[self.gpu_buf(OP)?, out.gpu_buf(OP)?], groups_for(&ctx, n))?;
                 Ok(out)
             }
         }

@@ -47,18 +47,10 @@ pub fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
-    };
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs;
     // The bounds the unsafe call relies on.
-    assert!(
-        k == 0 || last(m, k, a.rs, a.cs) < a.data.len(),
-        "sgemm: A view out of bounds"
-    );
-    assert!(
-        k == 0 || last(k, n, b.rs, b.cs) < b.data.len(),
-        "sgemm: B view out of bounds"
-    );
+    assert!(k == 0 || last(m, k, a.rs, a.cs) < a.data.len(), "sgemm: A view out of bounds");
+    assert!(k == 0 || last(k, n, b.rs, b.cs) < b.data.len(), "sgemm: B view out of bounds");
     assert!(last(m, n, ldc, 1) < c.len(), "sgemm: C view out of bounds");
     if k == 0 {
         if !accumulate {
@@ -68,19 +60,41 @@ pub fn sgemm(
         }
         return;
     }
+    // SAFETY: every index the views can produce was checked against the slices above,
+    // and `c` is borrowed mutably, so it aliases neither input.
+    unsafe { sgemm_raw(m, n, k, a, b, c.as_mut_ptr(), ldc, accumulate, parallel) }
+}
+
+/// `sgemm` writing through a raw pointer, for callers whose tasks fill disjoint column
+/// blocks of one output (no overlapping `&mut` slices may exist for those).
+///
+/// # Safety
+/// `c` must be valid for writes at `i * ldc + j` for all i < m, j < n, and no other live
+/// reference may cover those elements; `a` and `b` must be in bounds as `sgemm` checks.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
     let par = if parallel && m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: every index the views can produce was checked against the slices above,
-    // and `c` is borrowed mutably, so it aliases neither input.
+    // SAFETY: the caller's contract above.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             ldc as isize,
             accumulate,
@@ -114,10 +128,7 @@ struct Plan {
 fn plan(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<Plan> {
     const OP: &str = "matmul";
     if a.len() < 2 || b.len() < 2 {
-        return Err(Error::shape(
-            OP,
-            format!("operands need at least 2 dims, got {a:?} and {b:?}"),
-        ));
+        return Err(Error::shape(OP, format!("operands need at least 2 dims, got {a:?} and {b:?}")));
     }
     let (ar, ac) = (a[a.len() - 2], a[a.len() - 1]);
     let (br, bc) = (b[b.len() - 2], b[b.len() - 1]);
@@ -140,20 +151,9 @@ fn plan(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<Plan> {
     } else if na == 1 && bb.len() >= ba.len() {
         bb.to_vec()
     } else {
-        return Err(Error::shape(
-            OP,
-            format!("batch dims of {a:?} and {b:?} must match or one side must have none"),
-        ));
+        return Err(Error::shape(OP, format!("batch dims of {a:?} and {b:?} must match or one side must have none")));
     };
-    Ok(Plan {
-        batch: batch_shape.iter().product(),
-        batch_shape,
-        m,
-        n,
-        k: ka,
-        a_batched: na > 1,
-        b_batched: nb > 1,
-    })
+    Ok(Plan { batch: batch_shape.iter().product(), batch_shape, m, n, k: ka, a_batched: na > 1, b_batched: nb > 1 })
 }
 
 impl Tensor {
@@ -182,24 +182,14 @@ impl Tensor {
                 let (a, b) = (self.cpu_f32(OP)?, other.cpu_f32(OP)?);
                 let mut c = vec![0.0f32; p.batch * m * n];
                 let one = |bi: usize, cb: &mut [f32], parallel: bool| {
-                    let av = MatRef {
-                        data: &a[bi * a_bs..],
-                        rs: a_rs,
-                        cs: a_cs,
-                    };
-                    let bv = MatRef {
-                        data: &b[bi * b_bs..],
-                        rs: b_rs,
-                        cs: b_cs,
-                    };
+                    let av = MatRef { data: &a[bi * a_bs..], rs: a_rs, cs: a_cs };
+                    let bv = MatRef { data: &b[bi * b_bs..], rs: b_rs, cs: b_cs };
                     sgemm(m, n, k, av, bv, cb, n, false, parallel);
                 };
                 let threads = rayon::current_num_threads();
                 if p.batch >= threads && m * n * k < 1 << 22 && m * n > 0 {
                     use rayon::prelude::*;
-                    c.par_chunks_mut(m * n)
-                        .enumerate()
-                        .for_each(|(bi, cb)| one(bi, cb, false));
+                    c.par_chunks_mut(m * n).enumerate().for_each(|(bi, cb)| one(bi, cb, false));
                 } else if m * n > 0 {
                     for (bi, cb) in c.chunks_mut(m * n).enumerate() {
                         one(bi, cb, true);

@@ -25,15 +25,11 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 /// Pads a dims list to the shaders' 8 slots.
 pub(crate) fn pack8(op: &'static str, v: &[usize]) -> Result<[u32; MAX_RANK]> {
     if v.len() > MAX_RANK {
-        return Err(Error::shape(
-            op,
-            format!("rank {} exceeds the maximum of {MAX_RANK}", v.len()),
-        ));
+        return Err(Error::shape(op, format!("rank {} exceeds the maximum of {MAX_RANK}", v.len())));
     }
     let mut out = [0u32; MAX_RANK];
     for (o, &x) in out.iter_mut().zip(v) {
-        *o =
-            u32::try_from(x).map_err(|_| Error::shape(op, format!("dimension {x} exceeds u32")))?;
+        *o = u32::try_from(x).map_err(|_| Error::shape(op, format!("dimension {x} exceeds u32")))?;
     }
     Ok(out)
 }
@@ -43,26 +39,13 @@ pub fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for i in 0..r {
-        let da = if i + a.len() >= r {
-            a[i + a.len() - r]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= r {
-            b[i + b.len() - r]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
             (x, 1) => x,
-            _ => {
-                return Err(Error::shape(
-                    op,
-                    format!("shapes {a:?} and {b:?} do not broadcast"),
-                ))
-            }
+            _ => return Err(Error::shape(op, format!("shapes {a:?} and {b:?} do not broadcast"))),
         };
     }
     Ok(out)
@@ -72,15 +55,7 @@ pub fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec
 pub(crate) fn broadcast_strides(src: &[usize], out: &[usize]) -> Vec<usize> {
     let s = crate::tensor::strides(src);
     let lead = out.len() - src.len();
-    (0..out.len())
-        .map(|i| {
-            if i < lead || src[i - lead] == 1 {
-                0
-            } else {
-                s[i - lead]
-            }
-        })
-        .collect()
+    (0..out.len()).map(|i| if i < lead || src[i - lead] == 1 { 0 } else { s[i - lead] }).collect()
 }
 
 /// Offset into a strided source of output element `i` of a contiguous `shape`.
@@ -116,12 +91,7 @@ pub(crate) fn groups_for(ctx: &crate::device::GpuContext, n: usize) -> [u32; 3] 
 
 /// The error for a u32 overflow of an element count, naming the op.
 pub(crate) fn u32_of(op: &'static str, n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| {
-        Error::shape(
-            op,
-            format!("{n} elements exceed the 2^32 index range of the shaders"),
-        )
-    })
+    u32::try_from(n).map_err(|_| Error::shape(op, format!("{n} elements exceed the 2^32 index range of the shaders")))
 }
 
 /// `exp` for f32 in straight-line arithmetic (Cephes' expf: range reduction by ln 2 in two
@@ -130,8 +100,17 @@ pub(crate) fn u32_of(op: &'static str, n: usize) -> Result<u32> {
 /// instead of overflowing to inf below -87.3 / above 88.7.
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
-    let x = x.clamp(-87.336_55, 88.722_83);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Selects rather than `clamp`, whose NaN rules keep LLVM from using vector min/max.
+    let x = if x < -87.336_55 { -87.336_55 } else { x };
+    let x = if x > 88.722_83 { 88.722_83 } else { x };
+    // Round to nearest by the 1.5 * 2^23 trick: `f32::round` is a libm call on baseline
+    // x86-64 (no SSE4.1), which would stop the loop from vectorising.
+    // The integer n sits in the low mantissa bits of `t + MAGIC`; reading it from there
+    // avoids `as i32`, whose saturating NaN checks also block vectorisation.
+    const MAGIC: f32 = 12_582_912.0;
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = shifted - MAGIC;
+    let ni = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -140,11 +119,50 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let p = p * r + 0.166_666_66;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    e * f32::from_bits(((ni + 127) as u32) << 23)
+}
+
+/// Sum with 8 independent accumulators: a single running sum is a chain of dependent adds
+/// that the compiler may not reorder, 4-8x slower on long rows.
+#[inline]
+pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+/// Max with 8 lanes, for the same reason; NaN-free inputs assumed (scores, activations).
+#[inline]
+pub(crate) fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lane_reductions_match_plain_ones() {
+        for n in [0usize, 1, 7, 8, 9, 100, 1027] {
+            let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.25).collect();
+            let plain: f64 = v.iter().map(|&x| x as f64).sum();
+            assert!((super::sum_lanes(&v) as f64 - plain).abs() < 1e-3, "{n}");
+            assert_eq!(super::max_lanes(&v), v.iter().cloned().fold(f32::NEG_INFINITY, f32::max), "{n}");
+        }
+    }
+
     #[test]
     fn fast_exp_is_within_a_few_ulp() {
         let mut worst = 0f64;

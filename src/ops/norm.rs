@@ -34,39 +34,21 @@ struct Layout {
 }
 
 /// Checks an optional per-channel affine tensor: f32, shape (C,), on the input's device.
-fn check_affine(
-    op: &'static str,
-    what: &str,
-    x: &Tensor,
-    t: Option<&Tensor>,
-    channels: usize,
-) -> Result<()> {
+fn check_affine(op: &'static str, what: &str, x: &Tensor, t: Option<&Tensor>, channels: usize) -> Result<()> {
     let Some(t) = t else { return Ok(()) };
     t.ensure_f32(op)?;
     x.same_device(op, t)?;
     if t.shape() != [channels] {
         return Err(Error::shape(
             op,
-            format!(
-                "{what} has shape {:?}, expected [{channels}] for input of shape {:?}",
-                t.shape(),
-                x.shape()
-            ),
+            format!("{what} has shape {:?}, expected [{channels}] for input of shape {:?}", t.shape(), x.shape()),
         ));
     }
     Ok(())
 }
 
 /// CPU twin for one row, in f64: mean, then the mean of squared deviations.
-fn norm_row(
-    x: &[f32],
-    y: &mut [f32],
-    c0: usize,
-    spatial: usize,
-    w: Option<&[f32]>,
-    b: Option<&[f32]>,
-    eps: f32,
-) {
+fn norm_row(x: &[f32], y: &mut [f32], c0: usize, spatial: usize, w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) {
     let n = x.len() as f64;
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
@@ -86,29 +68,16 @@ fn norm_row(
 
 impl Tensor {
     /// `F.layer_norm(x, (C,), weight, bias, eps)` over the last axis; `weight`, `bias`: (C,).
-    pub fn layer_norm(
-        &self,
-        weight: Option<&Tensor>,
-        bias: Option<&Tensor>,
-        eps: f32,
-    ) -> Result<Tensor> {
+    pub fn layer_norm(&self, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
         const NAME: &str = "layer_norm";
         self.ensure_f32(NAME)?;
         let Some(&c) = self.shape().last() else {
-            return Err(Error::shape(
-                NAME,
-                format!("needs rank >= 1, got shape {:?}", self.shape()),
-            ));
+            return Err(Error::shape(NAME, format!("needs rank >= 1, got shape {:?}", self.shape())));
         };
         check_affine(NAME, "weight", self, weight, c)?;
         check_affine(NAME, "bias", self, bias, c)?;
         let rows = self.numel().checked_div(c).unwrap_or(0);
-        let layout = Layout {
-            rows,
-            spatial: 1,
-            cpg: c,
-            groups: 1,
-        };
+        let layout = Layout { rows, spatial: 1, cpg: c, groups: 1 };
         self.norm_rows(NAME, layout, weight, bias, eps)
     }
 
@@ -125,10 +94,7 @@ impl Tensor {
         self.ensure_f32(NAME)?;
         let shape = self.shape();
         if shape.len() < 2 {
-            return Err(Error::shape(
-                NAME,
-                format!("expected input (N, C, *spatial), got shape {shape:?}"),
-            ));
+            return Err(Error::shape(NAME, format!("expected input (N, C, *spatial), got shape {shape:?}")));
         }
         let (n, c) = (shape[0], shape[1]);
         if groups == 0 || c % groups != 0 {
@@ -139,12 +105,7 @@ impl Tensor {
         }
         check_affine(NAME, "weight", self, weight, c)?;
         check_affine(NAME, "bias", self, bias, c)?;
-        let layout = Layout {
-            rows: n * groups,
-            spatial: shape[2..].iter().product(),
-            cpg: c / groups,
-            groups,
-        };
+        let layout = Layout { rows: n * groups, spatial: shape[2..].iter().product(), cpg: c / groups, groups };
         self.norm_rows(NAME, layout, weight, bias, eps)
     }
 

@@ -94,20 +94,15 @@ fn cpu_reduce(x: &[f32], outer: usize, len: usize, inner: usize, op: ReduceOp) -
             // Few long rows: split each row; partials are combined in order, so results are
             // the same for any thread count.
             for (o, out) in y.iter_mut().enumerate() {
-                let parts: Vec<f64> = x[o * len..(o + 1) * len]
-                    .par_chunks(CPU_CHUNK)
-                    .map(|c| fold_slice(c, op))
-                    .collect();
+                let parts: Vec<f64> =
+                    x[o * len..(o + 1) * len].par_chunks(CPU_CHUNK).map(|c| fold_slice(c, op)).collect();
                 *out = finish(parts.into_iter().fold(init(op), |a, v| fold(a, v, op)));
             }
         } else {
             let row = |o: usize| finish(fold_slice(&x[o * len..(o + 1) * len], op));
             if par {
                 let min_rows = (PAR_MIN / len.max(1)).max(1);
-                y.par_iter_mut()
-                    .enumerate()
-                    .with_min_len(min_rows)
-                    .for_each(|(o, v)| *v = row(o));
+                y.par_iter_mut().enumerate().with_min_len(min_rows).for_each(|(o, v)| *v = row(o));
             } else {
                 y.iter_mut().enumerate().for_each(|(o, v)| *v = row(o));
             }
@@ -129,16 +124,12 @@ fn cpu_reduce(x: &[f32], outer: usize, len: usize, inner: usize, op: ReduceOp) -
     };
     if par {
         y.par_chunks_mut(inner).enumerate().for_each(|(o, yr)| {
-            yr.par_chunks_mut(CPU_COLS)
-                .enumerate()
-                .for_each(|(b, seg)| block(o, b * CPU_COLS, seg))
+            yr.par_chunks_mut(CPU_COLS).enumerate().for_each(|(b, seg)| block(o, b * CPU_COLS, seg))
         });
     } else {
-        y.chunks_mut(inner).enumerate().for_each(|(o, yr)| {
-            yr.chunks_mut(CPU_COLS)
-                .enumerate()
-                .for_each(|(b, seg)| block(o, b * CPU_COLS, seg))
-        });
+        y.chunks_mut(inner)
+            .enumerate()
+            .for_each(|(o, yr)| yr.chunks_mut(CPU_COLS).enumerate().for_each(|(b, seg)| block(o, b * CPU_COLS, seg)));
     }
     y
 }
@@ -151,10 +142,7 @@ impl Tensor {
         let a = self.axis(name, axis)?;
         let shape = self.shape();
         if op == ReduceOp::Max && shape[a] == 0 {
-            return Err(Error::shape(
-                name,
-                format!("axis {axis} of shape {shape:?} is empty"),
-            ));
+            return Err(Error::shape(name, format!("axis {axis} of shape {shape:?} is empty")));
         }
         let outer: usize = shape[..a].iter().product();
         let inner: usize = shape[a + 1..].iter().product();
@@ -196,12 +184,7 @@ impl Tensor {
         self.ensure_f32(NAME)?;
         let src = self.shape();
         let bad = || {
-            Error::shape(
-                NAME,
-                format!(
-                    "cannot sum {src:?} to {target:?}: {target:?} does not broadcast to {src:?}"
-                ),
-            )
+            Error::shape(NAME, format!("cannot sum {src:?} to {target:?}: {target:?} does not broadcast to {src:?}"))
         };
         if target.len() > src.len() {
             return Err(bad());
@@ -292,13 +275,7 @@ impl Tensor {
                     let part = Tensor::gpu_empty(&ctx, name, &[outer, nchunks])?; // (outer, nchunks)
                     let p1 = params(outer, len, 1, GPU_CHUNK, nchunks, 1.0)?;
                     let bufs = [self.gpu_buf(name)?, part.gpu_buf(name)?];
-                    ctx.dispatch(
-                        &REDUCE,
-                        "rows",
-                        &p1,
-                        &bufs,
-                        ctx.grid((outer * nchunks) as u64),
-                    )?;
+                    ctx.dispatch(&REDUCE, "rows", &p1, &bufs, ctx.grid((outer * nchunks) as u64))?;
                     let p2 = params(outer, nchunks, 1, nchunks, 1, scale)?;
                     let bufs = [part.gpu_buf(name)?, out.gpu_buf(name)?];
                     ctx.dispatch(&REDUCE, "rows", &p2, &bufs, ctx.grid(outer as u64))?;

@@ -34,10 +34,7 @@ impl Tensor {
         const NAME: &str = "softmax_last";
         self.ensure_f32(NAME)?;
         let Some(&cols) = self.shape().last() else {
-            return Err(Error::shape(
-                NAME,
-                format!("needs rank >= 1, got shape {:?}", self.shape()),
-            ));
+            return Err(Error::shape(NAME, format!("needs rank >= 1, got shape {:?}", self.shape())));
         };
         let n = self.numel();
         let rows = n.checked_div(cols).unwrap_or(0);
@@ -53,9 +50,7 @@ impl Tensor {
                             .with_min_len(min_rows.max(1))
                             .for_each(|(yr, xr)| softmax_row(xr, yr));
                     } else {
-                        y.chunks_mut(cols)
-                            .zip(x.chunks(cols))
-                            .for_each(|(yr, xr)| softmax_row(xr, yr));
+                        y.chunks_mut(cols).zip(x.chunks(cols)).for_each(|(yr, xr)| softmax_row(xr, yr));
                     }
                 }
                 Ok(Tensor::cpu(y, self.shape()))
@@ -65,11 +60,7 @@ impl Tensor {
                 if n == 0 {
                     return Ok(out);
                 }
-                let params = SoftmaxParams {
-                    rows: u32_of(NAME, rows)?,
-                    cols: u32_of(NAME, cols)?,
-                    _pad: [0; 2],
-                };
+                let params = SoftmaxParams { rows: u32_of(NAME, rows)?, cols: u32_of(NAME, cols)?, _pad: [0; 2] };
                 u32_of(NAME, n)?;
                 let bufs = [self.gpu_buf(NAME)?, out.gpu_buf(NAME)?];
                 ctx.dispatch(&SOFTMAX, "main", &params, &bufs, ctx.grid(rows as u64))?;

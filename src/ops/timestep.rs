@@ -23,9 +23,7 @@ pub struct TimestepParams {
 fn frequencies(half: usize, downscale_freq_shift: f32, max_period: f32) -> Vec<f32> {
     let scale = -(max_period as f64).ln() as f32;
     let denom = (half as f64 - downscale_freq_shift as f64) as f32;
-    (0..half)
-        .map(|j| (scale * j as f32 / denom).exp())
-        .collect()
+    (0..half).map(|j| (scale * j as f32 / denom).exp()).collect()
 }
 
 impl Tensor {
@@ -44,10 +42,7 @@ impl Tensor {
         const OP: &str = "timestep_embedding";
         timesteps.ensure_f32(OP)?;
         let &[n] = timesteps.shape() else {
-            return Err(Error::shape(
-                OP,
-                format!("timesteps {:?} must be 1-D (N,)", timesteps.shape()),
-            ));
+            return Err(Error::shape(OP, format!("timesteps {:?} must be 1-D (N,)", timesteps.shape())));
         };
         let half = dim / 2;
         let freq = frequencies(half, downscale_freq_shift, max_period);

@@ -85,9 +85,7 @@ impl UnaryOp {
             Rsqrt => 1.0 / v.sqrt(),
             Silu => v * sigmoid(v),
             GeluErf => 0.5 * v * (1.0 + erf(v * std::f64::consts::FRAC_1_SQRT_2)),
-            GeluTanh => {
-                0.5 * v * (1.0 + (0.797_884_560_802_865_4 * (v + 0.044715 * v * v * v)).tanh())
-            }
+            GeluTanh => 0.5 * v * (1.0 + (0.797_884_560_802_865_4 * (v + 0.044715 * v * v * v)).tanh()),
             QuickGelu => v * sigmoid(1.702 * v),
             Sigmoid => sigmoid(v),
             Tanh => v.tanh(),
@@ -113,10 +111,8 @@ pub(crate) fn sigmoid(v: f64) -> f64 {
 pub fn erf(v: f64) -> f64 {
     let z = v.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let poly = t
-        * (0.254_829_592
-            + t * (-0.284_496_736
-                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let poly =
+        t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
     (1.0 - poly * (-z * z).exp()).copysign(v)
 }
 
@@ -134,12 +130,7 @@ impl Tensor {
             Device::Gpu(ctx) => {
                 let out = Tensor::gpu_empty(&ctx, "unary", self.shape())?;
                 let (code, a, b) = op.code();
-                let params = UnaryParams {
-                    n: u32_of("unary", n)?,
-                    op: code,
-                    a,
-                    b,
-                };
+                let params = UnaryParams { n: u32_of("unary", n)?, op: code, a, b };
                 ctx.dispatch(
                     &UNARY,
                     "main",

@@ -29,16 +29,10 @@ impl Tensor {
         const OP: &str = "upsample_nearest";
         self.ensure_f32(OP)?;
         let &[n, c, h, w] = self.shape() else {
-            return Err(Error::shape(
-                OP,
-                format!("input {:?} must be (N, C, H, W)", self.shape()),
-            ));
+            return Err(Error::shape(OP, format!("input {:?} must be (N, C, H, W)", self.shape())));
         };
         if fh == 0 || fw == 0 {
-            return Err(Error::shape(
-                OP,
-                format!("factors ({fh}, {fw}) must be positive"),
-            ));
+            return Err(Error::shape(OP, format!("factors ({fh}, {fw}) must be positive")));
         }
         let (oh, ow) = (h * fh, w * fw);
         let shape = [n, c, oh, ow];
@@ -60,9 +54,7 @@ impl Tensor {
                 };
                 if total >= PAR_MIN {
                     use rayon::prelude::*;
-                    y.par_chunks_mut(ow)
-                        .enumerate()
-                        .for_each(|(r, o)| row(r, o));
+                    y.par_chunks_mut(ow).enumerate().for_each(|(r, o)| row(r, o));
                 } else {
                     y.chunks_mut(ow).enumerate().for_each(|(r, o)| row(r, o));
                 }

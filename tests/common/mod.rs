@@ -40,24 +40,14 @@ pub fn numel(shape: &[usize]) -> usize {
 
 /// Relative error as max|got - want| / max|want|: scale-free, and not fooled by tiny entries.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    let scale = want
-        .iter()
-        .fold(0f64, |m, &w| m.max((w as f64).abs()))
-        .max(1e-30);
-    let max_abs = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
+    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs())).max(1e-30);
+    let max_abs = got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
     max_abs / scale
 }
 
 #[track_caller]
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: lengths differ (seed {seed})"
-    );
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ (seed {seed})");
     assert!(!want.is_empty(), "{what}: empty reference (seed {seed})");
     assert!(
         want.iter().any(|&w| w != 0.0),
@@ -65,25 +55,10 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64, seed: u64) 
     );
     let nan_got = got.iter().any(|v| v.is_nan());
     let nan_want = want.iter().any(|v| v.is_nan());
-    assert_eq!(
-        nan_got, nan_want,
-        "{what}: NaN in one result only (seed {seed})"
-    );
-    let max_abs = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
-    let power: f64 = want
-        .iter()
-        .map(|&w| (w as f64).powi(2))
-        .sum::<f64>()
-        .max(1e-30);
-    let nmse = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
-        .sum::<f64>()
-        / power;
+    assert_eq!(nan_got, nan_want, "{what}: NaN in one result only (seed {seed})");
+    let max_abs = got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
+    let power: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>().max(1e-30);
+    let nmse = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum::<f64>() / power;
     let rel = rel_err(got, want);
     assert!(
         rel <= tol,
@@ -101,34 +76,14 @@ pub fn gpu_vs_cpu(
     inputs: &[(Vec<f32>, Vec<usize>)],
     f: impl Fn(&[Tensor]) -> vipo::Result<Tensor>,
 ) -> Tensor {
-    let cpu_in: Vec<Tensor> = inputs
-        .iter()
-        .map(|(v, s)| Tensor::from_slice(v, s, &Device::Cpu).unwrap())
-        .collect();
+    let cpu_in: Vec<Tensor> = inputs.iter().map(|(v, s)| Tensor::from_slice(v, s, &Device::Cpu).unwrap()).collect();
     let want = f(&cpu_in).unwrap_or_else(|e| panic!("{what} on cpu: {e} (seed {seed})"));
     if let Some(g) = gpu() {
-        let gin: Vec<Tensor> = inputs
-            .iter()
-            .map(|(v, s)| Tensor::from_slice(v, s, &g).unwrap())
-            .collect();
+        let gin: Vec<Tensor> = inputs.iter().map(|(v, s)| Tensor::from_slice(v, s, &g).unwrap()).collect();
         let got = f(&gin).unwrap_or_else(|e| panic!("{what} on gpu: {e} (seed {seed})"));
-        assert_eq!(
-            got.shape(),
-            want.shape(),
-            "{what}: shapes differ (seed {seed})"
-        );
-        assert!(
-            got.device() == g,
-            "{what}: GPU op returned a tensor on {}",
-            got.device()
-        );
-        assert_close(
-            &format!("{what} gpu vs cpu"),
-            &got.to_vec().unwrap(),
-            &want.to_vec().unwrap(),
-            tol,
-            seed,
-        );
+        assert_eq!(got.shape(), want.shape(), "{what}: shapes differ (seed {seed})");
+        assert!(got.device() == g, "{what}: GPU op returned a tensor on {}", got.device());
+        assert_close(&format!("{what} gpu vs cpu"), &got.to_vec().unwrap(), &want.to_vec().unwrap(), tol, seed);
     }
     want
 }
@@ -147,8 +102,8 @@ pub fn erf_ref(x: f64) -> f64 {
         sum * 2.0 / std::f64::consts::PI.sqrt()
     } else {
         let z2 = z * z;
-        let series = 1.0 - 1.0 / (2.0 * z2) + 3.0 / (4.0 * z2 * z2) - 15.0 / (8.0 * z2 * z2 * z2)
-            + 105.0 / (16.0 * z2.powi(4));
+        let series =
+            1.0 - 1.0 / (2.0 * z2) + 3.0 / (4.0 * z2 * z2) - 15.0 / (8.0 * z2 * z2 * z2) + 105.0 / (16.0 * z2.powi(4));
         1.0 - (-z2).exp() / (z * std::f64::consts::PI.sqrt()) * series
     };
     r.copysign(x)
