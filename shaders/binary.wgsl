@@ -24,6 +24,7 @@ fn apply(op: u32, u: f32, v: f32) -> f32 {
         case 3u: { return u / v; }
         case 4u: { return max(u, v); }
         case 5u: { return min(u, v); }
+        case 6u: { return select(0.0, 1.0, u >= v); }
         default: { return u; }
     }
 }

@@ -1,9 +1,25 @@
-// 2D convolution (NCHW, zero padding, dilation 1, groups 1) as an implicit GEMM per image:
-// Y[n] (Cout, OH*OW) = W (Cout, K) x im2col(X[n]) (K, OH*OW), K = Cin*KH*KW, image n = wid.z.
-// Tiling as matmul.wgsl: 64x64 output tile per workgroup of 16x16 threads, 4x4 outputs per
-// thread, K in steps of 16; the B tile loader computes the im2col element on the fly, so the
-// im2col matrix is never stored. Workgroup storage: 2 * 16 * 64 * 4 = 8 KiB.
-// Two entry points (with and without bias) because each must use exactly the buffers bound.
+// 2D convolution (NCHW, zero padding, dilation 1, groups 1) and its two backward GEMMs, all
+// as implicit GEMMs on matmul.wgsl's tiling: a 64x64 output tile per workgroup of 16x16
+// threads, 4x4 outputs per thread, the reduction in steps of 16, and tiles built in
+// workgroup memory straight from the tensors (no im2col matrix is ever stored).
+// Workgroup storage: 2 * 16 * 64 * 4 = 8 KiB.
+//
+// main / main_nobias:  Y[n] (Cout, OH*OW) = W (Cout, K) x im2col(X[n]) (K, OH*OW), K = Cin*KH*KW,
+//                      image n = wid.z. Two entry points because each must use exactly the
+//                      buffers bound.
+// grad_input:          dX[n] (Cin, H*W) = W^T x cols(dY[n]): the transposed convolution,
+//                      gathering from dY. Pixels are split into stride phases (wid.z = image *
+//                      SH*SW + phase) so each workgroup only walks the kernel taps that reach
+//                      its phase: no multiplications by the zeros a strided conv leaves.
+// grad_weight:         dW (Cout, K) = sum over images and pixels of dY (Cout, N*OH*OW) x
+//                      im2col(X)^T; wid.z = split s sums reduction elements [s*chunk, ...)
+//                      into its own (Cout, K) slice, which the host adds up when splits > 1.
+//
+// Buffers per entry point (binding 0 is Params):
+//   main, main_nobias: in1 = X (N, Cin, H, W), in2 = W (Cout, Cin, KH, KW), dst = Y (N, Cout, OH, OW),
+//                      bias (Cout), main only
+//   grad_input:        in1 = dY (N, Cout, OH, OW), in2 = W, dst = dX (N, Cin, H, W)
+//   grad_weight:       in1 = X, in2 = dY, dst = dW partials (splits, Cout, K)
 
 struct Params {
     cin: u32,
@@ -20,15 +36,15 @@ struct Params {
     pw: u32,
     k: u32,      // Cin * KH * KW
     ncol: u32,   // OH * OW
-    _pad0: u32,
-    _pad1: u32,
+    n: u32,      // images (grad_weight)
+    chunk: u32,  // reduction elements per split (grad_weight)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;        // (N, Cin, H, W)
-@group(0) @binding(2) var<storage, read> wt: array<f32>;       // (Cout, Cin, KH, KW) = (Cout, K)
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;  // (N, Cout, OH, OW)
-@group(0) @binding(4) var<storage, read> bias: array<f32>;     // (Cout), `main` only
+@group(0) @binding(1) var<storage, read> in1: array<f32>;
+@group(0) @binding(2) var<storage, read> in2: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -37,7 +53,24 @@ const TK: u32 = 16u;
 var<workgroup> a_tile: array<f32, 1024>;  // [TK][TM]
 var<workgroup> b_tile: array<f32, 1024>;  // [TK][TN]
 
-// The 4x4 accumulators of this thread; output (row0 + lid.y + 16i, col0 + lid.x + 16j) at i*4+j.
+// One reduction step of 16 on the loaded tiles; acc[i*4+j] is output
+// (row0 + lid.y + 16i, col0 + lid.x + 16j).
+fn tile_step(lid: vec3<u32>, acc: ptr<function, array<f32, 16>>) {
+    for (var kk = 0u; kk < TK; kk++) {
+        var ar: array<f32, 4>;
+        var br: array<f32, 4>;
+        for (var i = 0u; i < 4u; i++) {
+            ar[i] = a_tile[kk * TM + lid.y + 16u * i];
+            br[i] = b_tile[kk * TN + lid.x + 16u * i];
+        }
+        for (var i = 0u; i < 4u; i++) {
+            for (var j = 0u; j < 4u; j++) {
+                (*acc)[i * 4u + j] = fma(ar[i], br[j], (*acc)[i * 4u + j]);
+            }
+        }
+    }
+}
+
 fn conv_tile(wid: vec3<u32>, lid: vec3<u32>) -> array<f32, 16> {
     let row0 = wid.y * TM;
     let col0 = wid.x * TN;
@@ -63,7 +96,7 @@ fn conv_tile(wid: vec3<u32>, lid: vec3<u32>) -> array<f32, 16> {
             let kk = idx % TK;
             var va = 0.0;
             if row0 + r < p.cout && k0 + kk < p.k {
-                va = wt[(row0 + r) * p.k + k0 + kk];
+                va = in2[(row0 + r) * p.k + k0 + kk];
             }
             a_tile[kk * TM + r] = va;
             let kb = idx / TN;
@@ -75,25 +108,13 @@ fn conv_tile(wid: vec3<u32>, lid: vec3<u32>) -> array<f32, 16> {
                 let iy = iy0 + i32(rem / p.kw);
                 let ix = ix0 + i32(rem % p.kw);
                 if iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w) {
-                    vb = x[x_base + (ci * p.h + u32(iy)) * p.w + u32(ix)];
+                    vb = in1[x_base + (ci * p.h + u32(iy)) * p.w + u32(ix)];
                 }
             }
             b_tile[kb * TN + cc] = vb;
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < TK; kk++) {
-            var ar: array<f32, 4>;
-            var br: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                ar[i] = a_tile[kk * TM + lid.y + 16u * i];
-                br[i] = b_tile[kk * TN + lid.x + 16u * i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i * 4u + j] = fma(ar[i], br[j], acc[i * 4u + j]);
-                }
-            }
-        }
+        tile_step(lid, &acc);
         workgroupBarrier();
     }
     return acc;
@@ -112,7 +133,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         for (var j = 0u; j < 4u; j++) {
             let col = wid.x * TN + lid.x + 16u * j;
             if col < p.ncol {
-                y[y_base + row * p.ncol + col] = acc[i * 4u + j] + b;
+                dst[y_base + row * p.ncol + col] = acc[i * 4u + j] + b;
             }
         }
     }
@@ -127,7 +148,163 @@ fn main_nobias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         for (var j = 0u; j < 4u; j++) {
             let col = wid.x * TN + lid.x + 16u * j;
             if row < p.cout && col < p.ncol {
-                y[y_base + row * p.ncol + col] = acc[i * 4u + j];
+                dst[y_base + row * p.ncol + col] = acc[i * 4u + j];
+            }
+        }
+    }
+}
+
+// Rows of the tile are input channels ci, columns the pixels of one stride phase: input
+// pixels (iy, ix) with (iy + PH) % SH = ry and (ix + PW) % SW = rx. Exactly the taps
+// ky = ry + SH*jy, kx = rx + SW*jx reach them, from output pixel
+// ((iy + PH - ry) / SH - jy, (ix + PW - rx) / SW - jx). Reduction index = (tap, co).
+@compute @workgroup_size(16, 16)
+fn grad_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let phases = p.sh * p.sw;
+    let img = wid.z / phases;
+    let ry = (wid.z % phases) / p.sw;
+    let rx = wid.z % p.sw;
+    // First input row/column of the phase, and how many it has.
+    let iy_first = (ry + p.sh - p.ph % p.sh) % p.sh;
+    let ix_first = (rx + p.sw - p.pw % p.sw) % p.sw;
+    let ny = select(0u, (p.h - iy_first + p.sh - 1u) / p.sh, iy_first < p.h);
+    let nx = select(0u, (p.w - ix_first + p.sw - 1u) / p.sw, ix_first < p.w);
+    let ncols = ny * nx;
+    let row0 = wid.y * TM;
+    let col0 = wid.x * TN;
+    // The grid covers the largest phase; workgroups past this one's pixels have nothing to do.
+    if col0 >= ncols {
+        return;
+    }
+    let nky = select(0u, (p.kh - ry + p.sh - 1u) / p.sh, ry < p.kh);
+    let nkx = select(0u, (p.kw - rx + p.sw - 1u) / p.sw, rx < p.kw);
+    let csteps = (p.cout + TK - 1u) / TK;
+    let steps = nky * nkx * csteps;
+    let khw = p.kh * p.kw;
+    let tid = lid.y * 16u + lid.x;
+    // B tile column tid % 64 is this thread's at every step.
+    let cc = tid % TN;
+    let col = col0 + cc;
+    let col_ok = col < ncols;
+    let iy = iy_first + (col / max(nx, 1u)) * p.sh;
+    let ix = ix_first + (col % max(nx, 1u)) * p.sw;
+    let oy_base = i32((iy + p.ph - ry) / p.sh);
+    let ox_base = i32((ix + p.pw - rx) / p.sw);
+    let dy_base = img * p.cout * p.ncol;
+    var acc: array<f32, 16>;
+    for (var i = 0u; i < 16u; i++) {
+        acc[i] = 0.0;
+    }
+    for (var s = 0u; s < steps; s++) {
+        let tap = s / csteps;
+        let c0 = (s % csteps) * TK;
+        let jy = tap / nkx;
+        let jx = tap % nkx;
+        let kyx = (ry + jy * p.sh) * p.kw + rx + jx * p.sw;
+        let oy = oy_base - i32(jy);
+        let ox = ox_base - i32(jx);
+        let pix_ok = col_ok && oy >= 0 && oy < i32(p.oh) && ox >= 0 && ox < i32(p.ow);
+        for (var e = 0u; e < 4u; e++) {
+            let idx = tid + e * 256u;
+            // A[ci, co] = W[co, ci, ky, kx]
+            let r = idx % TM;
+            let kk = idx / TM;
+            var va = 0.0;
+            if row0 + r < p.cin && c0 + kk < p.cout {
+                va = in2[((c0 + kk) * p.cin + row0 + r) * khw + kyx];
+            }
+            a_tile[kk * TM + r] = va;
+            // B[co, pixel] = dY[img, co, oy, ox]
+            let kb = idx / TN;
+            var vb = 0.0;
+            if pix_ok && c0 + kb < p.cout {
+                vb = in1[dy_base + (c0 + kb) * p.ncol + u32(oy) * p.ow + u32(ox)];
+            }
+            b_tile[kb * TN + cc] = vb;
+        }
+        workgroupBarrier();
+        tile_step(lid, &acc);
+        workgroupBarrier();
+    }
+    let x_base = img * p.cin * p.h * p.w;
+    for (var j = 0u; j < 4u; j++) {
+        let c = col0 + lid.x + 16u * j;
+        if c >= ncols {
+            continue;
+        }
+        let py = iy_first + (c / nx) * p.sh;
+        let px = ix_first + (c % nx) * p.sw;
+        for (var i = 0u; i < 4u; i++) {
+            let row = row0 + lid.y + 16u * i;
+            if row < p.cin {
+                dst[x_base + (row * p.h + py) * p.w + px] = acc[i * 4u + j];
+            }
+        }
+    }
+}
+
+// Rows of the tile are output channels co, columns the K index (ci, ky, kx), the reduction
+// runs over (image, output pixel). Loads are laid out so that 16 neighbouring threads read
+// 16 neighbouring pixels of dY and of X.
+@compute @workgroup_size(16, 16)
+fn grad_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row0 = wid.y * TM;
+    let col0 = wid.x * TN;
+    let tid = lid.y * 16u + lid.x;
+    let khw = p.kh * p.kw;
+    let total = p.n * p.ncol;
+    let r_begin = wid.z * p.chunk;
+    let r_end = min(r_begin + p.chunk, total);
+    // The 4 K columns this thread loads (one per e), decoded once.
+    var kci: array<u32, 4>;
+    var kky: array<u32, 4>;
+    var kkx: array<u32, 4>;
+    for (var e = 0u; e < 4u; e++) {
+        let kc = col0 + (tid + e * 256u) / TK;
+        kci[e] = kc / khw;
+        kky[e] = (kc % khw) / p.kw;
+        kkx[e] = kc % p.kw;
+    }
+    var acc: array<f32, 16>;
+    for (var i = 0u; i < 16u; i++) {
+        acc[i] = 0.0;
+    }
+    for (var r0 = r_begin; r0 < r_end; r0 += TK) {
+        for (var e = 0u; e < 4u; e++) {
+            let idx = tid + e * 256u;
+            let kk = idx % TK;
+            let c = idx / TK;
+            let r = r0 + kk;
+            let img = r / max(p.ncol, 1u);
+            let pix = r % max(p.ncol, 1u);
+            // A[co, r] = dY[img, co, pix]
+            var va = 0.0;
+            if r < r_end && row0 + c < p.cout {
+                va = in2[(img * p.cout + row0 + c) * p.ncol + pix];
+            }
+            a_tile[kk * TM + c] = va;
+            // B[r, k] = X[img, ci, oy*SH + ky - PH, ox*SW + kx - PW], 0 in the padding
+            var vb = 0.0;
+            if r < r_end && col0 + c < p.k {
+                let iy = i32((pix / p.ow) * p.sh + kky[e]) - i32(p.ph);
+                let ix = i32((pix % p.ow) * p.sw + kkx[e]) - i32(p.pw);
+                if iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w) {
+                    vb = in1[((img * p.cin + kci[e]) * p.h + u32(iy)) * p.w + u32(ix)];
+                }
+            }
+            b_tile[kk * TN + c] = vb;
+        }
+        workgroupBarrier();
+        tile_step(lid, &acc);
+        workgroupBarrier();
+    }
+    let base = wid.z * p.cout * p.k;
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + lid.y + 16u * i;
+        for (var j = 0u; j < 4u; j++) {
+            let col = col0 + lid.x + 16u * j;
+            if row < p.cout && col < p.k {
+                dst[base + row * p.k + col] = acc[i * 4u + j];
             }
         }
     }

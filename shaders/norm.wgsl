@@ -2,6 +2,9 @@
 // workgroup per row. Group norm rows are (n, g) of an (N, C, S) input, `cpg` channels of `spatial`
 // elements each; layer norm is the case groups = 1, spatial = 1, cpg = C.
 // Mean first, then the variance as the mean of squared deviations (two passes, biased).
+// `backward` recomputes the row's statistics from x and writes
+//   dx = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh)),  dxh = dy * w,  xh = (x - mean) * rstd,
+// and, when `want_g` is set, g = dy * xh, which the host sums into the weight's gradient.
 
 struct Params {
     rows: u32,     // normalised rows: N * groups, or the product of all dims but the last
@@ -10,17 +13,25 @@ struct Params {
     cpg: u32,      // channels per row
     groups: u32,   // rows per sample, for the channel of an element
     has_w: u32,    // 1: multiply by w[channel]
-    has_b: u32,    // 1: add b[channel]
+    has_b: u32,    // forward, 1: add b[channel]
     eps: f32,
+    want_g: u32,   // backward, 1: write dy * xh to `g`
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;        // (rows, row_len)
 @group(0) @binding(2) var<storage, read> w: array<f32>;        // (C), or x when absent
-@group(0) @binding(3) var<storage, read> b: array<f32>;        // (C), or x when absent
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;  // (rows, row_len)
+// Forward: the bias (C), or x when absent. Backward: dy (rows, row_len). One binding serves
+// both because the host binds buffers to consecutive slots.
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;  // (rows, row_len); backward: dx
+@group(0) @binding(5) var<storage, read_write> g: array<f32>;  // backward: (rows, row_len), or 1 when !want_g
 
 var<workgroup> red: array<f32, 256>;
+var<workgroup> red2: array<vec2<f32>, 256>;
 
 // Tree sum over the workgroup; the trailing barrier lets the next call reuse `red`.
 fn block_sum(lid: u32, v: f32) -> f32 {
@@ -37,18 +48,26 @@ fn block_sum(lid: u32, v: f32) -> f32 {
     return r;
 }
 
-@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-    let r = wid.y * nwg.x + wid.x;
-    if r >= p.rows {
-        return;
+// Two sums at once, for the backward's two row reductions.
+fn block_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    red2[lid] = v;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if lid < s {
+            red2[lid] += red2[lid + s];
+        }
+        workgroupBarrier();
     }
-    let start = r * p.row_len;
+    let r = red2[0];
+    workgroupBarrier();
+    return r;
+}
+
+// Mean (relative to `pivot`) and rstd of row `start`. Working relative to the row's first
+// element: x - pivot is exact for nearby values, so a large common offset (values around 1000)
+// loses nothing in the mean or the deviations.
+fn row_stats(lid: u32, start: u32, pivot: f32) -> vec2<f32> {
     let n = f32(p.row_len);
-    // Work relative to the row's first element: x - pivot is exact for nearby values, so a
-    // large common offset (values around 1000) loses nothing in the mean or the deviations.
-    let pivot = x[start];
     var s = 0.0;
     for (var j = lid; j < p.row_len; j += 256u) {
         s += x[start + j] - pivot;
@@ -60,9 +79,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         q += d * d;
     }
     let rstd = inverseSqrt(block_sum(lid, q) / n + p.eps);
+    return vec2<f32>(mean, rstd);
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * nwg.x + wid.x;
+    if r >= p.rows {
+        return;
+    }
+    let start = r * p.row_len;
+    let pivot = x[start];
+    let st = row_stats(lid, start, pivot);
     let c0 = (r % p.groups) * p.cpg;
     for (var j = lid; j < p.row_len; j += 256u) {
-        var v = ((x[start + j] - pivot) - mean) * rstd;
+        var v = ((x[start + j] - pivot) - st.x) * st.y;
         let c = c0 + j / p.spatial;
         if p.has_w == 1u {
             v *= w[c];
@@ -71,5 +103,41 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             v += b[c];
         }
         y[start + j] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * nwg.x + wid.x;
+    if r >= p.rows {
+        return;
+    }
+    let start = r * p.row_len;
+    let pivot = x[start];
+    let st = row_stats(lid, start, pivot);
+    let c0 = (r % p.groups) * p.cpg;
+    // sums of dxh and dxh * xh over the row
+    var acc = vec2<f32>(0.0, 0.0);
+    for (var j = lid; j < p.row_len; j += 256u) {
+        let xh = ((x[start + j] - pivot) - st.x) * st.y;
+        var dxh = b[start + j];
+        if p.has_w == 1u {
+            dxh *= w[c0 + j / p.spatial];
+        }
+        acc += vec2<f32>(dxh, dxh * xh);
+    }
+    let m = block_sum2(lid, acc) / f32(p.row_len);
+    for (var j = lid; j < p.row_len; j += 256u) {
+        let xh = ((x[start + j] - pivot) - st.x) * st.y;
+        let d = b[start + j];
+        var dxh = d;
+        if p.has_w == 1u {
+            dxh *= w[c0 + j / p.spatial];
+        }
+        y[start + j] = st.y * (dxh - m.x - xh * m.y);
+        if p.want_g == 1u {
+            g[start + j] = d * xh;
+        }
     }
 }

@@ -1,4 +1,5 @@
 // Numerically stable softmax over the last axis: y = exp(x - max) / sum(exp(x - max)).
+// `backward`: dx = y * (dy - sum(dy * y)) per row, with y at binding 1 and dx written to binding 2.
 // One workgroup per row; rows beyond 65535 come through the 2-D grid.
 
 struct Params {
@@ -10,7 +11,8 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;        // (rows, cols)
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;  // (rows, cols)
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;  // (rows, cols); backward: dx
+@group(0) @binding(3) var<storage, read> dy: array<f32>;       // (rows, cols), backward only
 
 var<workgroup> red: array<f32, 256>;
 
@@ -67,5 +69,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let inv = 1.0 / block_sum(lid, s);
     for (var j = lid; j < p.cols; j += 256u) {
         y[start + j] *= inv;
+    }
+}
+
+// x holds the forward's output y here; `y` receives dx.
+@compute @workgroup_size(256)
+fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let row = wid.y * nwg.x + wid.x;
+    if row >= p.rows {
+        return;
+    }
+    let start = row * p.cols;
+    var s = 0.0;
+    for (var j = lid; j < p.cols; j += 256u) {
+        s += dy[start + j] * x[start + j];
+    }
+    let dot = block_sum(lid, s);
+    for (var j = lid; j < p.cols; j += 256u) {
+        y[start + j] = x[start + j] * (dy[start + j] - dot);
     }
 }

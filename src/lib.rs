@@ -1,10 +1,13 @@
 //! vipo: preference optimization (Poly-DPO) for diffusion models on any GPU that wgpu
 //! reaches, with a multithreaded CPU path that is both the fallback and the test reference.
 
+pub mod autograd;
 pub mod cli;
 pub mod device;
 pub mod error;
 pub mod ops;
+pub mod optim;
+pub mod params;
 pub mod rng;
 pub mod shaders;
 pub mod tensor;

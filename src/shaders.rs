@@ -23,11 +23,12 @@ shader!(COPY, "copy");
 shader!(TIMESTEP, "timestep");
 shader!(ATTENTION, "attention");
 shader!(GEGLU, "geglu");
+shader!(ADAMW, "adamw");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 13] {
+pub fn all() -> [&'static Shader; 14] {
     [
         &UNARY, &BINARY, &WHERE, &REDUCE, &SOFTMAX, &NORM, &MATMUL, &CONV2D, &UPSAMPLE, &COPY, &TIMESTEP, &ATTENTION,
-        &GEGLU,
+        &GEGLU, &ADAMW,
     ]
 }

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use crate::autograd::Node;
 use crate::device::{Device, GpuBuffer};
 use crate::error::{Error, Result};
 
@@ -47,6 +48,8 @@ pub struct Tensor {
     shape: Vec<usize>,
     dtype: DType,
     storage: Arc<Storage>,
+    /// Autograd history: how this tensor was made (None for data and frozen weights).
+    node: Option<Arc<Node>>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -70,7 +73,7 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 
 impl Tensor {
     pub(crate) fn from_parts(shape: Vec<usize>, dtype: DType, storage: Storage) -> Tensor {
-        Tensor { shape, dtype, storage: Arc::new(storage) }
+        Tensor { shape, dtype, storage: Arc::new(storage), node: None }
     }
 
     /// A CPU tensor from f32 values.
@@ -219,7 +222,9 @@ impl Tensor {
         if &self.device() == device {
             return Ok(self.clone());
         }
-        Tensor::from_vec(self.to_vec()?, &self.shape, device)
+        let out = Tensor::from_vec(self.to_vec()?, &self.shape, device)?;
+        let back = self.device();
+        Ok(crate::autograd::record("to", out, &[self], move |g, _| Ok(vec![Some(g.to(&back)?)])))
     }
 
     /// Same storage, new shape of the same element count. `-1` in one place is inferred.
@@ -243,7 +248,17 @@ impl Tensor {
                 format!("{:?} has {} elements, {shape:?} has {}", self.shape, self.numel(), numel(shape)),
             ));
         }
-        Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: self.storage.clone() })
+        let out = Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: self.storage.clone(), node: None };
+        let in_shape = self.shape.clone();
+        Ok(crate::autograd::record("reshape", out, &[self], move |g, _| Ok(vec![Some(g.reshape_to(&in_shape)?)])))
+    }
+
+    pub(crate) fn node(&self) -> Option<&Arc<Node>> {
+        self.node.as_ref()
+    }
+
+    pub(crate) fn with_node(&self, node: Option<Arc<Node>>) -> Tensor {
+        Tensor { shape: self.shape.clone(), dtype: self.dtype, storage: self.storage.clone(), node }
     }
 
     /// Checks that `other` lives on the same device, naming the op.

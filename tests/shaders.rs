@@ -115,6 +115,7 @@ fn params_mirrors_match_the_shader_structs() {
         ("timestep", size_of::<timestep::TimestepParams>()),
         ("attention", size_of::<attention::AttentionParams>()),
         ("geglu", size_of::<geglu::GegluParams>()),
+        ("adamw", size_of::<vipo::optim::AdamWParams>()),
     ];
     let covered: BTreeSet<&str> = mirrors.iter().map(|m| m.0).collect();
     let all: BTreeSet<&str> = vipo::shaders::all().iter().map(|s| s.name).collect();

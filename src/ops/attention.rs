@@ -2,11 +2,14 @@
 //!
 //! The GPU kernel is fused with an online softmax, so no score matrix is ever stored; head
 //! dims above its register budget take a chunked path whose score tile is bounded by the
-//! binding limit. The CPU twin computes score tiles of `CPU_ROWS` queries with `sgemm`.
+//! binding limit (and whose backward goes through the ops it is made of). The CPU twin
+//! computes score tiles of `CPU_ROWS` queries with `sgemm`. The backward recomputes the
+//! scores from q, k and the saved row log-sum-exp, so its memory is linear in the length.
 
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::matmul::{sgemm, MatRef};
+use crate::ops::{fast_exp, max_lanes, sum_lanes};
 use crate::shaders::ATTENTION;
 use crate::tensor::Tensor;
 
@@ -25,6 +28,32 @@ pub struct AttentionParams {
 /// Largest head dim of the fused kernel (`MAX_D` in the shader): SD1.5's 160 fits.
 pub const FUSED_MAX_D: usize = 160;
 const CPU_ROWS: usize = 256;
+
+/// Sizes of one attention call, batch and heads folded into `bh`.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    bh: usize,
+    lq: usize,
+    lk: usize,
+    d: usize,
+    dv: usize,
+    scale: f32,
+}
+
+impl Geom {
+    fn params(&self) -> Result<AttentionParams> {
+        let u = |x: usize| crate::ops::u32_of("attention", x);
+        Ok(AttentionParams {
+            bh: u(self.bh)?,
+            lq: u(self.lq)?,
+            lk: u(self.lk)?,
+            d: u(self.d)?,
+            dv: u(self.dv)?,
+            scale: self.scale,
+            _pad: [0; 2],
+        })
+    }
+}
 
 impl Tensor {
     /// `softmax(q k^T * scale) v` over the last two dims: q (..., Lq, D), k (..., Lk, D),
@@ -52,94 +81,224 @@ impl Tensor {
             return Err(Error::shape(OP, format!("no keys: k {ks:?}")));
         }
         let bh: usize = qs[..r - 2].iter().product();
-        let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+        let g = Geom { bh, lq, lk, d, dv, scale: scale.unwrap_or(1.0 / (d as f32).sqrt()) };
         let mut out_shape = qs.to_vec();
         out_shape[r - 1] = dv;
-        match self.device() {
-            Device::Cpu => {
-                let (q, kk, vv) = (self.cpu_f32(OP)?, k.cpu_f32(OP)?, v.cpu_f32(OP)?);
-                let mut o = vec![0.0f32; bh * lq * dv];
-                cpu_attention(q, kk, vv, &mut o, bh, lq, lk, d, dv, scale);
-                Ok(Tensor::cpu(o, &out_shape))
+        if let Device::Gpu(ctx) = self.device() {
+            if d > FUSED_MAX_D || dv > FUSED_MAX_D {
+                return self.attention_chunked(k, v, &g, &out_shape, ctx.limits.max_storage_buffer_binding_size);
             }
-            Device::Gpu(ctx) if d <= FUSED_MAX_D && dv <= FUSED_MAX_D => {
-                let out = Tensor::gpu_empty(&ctx, OP, &out_shape)?;
-                let u = |x: usize| crate::ops::u32_of(OP, x);
-                let params =
-                    AttentionParams { bh: u(bh)?, lq: u(lq)?, lk: u(lk)?, d: u(d)?, dv: u(dv)?, scale, _pad: [0; 2] };
-                let groups = [lq.div_ceil(64) as u32, u(bh)?, 1];
-                let bufs = [self.gpu_buf(OP)?, k.gpu_buf(OP)?, v.gpu_buf(OP)?, out.gpu_buf(OP)?];
-                ctx.dispatch(&ATTENTION, "main", &params, &bufs, groups)?;
-                Ok(out)
-            }
-            Device::Gpu(ctx) => {
-                // Wide heads: scores for a chunk of queries at a time, within half a binding.
-                let budget = (ctx.limits.max_storage_buffer_binding_size / 2 / 4) as usize;
-                let rows = (budget / (bh * lk)).clamp(1, lq.max(1));
-                let q3 = self.reshape_to(&[bh, lq, d])?;
-                let (k3, v3) = (k.reshape_to(&[bh, lk, d])?, v.reshape_to(&[bh, lk, dv])?);
-                let mut parts = Vec::new();
-                for s in (0..lq).step_by(rows) {
-                    let qc = q3.slice(1, s, rows.min(lq - s))?; // (BH, rows, D)
-                    let p = qc.matmul_t(&k3, false, true)?.mul_scalar(scale)?.softmax_last()?; // (BH, rows, Lk)
-                    parts.push(p.matmul(&v3)?); // (BH, rows, Dv)
-                }
-                let refs: Vec<&Tensor> = parts.iter().collect();
-                Tensor::concat(&refs, 1)?.reshape_to(&out_shape)
+        }
+        let track = crate::autograd::will_record(&[self, k, v]);
+        let (out, lse) = attention_forward(self, k, v, &g, &out_shape, track)?;
+        let Some(lse) = lse else { return Ok(out) };
+        let (q, k2, v2, o) = (self.detach(), k.detach(), v.detach(), out.detach());
+        let (kshape, vshape) = (k.shape().to_vec(), v.shape().to_vec());
+        Ok(crate::autograd::record(OP, out, &[self, k, v], move |grad, needs| {
+            let want_q = needs[0];
+            let want_kv = needs[1] || needs[2];
+            let (dq, dk, dvv) = attention_backward(&q, &k2, &v2, &o, &lse, grad, &g, want_q, want_kv)?;
+            Ok(vec![
+                dq.map(|t| t.reshape_to(q.shape())).transpose()?,
+                dk.filter(|_| needs[1]).map(|t| t.reshape_to(&kshape)).transpose()?,
+                dvv.filter(|_| needs[2]).map(|t| t.reshape_to(&vshape)).transpose()?,
+            ])
+        }))
+    }
+
+    /// Wide heads on the GPU: scores for a chunk of queries at a time, within half a binding.
+    /// Built from recorded ops, so autograd differentiates it through them.
+    fn attention_chunked(&self, k: &Tensor, v: &Tensor, g: &Geom, out_shape: &[usize], limit: u64) -> Result<Tensor> {
+        let budget = (limit / 2 / 4) as usize;
+        let rows = (budget / (g.bh * g.lk)).clamp(1, g.lq.max(1));
+        let q3 = self.reshape_to(&[g.bh, g.lq, g.d])?;
+        let (k3, v3) = (k.reshape_to(&[g.bh, g.lk, g.d])?, v.reshape_to(&[g.bh, g.lk, g.dv])?);
+        let mut parts = Vec::new();
+        for s in (0..g.lq).step_by(rows) {
+            let qc = q3.slice(1, s, rows.min(g.lq - s))?; // (BH, rows, D)
+            let p = qc.matmul_t(&k3, false, true)?.mul_scalar(g.scale)?.softmax_last()?; // (BH, rows, Lk)
+            parts.push(p.matmul(&v3)?); // (BH, rows, Dv)
+        }
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        Tensor::concat(&refs, 1)?.reshape_to(out_shape)
+    }
+}
+
+/// O (out_shape), and the row log-sum-exp (BH, Lq) when `with_lse` (for the backward).
+fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, g: &Geom, out_shape: &[usize], with_lse: bool) -> Result<(Tensor, Option<Tensor>)> {
+    const OP: &str = "attention";
+    match q.device() {
+        Device::Cpu => {
+            let (qv, kv, vv) = (q.cpu_f32(OP)?, k.cpu_f32(OP)?, v.cpu_f32(OP)?);
+            let mut o = vec![0.0f32; g.bh * g.lq * g.dv];
+            let mut lse = vec![0.0f32; g.bh * g.lq];
+            cpu_attention(qv, kv, vv, &mut o, &mut lse, g);
+            let lse = with_lse.then(|| Tensor::cpu(lse, &[g.bh, g.lq]));
+            Ok((Tensor::cpu(o, out_shape), lse))
+        }
+        Device::Gpu(ctx) => {
+            let out = Tensor::gpu_empty(&ctx, OP, out_shape)?;
+            let groups = [g.lq.div_ceil(64) as u32, crate::ops::u32_of(OP, g.bh)?, 1];
+            let (qb, kb, vb) = (q.gpu_buf(OP)?, k.gpu_buf(OP)?, v.gpu_buf(OP)?);
+            if with_lse {
+                let lse = Tensor::gpu_empty(&ctx, OP, &[g.bh, g.lq])?;
+                ctx.dispatch(&ATTENTION, "main_lse", &g.params()?, &[qb, kb, vb, out.gpu_buf(OP)?, lse.gpu_buf(OP)?], groups)?;
+                Ok((out, Some(lse)))
+            } else {
+                ctx.dispatch(&ATTENTION, "main", &g.params()?, &[qb, kb, vb, out.gpu_buf(OP)?], groups)?;
+                Ok((out, None))
             }
         }
     }
 }
 
-/// CPU twin: per (batch*head, chunk of queries) a score tile, a stable softmax, and P V.
-#[allow(clippy::too_many_arguments)]
-fn cpu_attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    o: &mut [f32],
-    bh: usize,
-    lq: usize,
-    lk: usize,
-    d: usize,
-    dv: usize,
-    scale: f32,
-) {
+/// dQ (BH, Lq, D) when `want_q`; dK (BH, Lk, D) and dV (BH, Lk, Dv) when `want_kv`.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    g: &Geom,
+    want_q: bool,
+    want_kv: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    const OP: &str = "attention backward";
+    // dsum[i] = dO[i] . O[i]: the softmax backward's row term.
+    let dsum = dout.mul(o)?.sum(-1, false)?.reshape_to(&[g.bh, g.lq])?;
+    match q.device() {
+        Device::Cpu => {
+            fn c(t: &Tensor) -> Result<&[f32]> {
+                t.cpu_f32(OP)
+            }
+            let mut dq = vec![0.0f32; if want_q { g.bh * g.lq * g.d } else { 0 }];
+            let mut dk = vec![0.0f32; if want_kv { g.bh * g.lk * g.d } else { 0 }];
+            let mut dvv = vec![0.0f32; if want_kv { g.bh * g.lk * g.dv } else { 0 }];
+            let io = CpuBackward { q: c(q)?, k: c(k)?, v: c(v)?, lse: c(lse)?, dout: c(dout)?, dsum: c(&dsum)? };
+            cpu_attention_backward(&io, &mut dq, &mut dk, &mut dvv, g);
+            Ok((
+                want_q.then(|| Tensor::cpu(dq, &[g.bh, g.lq, g.d])),
+                want_kv.then(|| Tensor::cpu(dk, &[g.bh, g.lk, g.d])),
+                want_kv.then(|| Tensor::cpu(dvv, &[g.bh, g.lk, g.dv])),
+            ))
+        }
+        Device::Gpu(ctx) => {
+            let params = g.params()?;
+            let bh = crate::ops::u32_of(OP, g.bh)?;
+            let ins = [q.gpu_buf(OP)?, k.gpu_buf(OP)?, v.gpu_buf(OP)?];
+            let (lb, db, sb) = (lse.gpu_buf(OP)?, dout.gpu_buf(OP)?, dsum.gpu_buf(OP)?);
+            let dq = if want_q {
+                let dq = Tensor::gpu_empty(&ctx, OP, &[g.bh, g.lq, g.d])?;
+                let bufs = [ins[0], ins[1], ins[2], dq.gpu_buf(OP)?, lb, db, sb];
+                ctx.dispatch(&ATTENTION, "backward_dq", &params, &bufs, [g.lq.div_ceil(64) as u32, bh, 1])?;
+                Some(dq)
+            } else {
+                None
+            };
+            let (dk, dvv) = if want_kv {
+                let dk = Tensor::gpu_empty(&ctx, OP, &[g.bh, g.lk, g.d])?;
+                let dvv = Tensor::gpu_empty(&ctx, OP, &[g.bh, g.lk, g.dv])?;
+                let bufs = [ins[0], ins[1], ins[2], dk.gpu_buf(OP)?, lb, db, sb, dvv.gpu_buf(OP)?];
+                ctx.dispatch(&ATTENTION, "backward_dkdv", &params, &bufs, [g.lk.div_ceil(64) as u32, bh, 1])?;
+                (Some(dk), Some(dvv))
+            } else {
+                (None, None)
+            };
+            Ok((dq, dk, dvv))
+        }
+    }
+}
+
+/// CPU twin of the forward: per (batch*head, chunk of queries) a score tile, a stable
+/// softmax, and P V; also the row log-sum-exp `lse` (BH * Lq).
+fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], lse: &mut [f32], g: &Geom) {
     use rayon::prelude::*;
+    let Geom { lq, lk, d, dv, scale, .. } = *g;
     if lq == 0 || dv == 0 {
         return;
     }
-    debug_assert_eq!(o.len(), bh * lq * dv);
-    o.par_chunks_mut(lq * dv).enumerate().for_each(|(b, oh)| {
-        let (qh, kh, vh) =
-            (&q[b * lq * d..(b + 1) * lq * d], &k[b * lk * d..(b + 1) * lk * d], &v[b * lk * dv..(b + 1) * lk * dv]);
-        oh.par_chunks_mut(CPU_ROWS * dv).enumerate().for_each_init(
+    o.par_chunks_mut(lq * dv).zip(lse.par_chunks_mut(lq)).enumerate().for_each(|(b, (oh, lh))| {
+        let (qh, kh, vh) = (&q[b * lq * d..(b + 1) * lq * d], &k[b * lk * d..(b + 1) * lk * d], &v[b * lk * dv..(b + 1) * lk * dv]);
+        oh.par_chunks_mut(CPU_ROWS * dv).zip(lh.par_chunks_mut(CPU_ROWS)).enumerate().for_each_init(
             || vec![0.0f32; CPU_ROWS * lk],
-            |s, (ci, oc)| {
+            |s, (ci, (oc, lc))| {
                 let r0 = ci * CPU_ROWS;
                 let rows = oc.len() / dv;
                 let st = &mut s[..rows * lk];
                 let qv = MatRef { data: &qh[r0 * d..], rs: d, cs: 1 };
                 sgemm(rows, lk, d, qv, MatRef { data: kh, rs: 1, cs: d }, st, lk, false, false);
-                for row in st.chunks_mut(lk) {
+                for (row, l) in st.chunks_mut(lk).zip(lc.iter_mut()) {
                     row.iter_mut().for_each(|x| *x *= scale);
-                    let m = crate::ops::max_lanes(row);
-                    row.iter_mut().for_each(|x| *x = crate::ops::fast_exp(*x - m));
-                    let inv = 1.0 / crate::ops::sum_lanes(row);
+                    let m = max_lanes(row);
+                    row.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+                    let sum = sum_lanes(row);
+                    *l = m + sum.ln();
+                    let inv = 1.0 / sum;
                     row.iter_mut().for_each(|x| *x *= inv);
                 }
-                sgemm(
-                    rows,
-                    dv,
-                    lk,
-                    MatRef { data: st, rs: lk, cs: 1 },
-                    MatRef { data: vh, rs: dv, cs: 1 },
-                    oc,
-                    dv,
-                    false,
-                    false,
-                );
+                sgemm(rows, dv, lk, MatRef { data: st, rs: lk, cs: 1 }, MatRef { data: vh, rs: dv, cs: 1 }, oc, dv, false, false);
             },
         );
+    });
+}
+
+/// Inputs of the CPU backward, all contiguous (BH, L, *) or (BH, L).
+struct CpuBackward<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    lse: &'a [f32],
+    dout: &'a [f32],
+    dsum: &'a [f32],
+}
+
+/// CPU twin of the backward: per head, chunks of queries recompute P = exp(scale S - lse)
+/// and accumulate dV += P^T dO, dK += scale dS^T Q, and write dQ = scale dS K. Empty
+/// `dq` or `dk`/`dv` mean "not wanted".
+fn cpu_attention_backward(io: &CpuBackward, dq: &mut [f32], dk: &mut [f32], dv_out: &mut [f32], g: &Geom) {
+    use rayon::prelude::*;
+    let Geom { bh, lq, lk, d, dv, scale } = *g;
+    let (want_q, want_kv) = (!dq.is_empty(), !dk.is_empty());
+    let mut dq_heads: Vec<&mut [f32]> = if want_q { dq.chunks_mut(lq * d).collect() } else { (0..bh).map(|_| &mut [][..]).collect() };
+    let mut dk_heads: Vec<&mut [f32]> = if want_kv { dk.chunks_mut(lk * d).collect() } else { (0..bh).map(|_| &mut [][..]).collect() };
+    let mut dv_heads: Vec<&mut [f32]> = if want_kv { dv_out.chunks_mut(lk * dv).collect() } else { (0..bh).map(|_| &mut [][..]).collect() };
+    let heads: Vec<(usize, ((&mut &mut [f32], &mut &mut [f32]), &mut &mut [f32]))> =
+        dq_heads.iter_mut().zip(dk_heads.iter_mut()).zip(dv_heads.iter_mut()).enumerate().collect();
+    heads.into_par_iter().for_each(|(b, ((dqh, dkh), dvh))| {
+        let qh = &io.q[b * lq * d..(b + 1) * lq * d];
+        let kh = &io.k[b * lk * d..(b + 1) * lk * d];
+        let vh = &io.v[b * lk * dv..(b + 1) * lk * dv];
+        let doh = &io.dout[b * lq * dv..(b + 1) * lq * dv];
+        let (lh, sh) = (&io.lse[b * lq..(b + 1) * lq], &io.dsum[b * lq..(b + 1) * lq]);
+        let mut p = vec![0.0f32; CPU_ROWS * lk];
+        let mut ds = vec![0.0f32; CPU_ROWS * lk];
+        for r0 in (0..lq).step_by(CPU_ROWS) {
+            let rows = CPU_ROWS.min(lq - r0);
+            let (pt, dst) = (&mut p[..rows * lk], &mut ds[..rows * lk]);
+            let qc = MatRef { data: &qh[r0 * d..], rs: d, cs: 1 };
+            let doc = MatRef { data: &doh[r0 * dv..], rs: dv, cs: 1 };
+            sgemm(rows, lk, d, qc, MatRef { data: kh, rs: 1, cs: d }, pt, lk, false, false);
+            for (i, row) in pt.chunks_mut(lk).enumerate() {
+                let l = lh[r0 + i];
+                row.iter_mut().for_each(|x| *x = fast_exp(*x * scale - l));
+            }
+            // dP = dO V^T, then dS = scale P (dP - dsum) in place.
+            sgemm(rows, lk, dv, doc, MatRef { data: vh, rs: 1, cs: dv }, dst, lk, false, false);
+            for (i, (drow, prow)) in dst.chunks_mut(lk).zip(pt.chunks(lk)).enumerate() {
+                let s = sh[r0 + i];
+                drow.iter_mut().zip(prow).for_each(|(x, &pv)| *x = scale * pv * (*x - s));
+            }
+            if want_kv {
+                let pt_t = MatRef { data: pt, rs: 1, cs: lk };
+                sgemm(lk, dv, rows, pt_t, doc, dvh, dv, true, false);
+                sgemm(lk, d, rows, MatRef { data: dst, rs: 1, cs: lk }, qc, dkh, d, true, false);
+            }
+            if want_q {
+                let dst_m = MatRef { data: dst, rs: lk, cs: 1 };
+                sgemm(rows, d, lk, dst_m, MatRef { data: kh, rs: d, cs: 1 }, &mut dqh[r0 * d..], d, false, false);
+            }
+        }
     });
 }

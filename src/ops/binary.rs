@@ -14,6 +14,8 @@ pub enum BinaryOp {
     Div,
     Maximum,
     Minimum,
+    /// 1.0 where `a >= b`, else 0.0 (masks for gradients of max/min); not differentiable.
+    Ge,
 }
 
 impl BinaryOp {
@@ -30,6 +32,7 @@ impl BinaryOp {
             BinaryOp::Div => u / v,
             BinaryOp::Maximum => u.max(v),
             BinaryOp::Minimum => u.min(v),
+            BinaryOp::Ge => (u >= v) as u8 as f32,
         }
     }
 }
@@ -61,6 +64,42 @@ pub struct WhereParams {
 impl Tensor {
     /// `a op b` with broadcasting; the output has the broadcast shape.
     pub fn binary(&self, other: &Tensor, op: BinaryOp) -> Result<Tensor> {
+        let out = self.binary_raw(other, op)?;
+        if op == BinaryOp::Ge {
+            return Ok(out);
+        }
+        let (a, b) = (self.detach(), other.detach());
+        Ok(crate::autograd::record("binary", out, &[self, other], move |g, needs| {
+            let (ga, gb) = match op {
+                BinaryOp::Add => (Some(g.clone()), Some(g.clone())),
+                BinaryOp::Sub => (Some(g.clone()), needs[1].then(|| g.neg()).transpose()?),
+                BinaryOp::Mul => (needs[0].then(|| g.mul(&b)).transpose()?, needs[1].then(|| g.mul(&a)).transpose()?),
+                BinaryOp::Div => {
+                    let ga = needs[0].then(|| g.div(&b)).transpose()?;
+                    // d(a/b)/db = -a / b^2
+                    let gb = needs[1].then(|| g.mul(&a)?.div(&b.square()?)?.neg()).transpose()?;
+                    (ga, gb)
+                }
+                BinaryOp::Maximum | BinaryOp::Minimum => {
+                    // Ties go to `a`, as the forward's max/min returns `a` there.
+                    let mask = if op == BinaryOp::Maximum { a.binary_raw(&b, BinaryOp::Ge)? } else { b.binary_raw(&a, BinaryOp::Ge)? };
+                    let ga = needs[0].then(|| g.mul(&mask)).transpose()?;
+                    let gb = needs[1].then(|| g.mul(&mask.affine(-1.0, 1.0)?)).transpose()?;
+                    (ga, gb)
+                }
+                BinaryOp::Ge => (None, None),
+            };
+            let fit = |g: Option<Tensor>, t: &Tensor| g.map(|g| g.sum_to_shape(t.shape())).transpose();
+            Ok(vec![fit(ga, &a)?, fit(gb, &b)?])
+        }))
+    }
+
+    /// 1.0 where `self >= other` (broadcast), else 0.0.
+    pub fn ge(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary_raw(other, BinaryOp::Ge)
+    }
+
+    fn binary_raw(&self, other: &Tensor, op: BinaryOp) -> Result<Tensor> {
         const NAME: &str = "binary";
         self.ensure_f32(NAME)?;
         other.ensure_f32(NAME)?;
@@ -122,7 +161,19 @@ impl Tensor {
     }
 
     /// `cond != 0 ? a : b` elementwise (`self` is the condition), all three broadcast.
+    /// The condition gets no gradient.
     pub fn where_cond(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let out = self.where_raw(a, b)?;
+        let (c, sa, sb) = (self.detach(), a.shape().to_vec(), b.shape().to_vec());
+        Ok(crate::autograd::record("where", out, &[a, b], move |g, needs| {
+            let zero = Tensor::zeros(&[1], &g.device())?;
+            let ga = needs[0].then(|| c.where_raw(g, &zero)?.sum_to_shape(&sa)).transpose()?;
+            let gb = needs[1].then(|| c.where_raw(&zero, g)?.sum_to_shape(&sb)).transpose()?;
+            Ok(vec![ga, gb])
+        }))
+    }
+
+    fn where_raw(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         const NAME: &str = "where";
         for t in [self, a, b] {
             t.ensure_f32(NAME)?;

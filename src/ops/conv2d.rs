@@ -1,6 +1,9 @@
 //! 2D convolution, NCHW, zero padding, dilation 1, groups 1 (`shaders/conv2d.wgsl`).
 //! GPU: an implicit GEMM that builds im2col tiles in workgroup memory. CPU: `sgemm` per image,
 //! straight on the input for a 1x1/stride-1/unpadded kernel, else on an im2col buffer.
+//! Backward: dX = the transposed convolution (GPU: a GEMM gathering from dY per stride phase;
+//! CPU: W^T x dY then a col2im scatter-add), dW = dY x im2col(X)^T summed over the batch,
+//! dbias = dY summed over N, OH, OW (a reduction).
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -26,7 +29,10 @@ pub struct Conv2dParams {
     pub pw: u32,
     pub k: u32,
     pub ncol: u32,
-    pub _pad: [u32; 2],
+    /// Images (read by `grad_weight`).
+    pub n: u32,
+    /// Reduction elements per split (read by `grad_weight`).
+    pub chunk: u32,
 }
 
 /// Sizes of one convolution, checked.
@@ -252,11 +258,318 @@ fn conv_cpu(g: &Geom, x: &[f32], wt: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     y
 }
 
+/// Largest block of im2col columns the CPU backward materialises (floats, 4 MiB): blocks run
+/// one after another, so the scratch stays bounded whatever the image size.
+const COL_CAP: usize = 1 << 20;
+
+/// Output rows per block of the CPU backward.
+fn block_rows(g: &Geom) -> usize {
+    (COL_CAP / (g.k() * g.ow).max(1)).clamp(1, g.oh.max(1))
+}
+
+/// The adjoint of `im2col_row`: scatter-adds row `row` = (ci, ky, kx) of a column block for
+/// output rows from `oy0`, `src` (rows * OW), into `plane` (H, W), input channel ci.
+fn col2im_row(src: &[f32], row: usize, plane: &mut [f32], g: &Geom, oy0: usize) {
+    let (ky, kx) = ((row / g.kw) % g.kh, row % g.kw);
+    let lo = g.pw.saturating_sub(kx).div_ceil(g.sw).min(g.ow);
+    let hi = (g.w + g.pw).saturating_sub(kx).div_ceil(g.sw).clamp(lo, g.ow);
+    for (r, s) in src.chunks(g.ow).enumerate() {
+        let iy = (oy0 + r) * g.sh + ky;
+        if iy < g.ph || iy - g.ph >= g.h {
+            continue;
+        }
+        let dst = &mut plane[(iy - g.ph) * g.w..(iy - g.ph + 1) * g.w];
+        if g.sw == 1 {
+            let ix0 = lo + kx - g.pw;
+            for (d, &v) in dst[ix0..ix0 + hi - lo].iter_mut().zip(&s[lo..hi]) {
+                *d += v;
+            }
+        } else {
+            for (ox, &v) in s[lo..hi].iter().enumerate() {
+                dst[(lo + ox) * g.sw + kx - g.pw] += v;
+            }
+        }
+    }
+}
+
+/// dX of one image: `dxi` (Cin, H, W) = col2im(W^T (K, Cout) x `dyi` (Cout, OH*OW)), by blocks
+/// of `rows` output rows; `dxi` must hold zeros. `col` is the scratch (K * rows * OW, empty
+/// for a pointwise kernel).
+fn grad_input_image(g: &Geom, wt: &[f32], dyi: &[f32], dxi: &mut [f32], col: &mut [f32], rows: usize, parallel: bool) {
+    let (k, n) = (g.k(), g.ncol());
+    let a = MatRef { data: wt, rs: 1, cs: k };
+    if g.is_pointwise() {
+        sgemm(k, n, g.cout, a, MatRef { data: dyi, rs: n, cs: 1 }, dxi, n, false, parallel);
+        return;
+    }
+    let (plane, khw) = (g.h * g.w, g.kh * g.kw);
+    for oy0 in (0..g.oh).step_by(rows) {
+        let nb = rows.min(g.oh - oy0) * g.ow;
+        let colb = &mut col[..k * nb];
+        let b = MatRef { data: &dyi[oy0 * g.ow..], rs: n, cs: 1 };
+        sgemm(k, nb, g.cout, a, b, colb, nb, false, parallel);
+        let colb = &*colb;
+        // One task per input channel: it owns its plane, so the scatter needs no locks.
+        let scatter = |ci: usize, pl: &mut [f32]| {
+            for row in ci * khw..(ci + 1) * khw {
+                col2im_row(&colb[row * nb..(row + 1) * nb], row, pl, g, oy0);
+            }
+        };
+        if parallel && colb.len() >= PAR_MIN {
+            use rayon::prelude::*;
+            dxi.par_chunks_mut(plane).enumerate().for_each(|(ci, pl)| scatter(ci, pl));
+        } else {
+            dxi.chunks_mut(plane).enumerate().for_each(|(ci, pl)| scatter(ci, pl));
+        }
+    }
+}
+
+/// `dw` (Cout, K) (+)= `dyi` (Cout, OH*OW) x im2col(`xi`)^T (OH*OW, K), by blocks of `rows`
+/// output rows, overwriting first unless `acc`; `col` as in `grad_input_image`.
+#[allow(clippy::too_many_arguments)]
+fn grad_weight_image(
+    g: &Geom,
+    xi: &[f32],
+    dyi: &[f32],
+    dw: &mut [f32],
+    col: &mut [f32],
+    rows: usize,
+    mut acc: bool,
+    parallel: bool,
+) {
+    let (k, n) = (g.k(), g.ncol());
+    if g.is_pointwise() {
+        let (a, b) = (MatRef { data: dyi, rs: n, cs: 1 }, MatRef { data: xi, rs: 1, cs: n });
+        sgemm(g.cout, k, n, a, b, dw, k, acc, parallel);
+        return;
+    }
+    for oy0 in (0..g.oh).step_by(rows) {
+        let nb = rows.min(g.oh - oy0) * g.ow;
+        let colb = &mut col[..k * nb];
+        if parallel && colb.len() >= PAR_MIN {
+            use rayon::prelude::*;
+            colb.par_chunks_mut(nb).enumerate().for_each(|(r, o)| im2col_row(xi, r, o, g, oy0));
+        } else {
+            colb.chunks_mut(nb).enumerate().for_each(|(r, o)| im2col_row(xi, r, o, g, oy0));
+        }
+        let a = MatRef { data: &dyi[oy0 * g.ow..], rs: n, cs: 1 };
+        sgemm(g.cout, k, nb, a, MatRef { data: colb, rs: 1, cs: nb }, dw, k, acc, parallel);
+        acc = true;
+    }
+}
+
+/// Many small images: one image per rayon task (serial GEMMs) beats parallel GEMMs per image.
+fn per_image_tasks(g: &Geom) -> bool {
+    g.n >= rayon::current_num_threads() && g.n > 1 && g.cout * g.ncol() * g.k() < 1 << 22
+}
+
+fn grad_input_cpu(g: &Geom, wt: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (img_in, img_out) = (g.cin * g.h * g.w, g.cout * g.ncol());
+    let mut dx = vec![0.0f32; g.n * img_in];
+    if dx.is_empty() {
+        return dx;
+    }
+    let rows = block_rows(g);
+    let col_len = if g.is_pointwise() { 0 } else { g.k() * rows * g.ow };
+    let dyi = |i: usize| &dy[i * img_out..(i + 1) * img_out];
+    if per_image_tasks(g) {
+        use rayon::prelude::*;
+        dx.par_chunks_mut(img_in).enumerate().for_each_init(
+            || vec![0.0f32; col_len],
+            |col, (i, dxi)| grad_input_image(g, wt, dyi(i), dxi, col, rows, false),
+        );
+    } else {
+        let mut col = vec![0.0f32; col_len];
+        for (i, dxi) in dx.chunks_mut(img_in).enumerate() {
+            grad_input_image(g, wt, dyi(i), dxi, &mut col, rows, true);
+        }
+    }
+    dx
+}
+
+fn grad_weight_cpu(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (img_in, img_out, wlen) = (g.cin * g.h * g.w, g.cout * g.ncol(), g.cout * g.k());
+    if wlen == 0 || g.n == 0 {
+        return vec![0.0f32; wlen];
+    }
+    let rows = block_rows(g);
+    let col_len = if g.is_pointwise() { 0 } else { g.k() * rows * g.ow };
+    let xi = |i: usize| &x[i * img_in..(i + 1) * img_in];
+    let dyi = |i: usize| &dy[i * img_out..(i + 1) * img_out];
+    if per_image_tasks(g) {
+        // Each task sums its images into its own (small) dW, then the partial sums are added.
+        use rayon::prelude::*;
+        (0..g.n)
+            .into_par_iter()
+            .fold(
+                || (vec![0.0f32; wlen], vec![0.0f32; col_len]),
+                |(mut dw, mut col), i| {
+                    grad_weight_image(g, xi(i), dyi(i), &mut dw, &mut col, rows, true, false);
+                    (dw, col)
+                },
+            )
+            .map(|(dw, _)| dw)
+            .reduce(
+                || vec![0.0f32; wlen],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
+                    a
+                },
+            )
+    } else {
+        let mut dw = vec![0.0f32; wlen];
+        let mut col = vec![0.0f32; col_len];
+        for i in 0..g.n {
+            grad_weight_image(g, xi(i), dyi(i), &mut dw, &mut col, rows, i > 0, true);
+        }
+        dw
+    }
+}
+
+fn gpu_params(g: &Geom, chunk: usize) -> Result<Conv2dParams> {
+    let u = |v: usize| u32_of(OP, v);
+    Ok(Conv2dParams {
+        cin: u(g.cin)?,
+        h: u(g.h)?,
+        w: u(g.w)?,
+        cout: u(g.cout)?,
+        kh: u(g.kh)?,
+        kw: u(g.kw)?,
+        oh: u(g.oh)?,
+        ow: u(g.ow)?,
+        sh: u(g.sh)?,
+        sw: u(g.sw)?,
+        ph: u(g.ph)?,
+        pw: u(g.pw)?,
+        k: u(g.k())?,
+        ncol: u(g.ncol())?,
+        n: u(g.n)?,
+        chunk: u(chunk)?,
+    })
+}
+
+/// GPU weight gradient: workgroups it aims for, and the fewest reduction elements per split.
+const WG_TARGET: usize = 512;
+const MIN_CHUNK: usize = 256;
+
 impl Tensor {
     /// `F.conv2d(x, weight, bias, stride, padding)` with dilation 1 and groups 1.
     /// `self` (N, Cin, H, W), `weight` (Cout, Cin, KH, KW), `bias` (Cout) -> (N, Cout, OH, OW),
     /// OH = (H + 2 * padding.0 - KH) / stride.0 + 1, likewise OW.
+    /// Differentiable in all three; it saves `self` only when the weight needs a gradient and
+    /// the weight only when `self` does, so a frozen weight keeps no activation alive.
     pub fn conv2d(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Tensor> {
+        let out = self.conv2d_raw(weight, bias, stride, padding)?;
+        let inputs: Vec<&Tensor> = [Some(self), Some(weight), bias].into_iter().flatten().collect();
+        if !crate::autograd::will_record(&inputs) {
+            return Ok(out);
+        }
+        let x_saved = weight.is_tracked().then(|| self.detach());
+        let w_saved = self.is_tracked().then(|| weight.detach());
+        let (x_shape, w_shape) = (self.shape().to_vec(), weight.shape().to_vec());
+        Ok(crate::autograd::record(OP, out, &inputs, move |g, needs| {
+            let unsaved = || Error::Invalid("conv2d backward: an input it needs was not saved".into());
+            let dx = match needs[0] {
+                true => Some(g.conv2d_grad_input(w_saved.as_ref().ok_or_else(unsaved)?, &x_shape, stride, padding)?),
+                false => None,
+            };
+            let dw = match needs[1] {
+                true => Some(x_saved.as_ref().ok_or_else(unsaved)?.conv2d_grad_weight(g, &w_shape, stride, padding)?),
+                false => None,
+            };
+            let mut grads = vec![dx, dw];
+            if let Some(&need_b) = needs.get(2) {
+                let cout = w_shape[0];
+                grads.push(need_b.then(|| g.sum_to_shape(&[1, cout, 1, 1])?.reshape_to(&[cout])).transpose()?);
+            }
+            Ok(grads)
+        }))
+    }
+
+    /// Input gradient of `conv2d`: `self` is dY (N, Cout, OH, OW), `weight` (Cout, Cin, KH, KW),
+    /// `input_shape` the forward input's (N, Cin, H, W) (several H give the same OH when
+    /// strided) -> dX (N, Cin, H, W).
+    pub fn conv2d_grad_input(
+        &self,
+        weight: &Tensor,
+        input_shape: &[usize],
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Tensor> {
+        const NAME: &str = "conv2d grad_input";
+        self.ensure_f32(NAME)?;
+        weight.ensure_f32(NAME)?;
+        self.same_device(NAME, weight)?;
+        let g = geometry(input_shape, weight.shape(), None, stride, padding)?;
+        check_dy(NAME, &g, self.shape(), input_shape)?;
+        match self.device() {
+            Device::Cpu => Ok(Tensor::cpu(grad_input_cpu(&g, weight.cpu_f32(NAME)?, self.cpu_f32(NAME)?), input_shape)),
+            Device::Gpu(ctx) => {
+                let out = Tensor::gpu_empty(&ctx, NAME, input_shape)?;
+                if out.numel() == 0 {
+                    return Ok(out);
+                }
+                let u = |v: usize| u32_of(NAME, v);
+                u(out.numel())?;
+                u(self.numel())?;
+                let phase_cols = g.h.div_ceil(g.sh) * g.w.div_ceil(g.sw);
+                let groups = [u(phase_cols.div_ceil(64))?, u(g.cin.div_ceil(64))?, u(g.n * g.sh * g.sw)?];
+                let bufs = [self.gpu_buf(NAME)?, weight.gpu_buf(NAME)?, out.gpu_buf(NAME)?];
+                ctx.dispatch(&CONV2D, "grad_input", &gpu_params(&g, 0)?, &bufs, groups)?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Weight gradient of `conv2d`: `self` is the forward input X (N, Cin, H, W), `dy`
+    /// (N, Cout, OH, OW) -> dW shaped `weight_shape` (Cout, Cin, KH, KW), summed over the batch.
+    pub fn conv2d_grad_weight(
+        &self,
+        dy: &Tensor,
+        weight_shape: &[usize],
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Tensor> {
+        const NAME: &str = "conv2d grad_weight";
+        self.ensure_f32(NAME)?;
+        dy.ensure_f32(NAME)?;
+        self.same_device(NAME, dy)?;
+        let g = geometry(self.shape(), weight_shape, None, stride, padding)?;
+        check_dy(NAME, &g, dy.shape(), self.shape())?;
+        match self.device() {
+            Device::Cpu => Ok(Tensor::cpu(grad_weight_cpu(&g, self.cpu_f32(NAME)?, dy.cpu_f32(NAME)?), weight_shape)),
+            Device::Gpu(ctx) => {
+                let (k, total) = (g.k(), g.n * g.ncol());
+                if g.cout * k == 0 {
+                    return Tensor::gpu_empty(&ctx, NAME, weight_shape);
+                }
+                // Few output tiles (a small weight): split the batch*pixels reduction over
+                // workgroups into partial sums, added up by one reduce afterwards.
+                let tiles = g.cout.div_ceil(64) * k.div_ceil(64);
+                let splits = WG_TARGET.div_ceil(tiles).min(total.div_ceil(MIN_CHUNK)).max(1);
+                let chunk = total.div_ceil(splits).next_multiple_of(16).max(16);
+                let splits = total.div_ceil(chunk).max(1);
+                let u = |v: usize| u32_of(NAME, v);
+                u(self.numel())?;
+                u(dy.numel())?;
+                u(splits * g.cout * k)?;
+                let out = Tensor::gpu_empty(&ctx, NAME, &[splits, g.cout, k])?;
+                let groups = [u(k.div_ceil(64))?, u(g.cout.div_ceil(64))?, u(splits)?];
+                let bufs = [self.gpu_buf(NAME)?, dy.gpu_buf(NAME)?, out.gpu_buf(NAME)?];
+                ctx.dispatch(&CONV2D, "grad_weight", &gpu_params(&g, chunk)?, &bufs, groups)?;
+                let out = if splits > 1 { out.sum(0, false)? } else { out };
+                out.reshape_to(weight_shape)
+            }
+        }
+    }
+
+    fn conv2d_raw(
         &self,
         weight: &Tensor,
         bias: Option<&Tensor>,
@@ -286,23 +599,7 @@ impl Tensor {
                 let u = |v: usize| u32_of(OP, v);
                 u(self.numel())?;
                 u(crate::tensor::numel(&out_shape))?;
-                let params = Conv2dParams {
-                    cin: u(g.cin)?,
-                    h: u(g.h)?,
-                    w: u(g.w)?,
-                    cout: u(g.cout)?,
-                    kh: u(g.kh)?,
-                    kw: u(g.kw)?,
-                    oh: u(g.oh)?,
-                    ow: u(g.ow)?,
-                    sh: u(g.sh)?,
-                    sw: u(g.sw)?,
-                    ph: u(g.ph)?,
-                    pw: u(g.pw)?,
-                    k: u(g.k())?,
-                    ncol: u(g.ncol())?,
-                    _pad: [0; 2],
-                };
+                let params = gpu_params(&g, 0)?;
                 let groups = [u(g.ncol().div_ceil(64))?, u(g.cout.div_ceil(64))?, u(g.n)?];
                 let (xb, wb, yb) = (self.gpu_buf(OP)?, weight.gpu_buf(OP)?, out.gpu_buf(OP)?);
                 match bias {
@@ -313,4 +610,13 @@ impl Tensor {
             }
         }
     }
+}
+
+/// Checks that `dy` has the forward output's shape for input `x`.
+fn check_dy(op: &'static str, g: &Geom, dy: &[usize], x: &[usize]) -> Result<()> {
+    let want = [g.n, g.cout, g.oh, g.ow];
+    if dy != want {
+        return Err(Error::shape(op, format!("dy {dy:?} must be {want:?}, the output shape for input {x:?}")));
+    }
+    Ok(())
 }

@@ -1,4 +1,5 @@
-//! Layout copies (`shaders/copy.wgsl`): permute, transpose, slice, concat, broadcast_to.
+//! Layout copies (`shaders/copy.wgsl`): permute, transpose, slice, pad_axis, concat,
+//! broadcast_to, each differentiable (its backward is another copy, or `sum_to_shape`).
 //! Every output is contiguous; all but concat are one strided gather
 //! `out[i] = x[offset + sum_d coord_d(i) * stride_d]`, with its dims merged first where the
 //! source is contiguous across them, so most copies reach the kernel with rank 1 to 3.
@@ -115,7 +116,17 @@ fn split3(shape: &[usize], axis: usize) -> (usize, usize, usize) {
 
 impl Tensor {
     /// Dims reordered: output dim `i` is input dim `perm[i]` (`torch.permute`), contiguous.
+    /// Backward: the inverse permutation.
     pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
+        let out = self.permute_raw(perm)?;
+        let mut inv = vec![0; perm.len()];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p] = i;
+        }
+        Ok(crate::autograd::record("permute", out, &[self], move |g, _| Ok(vec![Some(g.permute(&inv)?)])))
+    }
+
+    fn permute_raw(&self, perm: &[usize]) -> Result<Tensor> {
         const OP: &str = "permute";
         self.ensure_f32(OP)?;
         let r = self.rank();
@@ -131,7 +142,7 @@ impl Tensor {
         // Only size-1 dims move: the element order is unchanged, so a reshape shares storage.
         let moved: Vec<usize> = perm.iter().copied().filter(|&p| self.shape()[p] != 1).collect();
         if moved.windows(2).all(|w| w[0] < w[1]) {
-            return self.reshape_to(&shape);
+            return self.detach().reshape_to(&shape);
         }
         let s = strides(self.shape());
         let st: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
@@ -147,7 +158,17 @@ impl Tensor {
     }
 
     /// Elements `start .. start + len` along `axis`, as a contiguous copy.
+    /// Backward: the gradient zero-padded back to the input's shape (`pad_axis`).
     pub fn slice(&self, axis: isize, start: usize, len: usize) -> Result<Tensor> {
+        let out = self.slice_raw(axis, start, len)?;
+        let ax = self.axis("slice", axis)?;
+        let after = self.shape()[ax] - start - len;
+        Ok(crate::autograd::record("slice", out, &[self], move |g, _| {
+            Ok(vec![Some(g.pad_axis(ax as isize, start, after)?)])
+        }))
+    }
+
+    fn slice_raw(&self, axis: isize, start: usize, len: usize) -> Result<Tensor> {
         const OP: &str = "slice";
         self.ensure_f32(OP)?;
         let ax = self.axis(OP, axis)?;
@@ -159,12 +180,33 @@ impl Tensor {
             ));
         }
         if len == dim {
-            return Ok(self.clone());
+            return Ok(self.detach());
         }
         let mut shape = self.shape().to_vec();
         shape[ax] = len;
         let out = gather(OP, self, start * inner, &[outer, len, inner], &[dim * inner, inner, 1])?;
         out.reshape_to(&shape)
+    }
+
+    /// Zeros added along `axis`: `before` in front, `after` behind (`F.pad` on one axis), as a
+    /// contiguous copy. Backward: the slice of the gradient where `self` sits.
+    pub fn pad_axis(&self, axis: isize, before: usize, after: usize) -> Result<Tensor> {
+        const OP: &str = "pad_axis";
+        self.ensure_f32(OP)?;
+        let ax = self.axis(OP, axis)?;
+        let (outer, len, inner) = split3(self.shape(), ax);
+        let total = before.checked_add(len).and_then(|t| t.checked_add(after));
+        let Some(total) = total else {
+            return Err(Error::shape(OP, format!("padding ({before}, {after}) of {:?} overflows", self.shape())));
+        };
+        let mut shape = self.shape().to_vec();
+        shape[ax] = total;
+        let out = if total == len {
+            self.detach()
+        } else {
+            pad_raw(self, outer, len * inner, total * inner, before * inner, &shape)?
+        };
+        Ok(crate::autograd::record(OP, out, &[self], move |g, _| Ok(vec![Some(g.slice(ax as isize, before, len)?)])))
     }
 
     /// `torch.narrow`: the same as [`Tensor::slice`].
@@ -173,7 +215,14 @@ impl Tensor {
     }
 
     /// `self` repeated along new leading dims and size-1 dims to `shape` (NumPy rules), contiguous.
+    /// Backward: the gradient summed back to the input's shape (`sum_to_shape`).
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Tensor> {
+        let out = self.broadcast_to_raw(shape)?;
+        let src = self.shape().to_vec();
+        Ok(crate::autograd::record("broadcast_to", out, &[self], move |g, _| Ok(vec![Some(g.sum_to_shape(&src)?)])))
+    }
+
+    fn broadcast_to_raw(&self, shape: &[usize]) -> Result<Tensor> {
         const OP: &str = "broadcast_to";
         self.ensure_f32(OP)?;
         let src = self.shape();
@@ -183,13 +232,32 @@ impl Tensor {
             return Err(Error::shape(OP, format!("{src:?} cannot be broadcast to {shape:?}")));
         }
         if numel(shape) == self.numel() {
-            return self.reshape_to(shape);
+            return self.detach().reshape_to(shape);
         }
         gather(OP, self, 0, shape, &broadcast_strides(src, shape))
     }
 
     /// `torch.cat`: the tensors joined along `axis`; every other dim must agree.
+    /// Backward: each input gets its slice of the gradient.
     pub fn concat(tensors: &[&Tensor], axis: isize) -> Result<Tensor> {
+        let out = Tensor::concat_raw(tensors, axis)?;
+        if !crate::autograd::will_record(tensors) {
+            return Ok(out);
+        }
+        let ax = out.axis("concat", axis)?;
+        let lens: Vec<usize> = tensors.iter().map(|t| t.shape()[ax]).collect();
+        Ok(crate::autograd::record("concat", out, tensors, move |g, needs| {
+            let mut start = 0;
+            let mut grads = Vec::with_capacity(lens.len());
+            for (&len, &need) in lens.iter().zip(needs) {
+                grads.push(need.then(|| g.slice(ax as isize, start, len)).transpose()?);
+                start += len;
+            }
+            Ok(grads)
+        }))
+    }
+
+    fn concat_raw(tensors: &[&Tensor], axis: isize) -> Result<Tensor> {
         const OP: &str = "concat";
         let Some(first) = tensors.first() else {
             return Err(Error::shape(OP, "no tensors to concatenate"));
@@ -206,7 +274,7 @@ impl Tensor {
             }
         }
         if tensors.len() == 1 {
-            return Ok((*first).clone());
+            return Ok(first.detach());
         }
         let (outer, _, inner) = split3(first.shape(), ax);
         let total: usize = tensors.iter().map(|t| t.shape()[ax]).sum();
@@ -247,6 +315,45 @@ impl Tensor {
                 }
                 Ok(out)
             }
+        }
+    }
+}
+
+/// `x` viewed as (outer, seg) at column `at` of a zero tensor viewed as (outer, row), shaped `shape`.
+fn pad_raw(x: &Tensor, outer: usize, seg: usize, row: usize, at: usize, shape: &[usize]) -> Result<Tensor> {
+    const OP: &str = "pad_axis";
+    match x.device() {
+        Device::Cpu => {
+            let src = x.cpu_f32(OP)?;
+            let mut y = vec![0.0f32; outer * row];
+            if seg > 0 {
+                let fill = |o: usize, out: &mut [f32]| out[at..at + seg].copy_from_slice(&src[o * seg..(o + 1) * seg]);
+                if y.len() >= PAR_MIN && outer > 1 {
+                    use rayon::prelude::*;
+                    y.par_chunks_mut(row).enumerate().for_each(|(o, out)| fill(o, out));
+                } else {
+                    y.chunks_mut(row).enumerate().for_each(|(o, out)| fill(o, out));
+                }
+            }
+            Ok(Tensor::cpu(y, shape))
+        }
+        Device::Gpu(ctx) => {
+            let out = Tensor::gpu_empty(&ctx, OP, shape)?;
+            let n = outer * row;
+            u32_of(OP, x.numel())?;
+            let params = CopyParams {
+                n: u32_of(OP, n)?,
+                rank: 0,
+                offset: u32_of(OP, at)?,
+                seg: u32_of(OP, seg)?,
+                row: u32_of(OP, row)?,
+                dst: 0,
+                _pad: [0; 2],
+                shape: [0; 8],
+                strides: [0; 8],
+            };
+            ctx.dispatch(&COPY, "pad", &params, &[x.gpu_buf(OP)?, out.gpu_buf(OP)?], groups_for(&ctx, n))?;
+            Ok(out)
         }
     }
 }

@@ -164,6 +164,48 @@ impl Tensor {
 
     /// Matmul with `self` read as `(..., K, M)` when `ta`, `other` as `(..., N, K)` when `tb`.
     pub fn matmul_t(&self, other: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+        let out = self.matmul_raw(other, ta, tb)?;
+        let (a, b) = (self.detach(), other.detach());
+        Ok(crate::autograd::record("matmul", out, &[self, other], move |g, needs| {
+            // With op(A) (M, K) and op(B) (K, N): d op(A) = g op(B)^T, d op(B) = op(A)^T g,
+            // written for each stored layout so nothing is transposed by a copy.
+            let ga = if needs[0] {
+                let d = match (ta, tb) {
+                    (false, false) => g.matmul_raw(&b, false, true)?,
+                    (false, true) => g.matmul_raw(&b, false, false)?,
+                    (true, false) => b.matmul_raw(g, false, true)?,
+                    (true, true) => b.matmul_raw(g, true, true)?,
+                };
+                Some(d.sum_to_shape(a.shape())?)
+            } else {
+                None
+            };
+            let gb = if needs[1] {
+                // A shared 2-D B (a linear layer's weight) against a batched A: fold the batch
+                // into the rows instead of a batched product and a sum.
+                let fold = b.rank() == 2 && a.rank() > 2 && !ta;
+                let (a2, g2) = if fold {
+                    let k = a.shape()[a.rank() - 1];
+                    let n = g.shape()[g.rank() - 1];
+                    (a.reshape_to(&[a.numel() / k, k])?, g.reshape_to(&[g.numel() / n, n])?)
+                } else {
+                    (a.clone(), g.clone())
+                };
+                let d = match (ta, tb) {
+                    (false, false) => a2.matmul_raw(&g2, true, false)?,
+                    (true, false) => a2.matmul_raw(&g2, false, false)?,
+                    (false, true) => g2.matmul_raw(&a2, true, false)?,
+                    (true, true) => g2.matmul_raw(&a2, true, true)?,
+                };
+                Some(d.sum_to_shape(b.shape())?)
+            } else {
+                None
+            };
+            Ok(vec![ga, gb])
+        }))
+    }
+
+    fn matmul_raw(&self, other: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
         const OP: &str = "matmul";
         self.ensure_f32(OP)?;
         other.ensure_f32(OP)?;

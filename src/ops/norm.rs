@@ -1,4 +1,5 @@
-//! Layer norm over the last axis and group norm over (N, C, *spatial) (`shaders/norm.wgsl`).
+//! Layer norm over the last axis and group norm over (N, C, *spatial), with their backward
+//! (`shaders/norm.wgsl`).
 //! Both normalise contiguous rows with a biased variance computed as the mean of squared
 //! deviations from the mean (two passes), as `torch.nn.functional` does.
 
@@ -21,6 +22,8 @@ pub struct NormParams {
     pub has_w: u32,
     pub has_b: u32,
     pub eps: f32,
+    pub want_g: u32,
+    pub _pad: [u32; 3],
 }
 
 /// The rows to normalise: `rows` of `cpg * spatial` elements; row `r` holds channels
@@ -66,6 +69,57 @@ fn norm_row(x: &[f32], y: &mut [f32], c0: usize, spatial: usize, w: Option<&[f32
     }
 }
 
+/// CPU twin of the shader's `backward` for one row, in f64: dx, and `dy * xhat` into `g` if given.
+#[allow(clippy::too_many_arguments)]
+fn norm_backward_row(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    g: Option<&mut [f32]>,
+    c0: usize,
+    spatial: usize,
+    w: Option<&[f32]>,
+    eps: f32,
+) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let rstd = 1.0 / (var + eps as f64).sqrt();
+    let xh = |j: usize| (x[j] as f64 - mean) * rstd;
+    let dxh = |j: usize| dy[j] as f64 * w.map_or(1.0, |w| w[c0 + j / spatial] as f64);
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    for j in 0..x.len() {
+        s1 += dxh(j);
+        s2 += dxh(j) * xh(j);
+    }
+    let (m1, m2) = (s1 / n, s2 / n);
+    for (j, o) in dx.iter_mut().enumerate() {
+        *o = (rstd * (dxh(j) - m1 - xh(j) * m2)) as f32;
+    }
+    if let Some(g) = g {
+        for (j, o) in g.iter_mut().enumerate() {
+            *o = (dy[j] as f64 * xh(j)) as f32;
+        }
+    }
+}
+
+/// Per-channel sums of `t` laid out as the norm's rows, i.e. (N, C, S) with N = rows / groups,
+/// C = groups * cpg, S = spatial: sums over S first (contiguous), then over N. Returns (C,).
+fn channel_sum(t: &Tensor, l: Layout) -> Result<Tensor> {
+    let c = l.groups * l.cpg;
+    let n = l.rows / l.groups;
+    let mut t = t.reshape_to(&[n * c, l.spatial])?; // (N * C, S)
+    if l.spatial != 1 {
+        t = t.sum(1, false)?; // (N * C)
+    }
+    let t = t.reshape_to(&[n, c])?; // (N, C)
+    if n == 1 {
+        t.reshape_to(&[c])
+    } else {
+        t.sum(0, false)
+    }
+}
+
 impl Tensor {
     /// `F.layer_norm(x, (C,), weight, bias, eps)` over the last axis; `weight`, `bias`: (C,).
     pub fn layer_norm(&self, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
@@ -78,7 +132,7 @@ impl Tensor {
         check_affine(NAME, "bias", self, bias, c)?;
         let rows = self.numel().checked_div(c).unwrap_or(0);
         let layout = Layout { rows, spatial: 1, cpg: c, groups: 1 };
-        self.norm_rows(NAME, layout, weight, bias, eps)
+        self.norm_recorded(NAME, layout, weight, bias, eps)
     }
 
     /// `F.group_norm(x, groups, weight, bias, eps)` for `x` (N, C, *spatial) with any number
@@ -106,7 +160,128 @@ impl Tensor {
         check_affine(NAME, "weight", self, weight, c)?;
         check_affine(NAME, "bias", self, bias, c)?;
         let layout = Layout { rows: n * groups, spatial: shape[2..].iter().product(), cpg: c / groups, groups };
-        self.norm_rows(NAME, layout, weight, bias, eps)
+        self.norm_recorded(NAME, layout, weight, bias, eps)
+    }
+
+    /// The forward, recording a backward that recomputes mean and rstd from x rather than
+    /// saving them; the weight's gradient sums `dy * xhat` per channel, the bias's sums `dy`.
+    fn norm_recorded(
+        &self,
+        name: &'static str,
+        l: Layout,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let out = self.norm_rows(name, l, weight, bias, eps)?;
+        let mut inputs = vec![self];
+        inputs.extend(weight);
+        inputs.extend(bias);
+        let (has_w, has_b) = (weight.is_some(), bias.is_some());
+        let x = self.detach();
+        let w = weight.map(|t| t.detach());
+        Ok(crate::autograd::record(name, out, &inputs, move |dy, needs| {
+            let need_w = has_w && needs[1];
+            let need_b = has_b && needs[1 + has_w as usize];
+            let mut grads = Vec::with_capacity(needs.len());
+            if needs[0] || need_w {
+                let (dx, g) = x.norm_backward(name, l, w.as_ref(), dy, eps, need_w)?;
+                grads.push(needs[0].then_some(dx));
+                if has_w {
+                    grads.push(g.map(|g| channel_sum(&g, l)).transpose()?);
+                }
+            } else {
+                grads.push(None);
+                if has_w {
+                    grads.push(None);
+                }
+            }
+            if has_b {
+                grads.push(need_b.then(|| channel_sum(dy, l)).transpose()?);
+            }
+            Ok(grads)
+        }))
+    }
+
+    /// Gradient of the norm for x (`self`), and `dy * xhat` (shaped like x) when `want_g`.
+    fn norm_backward(
+        &self,
+        name: &'static str,
+        l: Layout,
+        weight: Option<&Tensor>,
+        dy: &Tensor,
+        eps: f32,
+        want_g: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.same_device(name, dy)?;
+        if dy.shape() != self.shape() {
+            return Err(Error::shape(name, format!("backward: dy {:?} for x {:?}", dy.shape(), self.shape())));
+        }
+        let n = self.numel();
+        let row_len = l.cpg * l.spatial;
+        if n == 0 {
+            let z = Tensor::zeros(self.shape(), &self.device())?;
+            return Ok((z.clone(), want_g.then_some(z)));
+        }
+        match self.device() {
+            Device::Cpu => {
+                let x = self.cpu_f32(name)?;
+                let d = dy.cpu_f32(name)?;
+                let w = weight.map(|t| t.cpu_f32(name)).transpose()?;
+                let mut dx = vec![0.0f32; n];
+                let mut g = if want_g { vec![0.0f32; n] } else { Vec::new() };
+                let row = |r: usize, o: &mut [f32], gr: Option<&mut [f32]>| {
+                    let s = r * row_len..(r + 1) * row_len;
+                    let c0 = (r % l.groups) * l.cpg;
+                    norm_backward_row(&x[s.clone()], &d[s], o, gr, c0, l.spatial, w, eps)
+                };
+                let min_rows = (PAR_MIN / row_len).max(1);
+                match (want_g, n >= PAR_MIN) {
+                    (true, true) => dx
+                        .par_chunks_mut(row_len)
+                        .zip(g.par_chunks_mut(row_len))
+                        .enumerate()
+                        .with_min_len(min_rows)
+                        .for_each(|(r, (o, gr))| row(r, o, Some(gr))),
+                    (true, false) => dx
+                        .chunks_mut(row_len)
+                        .zip(g.chunks_mut(row_len))
+                        .enumerate()
+                        .for_each(|(r, (o, gr))| row(r, o, Some(gr))),
+                    (false, true) => dx
+                        .par_chunks_mut(row_len)
+                        .enumerate()
+                        .with_min_len(min_rows)
+                        .for_each(|(r, o)| row(r, o, None)),
+                    (false, false) => dx.chunks_mut(row_len).enumerate().for_each(|(r, o)| row(r, o, None)),
+                }
+                let g = want_g.then(|| Tensor::cpu(g, self.shape()));
+                Ok((Tensor::cpu(dx, self.shape()), g))
+            }
+            Device::Gpu(ctx) => {
+                u32_of(name, n)?;
+                let dx = Tensor::gpu_empty(&ctx, name, self.shape())?;
+                // Without `want_g` the kernel never touches `g`; a 1-element buffer fills the slot.
+                let g = Tensor::gpu_empty(&ctx, name, if want_g { self.shape() } else { &[1] })?;
+                let params = NormParams {
+                    rows: u32_of(name, l.rows)?,
+                    row_len: u32_of(name, row_len)?,
+                    spatial: u32_of(name, l.spatial)?,
+                    cpg: u32_of(name, l.cpg)?,
+                    groups: u32_of(name, l.groups)?,
+                    has_w: weight.is_some() as u32,
+                    has_b: 0,
+                    eps,
+                    want_g: want_g as u32,
+                    _pad: [0; 3],
+                };
+                let xb = self.gpu_buf(name)?;
+                let wb = weight.map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
+                let bufs = [xb, wb, dy.gpu_buf(name)?, dx.gpu_buf(name)?, g.gpu_buf(name)?];
+                ctx.dispatch(&NORM, "backward", &params, &bufs, ctx.grid(l.rows as u64))?;
+                Ok((dx, want_g.then_some(g)))
+            }
+        }
     }
 
     fn norm_rows(
@@ -161,6 +336,8 @@ impl Tensor {
                     has_w: weight.is_some() as u32,
                     has_b: bias.is_some() as u32,
                     eps,
+                    want_g: 0,
+                    _pad: [0; 3],
                 };
                 // An absent weight or bias binds `x` in its place (read-only; the flag skips it).
                 let xb = self.gpu_buf(name)?;

@@ -152,7 +152,29 @@ impl Tensor {
         } else {
             out_shape.remove(a);
         }
-        self.reduce3(name, outer, shape[a], inner, op, &out_shape)
+        let out = self.reduce3(name, outer, shape[a], inner, op, &out_shape)?;
+        // Backward works on the keepdim shape, so the gradient broadcasts over the axis.
+        let in_shape = shape.to_vec();
+        let mut keep_shape = in_shape.clone();
+        keep_shape[a] = 1;
+        let len = shape[a];
+        let x = self.detach();
+        let y = out.detach();
+        Ok(crate::autograd::record(name, out, &[self], move |g, _| {
+            let g = g.reshape_to(&keep_shape)?; // (..., 1, ...)
+            let dx = match op {
+                ReduceOp::Sum => g.broadcast_to(&in_shape)?,
+                ReduceOp::Mean => g.mul_scalar(1.0 / len as f32)?.broadcast_to(&in_shape)?,
+                ReduceOp::Max => {
+                    // Ties split the gradient evenly (as torch.amax): the max is an exact copy of
+                    // an element on both devices, so `x >= max` marks exactly the maximal ones.
+                    let mask = x.ge(&y.reshape_to(&keep_shape)?)?; // (in_shape)
+                    let count = mask.reduce3(name, outer, len, inner, ReduceOp::Sum, &keep_shape)?;
+                    mask.mul(&g.div(&count)?)?
+                }
+            };
+            Ok(vec![Some(dx)])
+        }))
     }
 
     pub fn sum(&self, axis: isize, keepdim: bool) -> Result<Tensor> {
@@ -161,6 +183,7 @@ impl Tensor {
     pub fn mean(&self, axis: isize, keepdim: bool) -> Result<Tensor> {
         self.reduce(axis, keepdim, ReduceOp::Mean)
     }
+    /// Max over `axis`; its gradient is split evenly among tied maxima (as `torch.amax`).
     pub fn max(&self, axis: isize, keepdim: bool) -> Result<Tensor> {
         self.reduce(axis, keepdim, ReduceOp::Max)
     }
@@ -168,18 +191,34 @@ impl Tensor {
     /// Sum of all elements, as a tensor of shape `[]` (one element).
     pub fn sum_all(&self) -> Result<Tensor> {
         self.ensure_f32("sum_all")?;
-        self.reduce3("sum_all", 1, self.numel(), 1, ReduceOp::Sum, &[])
+        let out = self.reduce3("sum_all", 1, self.numel(), 1, ReduceOp::Sum, &[])?;
+        let shape = self.shape().to_vec();
+        Ok(crate::autograd::record("sum_all", out, &[self], move |g, _| Ok(vec![Some(g.broadcast_to(&shape)?)])))
     }
 
     /// Mean of all elements, as a tensor of shape `[]` (one element).
     pub fn mean_all(&self) -> Result<Tensor> {
         self.ensure_f32("mean_all")?;
-        self.reduce3("mean_all", 1, self.numel(), 1, ReduceOp::Mean, &[])
+        let n = self.numel();
+        let out = self.reduce3("mean_all", 1, n, 1, ReduceOp::Mean, &[])?;
+        let shape = self.shape().to_vec();
+        Ok(crate::autograd::record("mean_all", out, &[self], move |g, _| {
+            Ok(vec![Some(g.mul_scalar(1.0 / n as f32)?.broadcast_to(&shape)?)])
+        }))
     }
 
     /// Sums this tensor down to `target`, a shape it was broadcast from (NumPy rules:
     /// leading extra dims are summed away, dims where `target` is 1 are summed with keepdim).
     pub fn sum_to_shape(&self, target: &[usize]) -> Result<Tensor> {
+        // The body reshapes, which would record its own nodes: run it detached, record once.
+        let out = self.detach().sum_to_shape_raw(target)?;
+        let shape = self.shape().to_vec();
+        Ok(crate::autograd::record("sum_to_shape", out, &[self], move |g, _| {
+            Ok(vec![Some(g.broadcast_to(&shape)?)])
+        }))
+    }
+
+    fn sum_to_shape_raw(&self, target: &[usize]) -> Result<Tensor> {
         const NAME: &str = "sum_to_shape";
         self.ensure_f32(NAME)?;
         let src = self.shape();

@@ -31,7 +31,9 @@ impl Tensor {
     /// `f_j = exp(-ln(max_period) * j / (dim/2 - downscale_freq_shift))`, the halves swapped
     /// when `flip_sin_to_cos`, and a zero last column when `dim` is odd.
     /// Frequencies and arguments are rounded to f32 as in PyTorch; sin/cos are then accurate
-    /// to ~1e-7 on both devices (the GPU reduces arguments itself). Not differentiable.
+    /// to ~1e-7 on both devices (the GPU reduces arguments itself).
+    /// No gradient by design (timesteps are inputs, not learned): the output never records an
+    /// autograd node, even for a `timesteps` tensor that requires grad.
     pub fn timestep_embedding(
         timesteps: &Tensor,
         dim: usize,

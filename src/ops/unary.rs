@@ -101,6 +101,60 @@ impl UnaryOp {
         };
         r as f32
     }
+
+    /// CPU twin of `grad` in the shader: f'(x).
+    pub fn derivative(self, x: f32) -> f32 {
+        use UnaryOp::*;
+        let v = x as f64;
+        let r = match self {
+            Neg => -1.0,
+            Exp => v.exp(),
+            Log => 1.0 / v,
+            Sqrt => 0.5 / v.sqrt(),
+            Rsqrt => -0.5 / (v * v.sqrt()),
+            Silu => {
+                let s = sigmoid(v);
+                s * (1.0 + v * (1.0 - s))
+            }
+            GeluErf => {
+                0.5 * (1.0 + erf(v * std::f64::consts::FRAC_1_SQRT_2))
+                    + v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt()
+            }
+            GeluTanh => {
+                let k = 0.797_884_560_802_865_4;
+                let t = (k * (v + 0.044715 * v * v * v)).tanh();
+                0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * v * v)
+            }
+            QuickGelu => {
+                let s = sigmoid(1.702 * v);
+                s + 1.702 * v * s * (1.0 - s)
+            }
+            Sigmoid => {
+                let s = sigmoid(v);
+                s * (1.0 - s)
+            }
+            Tanh => 1.0 - v.tanh().powi(2),
+            Relu => (v > 0.0) as u8 as f64,
+            Abs => {
+                if v > 0.0 {
+                    1.0
+                } else if v < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                }
+            }
+            Square => 2.0 * v,
+            Affine(a, _) => a as f64,
+            // Ties pass the gradient, as torch.clamp does.
+            MaxScalar(a) => (v >= a as f64) as u8 as f64,
+            MinScalar(a) => (v <= a as f64) as u8 as f64,
+            Clamp(a, b) => (v >= a as f64 && v <= b as f64) as u8 as f64,
+            PowScalar(a) => a as f64 * v.powf(a as f64 - 1.0),
+            RDivScalar(a) => -(a as f64) / (v * v),
+        };
+        r as f32
+    }
 }
 
 pub(crate) fn sigmoid(v: f64) -> f64 {
@@ -118,6 +172,39 @@ pub fn erf(v: f64) -> f64 {
 
 impl Tensor {
     pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
+        let out = self.unary_raw(op)?;
+        let x = self.detach();
+        Ok(crate::autograd::record("unary", out, &[self], move |g, _| Ok(vec![Some(x.unary_backward(op, g)?)])))
+    }
+
+    /// `dy * f'(x)` for `f = op`; `self` is x, `dy` shaped like it.
+    pub fn unary_backward(&self, op: UnaryOp, dy: &Tensor) -> Result<Tensor> {
+        const OP: &str = "unary backward";
+        self.ensure_f32(OP)?;
+        self.same_device(OP, dy)?;
+        if dy.shape() != self.shape() {
+            return Err(crate::Error::shape(OP, format!("dy {:?} for x {:?}", dy.shape(), self.shape())));
+        }
+        let n = self.numel();
+        match self.device() {
+            Device::Cpu => {
+                let (x, d) = (self.cpu_f32(OP)?, dy.cpu_f32(OP)?);
+                let mut y = vec![0.0; n];
+                par_fill(&mut y, |i| d[i] * op.derivative(x[i]));
+                Ok(Tensor::cpu(y, self.shape()))
+            }
+            Device::Gpu(ctx) => {
+                let out = Tensor::gpu_empty(&ctx, OP, self.shape())?;
+                let (code, a, b) = op.code();
+                let params = UnaryParams { n: u32_of(OP, n)?, op: code, a, b };
+                let bufs = [self.gpu_buf(OP)?, out.gpu_buf(OP)?, dy.gpu_buf(OP)?];
+                ctx.dispatch(&UNARY, "backward", &params, &bufs, groups_for(&ctx, n))?;
+                Ok(out)
+            }
+        }
+    }
+
+    fn unary_raw(&self, op: UnaryOp) -> Result<Tensor> {
         self.ensure_f32("unary")?;
         let n = self.numel();
         match self.device() {

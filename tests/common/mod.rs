@@ -108,3 +108,107 @@ pub fn erf_ref(x: f64) -> f64 {
     };
     r.copysign(x)
 }
+
+/// Loss `sum(f(x) * r)` in float64 on the host, with `r` fixed random weights (so every
+/// output element matters differently and a wrong index cannot hide).
+fn weighted_loss(y: &Tensor, r: &[f32]) -> f64 {
+    y.to_vec().unwrap().iter().zip(r).map(|(&a, &b)| a as f64 * b as f64).sum()
+}
+
+/// Gradient check of `f` with respect to each input not listed in `frozen`:
+/// 1. on the CPU, backward of `sum(f(x) * r)` against central differences with step `eps`
+///    at up to 24 coordinates per input; error relative to the largest gradient entry;
+/// 2. on the GPU (when there is one), the backward's gradients against the CPU's.
+/// Returns the worst finite-difference error seen.
+#[track_caller]
+#[allow(clippy::too_many_arguments)]
+pub fn check_grads(
+    what: &str,
+    seed: u64,
+    inputs: &[(Vec<f32>, Vec<usize>)],
+    frozen: &[usize],
+    eps: f32,
+    fd_tol: f64,
+    gpu_tol: f64,
+    f: impl Fn(&[Tensor]) -> vipo::Result<Tensor>,
+) -> f64 {
+    let make = |dev: &Device| -> Vec<Tensor> {
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(i, (v, s))| {
+                let t = Tensor::from_slice(v, s, dev).unwrap();
+                if frozen.contains(&i) {
+                    t
+                } else {
+                    t.requires_grad()
+                }
+            })
+            .collect()
+    };
+    let analytic = |dev: &Device| -> (Vec<Option<Vec<f32>>>, Vec<f32>) {
+        let xs = make(dev);
+        let y = f(&xs).unwrap_or_else(|e| panic!("{what} forward on {dev}: {e} (seed {seed})"));
+        let r = randn(y.numel(), seed ^ 0x5eed);
+        let rt = Tensor::from_slice(&r, y.shape(), dev).unwrap();
+        let loss = y.mul(&rt).unwrap().sum_all().unwrap();
+        loss.backward().unwrap_or_else(|e| panic!("{what} backward on {dev}: {e} (seed {seed})"));
+        let grads = xs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if frozen.contains(&i) {
+                    assert!(x.grad().is_none(), "{what}: frozen input {i} got a gradient");
+                    return None;
+                }
+                let g = x.grad().unwrap_or_else(|| panic!("{what}: input {i} got no gradient (seed {seed})"));
+                assert_eq!(g.shape(), x.shape(), "{what}: gradient {i} has the wrong shape");
+                Some(g.to_vec().unwrap())
+            })
+            .collect();
+        (grads, r)
+    };
+    let (cpu_grads, r) = analytic(&Device::Cpu);
+    let mut worst = 0f64;
+    let mut rng = vipo::rng::Rng::new(seed ^ 0xfd);
+    for (i, g) in cpu_grads.iter().enumerate() {
+        let Some(g) = g else { continue };
+        let n = g.len();
+        let coords: Vec<usize> = if n <= 24 { (0..n).collect() } else { (0..24).map(|_| rng.below(n)).collect() };
+        let scale = g.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-4);
+        for &j in &coords {
+            let eval = |delta: f32| {
+                let _ng = vipo::autograd::no_grad();
+                let xs: Vec<Tensor> = inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(k, (v, s))| {
+                        let mut v = v.clone();
+                        if k == i {
+                            v[j] += delta;
+                        }
+                        Tensor::from_slice(&v, s, &Device::Cpu).unwrap()
+                    })
+                    .collect();
+                weighted_loss(&f(&xs).unwrap(), &r)
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+            let err = (numeric - g[j] as f64).abs() / scale;
+            worst = worst.max(err);
+            assert!(
+                err <= fd_tol,
+                "{what}: d/d input{i}[{j}]: analytic {} vs numeric {numeric} (rel err {err:.2e} > {fd_tol:.0e}, seed {seed})",
+                g[j]
+            );
+        }
+    }
+    if let Some(dev) = gpu() {
+        let (gpu_grads, _) = analytic(&dev);
+        for (i, (gg, cg)) in gpu_grads.iter().zip(&cpu_grads).enumerate() {
+            if let (Some(gg), Some(cg)) = (gg, cg) {
+                assert_close(&format!("{what} grad {i} gpu vs cpu"), gg, cg, gpu_tol, seed);
+            }
+        }
+    }
+    worst
+}
