@@ -1,7 +1,9 @@
 // Reductions over one axis of a tensor viewed as (outer, len, inner).
 // `rows` (inner == 1): one workgroup per output, a strided pass then a shared-memory tree;
 // a long axis is split into `nchunks` chunks per row whose partials a second `rows` pass reduces.
-// `cols` (inner > 1): one thread per output, looping over the axis.
+// `cols` (inner > 1): one thread per output and chunk of the axis, looping over the chunk; with
+// several chunks (few outputs, long axis) their partials (outer, nchunks, inner) go through a
+// second `cols` pass.
 // Op codes mirror `ReduceOp::code` in src/ops/reduce.rs.
 
 struct Params {
@@ -9,15 +11,15 @@ struct Params {
     len: u32,      // axis length
     inner: u32,    // product of the dims after the axis
     op: u32,       // 0: sum times `scale`, 1: max
-    chunk: u32,    // rows: axis elements per workgroup (len in a one-pass reduction)
-    nchunks: u32,  // rows: workgroups per output row, ceil(len / chunk)
+    chunk: u32,    // axis elements per workgroup (rows) or thread (cols); len in one pass
+    nchunks: u32,  // chunks per output, ceil(len / chunk)
     scale: f32,    // applied to sums: 1, or 1 / len for a mean
     _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;        // (outer, len, inner)
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;  // rows: (outer, nchunks); cols: (outer, inner)
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;  // rows: (outer, nchunks); cols: (outer, nchunks, inner)
 
 var<workgroup> red: array<f32, 256>;
 
@@ -68,13 +70,16 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 fn cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let j = (wid.y * nwg.x + wid.x) * 256u + lid;
-    if j >= p.outer * p.inner {
+    if j >= p.outer * p.nchunks * p.inner {
         return;
     }
-    let base = (j / p.inner) * p.len * p.inner + j % p.inner;
+    let oc = j / p.inner;
+    let base = (oc / p.nchunks) * p.len * p.inner + j % p.inner;
+    let kb = (oc % p.nchunks) * p.chunk;
+    let ke = min(kb + p.chunk, p.len);
     if p.op == 1u {
-        var m = x[base];
-        for (var k = 1u; k < p.len; k++) {
+        var m = x[base + kb * p.inner];
+        for (var k = kb + 1u; k < ke; k++) {
             m = max(m, x[base + k * p.inner]);
         }
         y[j] = m;
@@ -84,8 +89,8 @@ fn cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     // rounding error grows with log(len) rather than len. stack[l] holds 2^l blocks.
     var stack: array<f32, 32>;
     var blocks = 0u;
-    for (var k0 = 0u; k0 < p.len; k0 += 16u) {
-        let k1 = min(k0 + 16u, p.len);
+    for (var k0 = kb; k0 < ke; k0 += 16u) {
+        let k1 = min(k0 + 16u, ke);
         var s = 0.0;
         for (var k = k0; k < k1; k++) {
             s += x[base + k * p.inner];

@@ -11,6 +11,7 @@ pub mod params;
 pub mod rng;
 pub mod shaders;
 pub mod tensor;
+pub mod toy;
 
 pub use device::{Device, DeviceRequest};
 pub use error::{Error, Result};

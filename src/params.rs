@@ -494,6 +494,7 @@ pub(crate) fn to_f32(path: &Path, name: &str, view: &safetensors::tensor::Tensor
 /// tensor's host copy at a time. A failed readback is kept in `err` (the `View` trait cannot
 /// fail) and the save is abandoned after writing.
 struct LazyView<'a> {
+    name: String,
     tensor: Tensor,
     dtype: DType,
     err: &'a Mutex<Option<Error>>,
@@ -514,7 +515,14 @@ impl View for LazyView<'_> {
         match self.tensor.to_vec() {
             Ok(v) => Cow::Owned(match self.dtype {
                 DType::F32 => bytemuck::cast_slice(&v).to_vec(),
-                DType::F16 => v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+                DType::F16 => {
+                    // f16 tops out at 65504: a finite value that would turn into inf is an error.
+                    if let Some(x) = v.iter().find(|x| x.is_finite() && half::f16::from_f32(**x).is_infinite()) {
+                        let msg = format!("`{}` holds {x}, beyond the f16 range; save it as f32", self.name);
+                        lock(self.err).get_or_insert(Error::Invalid(msg));
+                    }
+                    v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()
+                }
             }),
             Err(e) => {
                 lock(self.err).get_or_insert(e);
@@ -545,7 +553,7 @@ pub(crate) fn write_safetensors(
 ) -> Result<()> {
     let err = Mutex::new(None);
     let views: Vec<(String, LazyView<'_>)> =
-        tensors.into_iter().map(|(k, t)| (k, LazyView { tensor: t, dtype, err: &err })).collect();
+        tensors.into_iter().map(|(k, t)| (k.clone(), LazyView { name: k, tensor: t, dtype, err: &err })).collect();
     let tmp = tmp_path(path);
     let written = safetensors::serialize_to_file(views, Some(meta.into_iter().collect()), &tmp)
         .map_err(|e| file_err(&tmp, e))

@@ -157,7 +157,7 @@ fn adamw_is_functional_and_rejects_bad_input() {
     p.set_grad(Some(g)).unwrap();
     let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
     assert!(opt.step(&[p.clone(), p.clone()], 0.1).is_err(), "a param listed twice");
-    assert!(opt.step(&[p.clone()], f32::NAN).is_err());
+    assert!(opt.step(std::slice::from_ref(&p), f32::NAN).is_err());
     assert_eq!(p.frozen_value().to_vec().unwrap(), vec![1.0, 2.0], "a failed step changed the param");
     assert!(p.set_grad(Some(bad)).is_err());
 }
@@ -389,6 +389,14 @@ fn loads_f16_and_bf16_files() {
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.tensor("a").unwrap().dtype(), Dtype::F16);
     }
+    // A value beyond f16's range is an error, not a silent inf; the old file stays.
+    let mut big = ParamStore::new();
+    big.insert("huge", Tensor::from_slice(&[1.0, 7e4], &[2], &Device::Cpu).unwrap(), true).unwrap();
+    let out = dir.join("out16.safetensors");
+    let e = big.save_safetensors(&out, DType::F16).unwrap_err().to_string();
+    assert!(e.contains("huge") && e.contains("f16"), "{e}");
+    assert!(ParamStore::load_safetensors(&out, &Device::Cpu).unwrap().contains("a"));
+    assert!(!dir.join("out16.safetensors.tmp").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

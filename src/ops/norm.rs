@@ -248,11 +248,9 @@ impl Tensor {
                         .zip(g.chunks_mut(row_len))
                         .enumerate()
                         .for_each(|(r, (o, gr))| row(r, o, Some(gr))),
-                    (false, true) => dx
-                        .par_chunks_mut(row_len)
-                        .enumerate()
-                        .with_min_len(min_rows)
-                        .for_each(|(r, o)| row(r, o, None)),
+                    (false, true) => {
+                        dx.par_chunks_mut(row_len).enumerate().with_min_len(min_rows).for_each(|(r, o)| row(r, o, None))
+                    }
                     (false, false) => dx.chunks_mut(row_len).enumerate().for_each(|(r, o)| row(r, o, None)),
                 }
                 let g = want_g.then(|| Tensor::cpu(g, self.shape()));

@@ -51,6 +51,12 @@ pub struct ReduceParams {
 const GPU_SPLIT_LEN: usize = 8192;
 /// Axis elements per workgroup in the first of those two passes.
 const GPU_CHUNK: usize = 4096;
+/// GPU, axis not last: an axis longer than this is split into chunks of `GPU_COL_CHUNK` when
+/// there are fewer than `GPU_COL_FEW` outputs (a bias gradient: (tokens, C) -> (C)), so the
+/// work spreads over many threads instead of one long loop per output.
+const GPU_COL_SPLIT_LEN: usize = 1024;
+const GPU_COL_CHUNK: usize = 256;
+const GPU_COL_FEW: usize = 65536;
 /// CPU: elements per parallel task when a few long rows are split.
 const CPU_CHUNK: usize = 16384;
 /// CPU: output columns per task when the axis is not the last one.
@@ -213,9 +219,7 @@ impl Tensor {
         // The body reshapes, which would record its own nodes: run it detached, record once.
         let out = self.detach().sum_to_shape_raw(target)?;
         let shape = self.shape().to_vec();
-        Ok(crate::autograd::record("sum_to_shape", out, &[self], move |g, _| {
-            Ok(vec![Some(g.broadcast_to(&shape)?)])
-        }))
+        Ok(crate::autograd::record("sum_to_shape", out, &[self], move |g, _| Ok(vec![Some(g.broadcast_to(&shape)?)])))
     }
 
     fn sum_to_shape_raw(&self, target: &[usize]) -> Result<Tensor> {
@@ -304,8 +308,17 @@ impl Tensor {
                         _pad: 0,
                     })
                 };
-                if inner > 1 {
-                    let p = params(outer, len, inner, 0, 0, scale)?;
+                if inner > 1 && len > GPU_COL_SPLIT_LEN && outer * inner < GPU_COL_FEW {
+                    let nchunks = len.div_ceil(GPU_COL_CHUNK);
+                    let part = Tensor::gpu_empty(&ctx, name, &[outer, nchunks, inner])?; // (outer, nchunks, inner)
+                    let p1 = params(outer, len, inner, GPU_COL_CHUNK, nchunks, 1.0)?;
+                    let bufs = [self.gpu_buf(name)?, part.gpu_buf(name)?];
+                    ctx.dispatch(&REDUCE, "cols", &p1, &bufs, crate::ops::groups_for(&ctx, outer * nchunks * inner))?;
+                    let p2 = params(outer, nchunks, inner, nchunks, 1, scale)?;
+                    let bufs = [part.gpu_buf(name)?, out.gpu_buf(name)?];
+                    ctx.dispatch(&REDUCE, "cols", &p2, &bufs, crate::ops::groups_for(&ctx, outer * inner))?;
+                } else if inner > 1 {
+                    let p = params(outer, len, inner, len, 1, scale)?;
                     let bufs = [self.gpu_buf(name)?, out.gpu_buf(name)?];
                     let groups = crate::ops::groups_for(&ctx, outer * inner);
                     ctx.dispatch(&REDUCE, "cols", &p, &bufs, groups)?;
