@@ -167,10 +167,16 @@ impl Tensor {
     /// Back-propagates `grad` (shaped like `self`) into the leaves.
     pub fn backward_with(&self, grad: Tensor) -> Result<()> {
         let Some(root) = self.node().cloned() else {
-            return Err(Error::Invalid("backward: the tensor has no autograd history (no input requires grad, or it was made under no_grad)".into()));
+            return Err(Error::Invalid(
+                "backward: the tensor has no autograd history (no input requires grad, or it was made under no_grad)"
+                    .into(),
+            ));
         };
         if grad.shape() != self.shape() {
-            return Err(Error::shape("backward", format!("gradient {:?} for a tensor of shape {:?}", grad.shape(), self.shape())));
+            return Err(Error::shape(
+                "backward",
+                format!("gradient {:?} for a tensor of shape {:?}", grad.shape(), self.shape()),
+            ));
         }
         let _guard = no_grad();
         let order = topo_order(&root);

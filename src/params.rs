@@ -161,6 +161,8 @@ pub struct ParamStore {
     params: BTreeMap<String, Arc<Param>>,
     /// The file the store was loaded from, for error messages.
     source: Option<PathBuf>,
+    /// Keys a model has asked for, so keys that no layer uses can be reported.
+    used: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for ParamStore {
@@ -192,6 +194,7 @@ impl ParamStore {
     /// The param `name`; the error lists similar keys when there are any.
     pub fn get(&self, name: &str) -> Result<Arc<Param>> {
         if let Some(p) = self.params.get(name) {
+            lock(&self.used).insert(name.to_string());
             return Ok(p.clone());
         }
         let mut msg = format!("no parameter `{name}` in {}", self.label());
@@ -273,6 +276,28 @@ impl ParamStore {
         self.params.values().try_for_each(|p| p.to(device))
     }
 
+    /// Keys no `get` has asked for, in sorted order.
+    pub fn unused_keys(&self) -> Vec<String> {
+        let used = lock(&self.used);
+        self.params.keys().filter(|k| !used.contains(*k)).cloned().collect()
+    }
+
+    /// After a model is built from this store: an error naming every key that no layer used
+    /// (a checkpoint of another architecture or config, or a key-name mismatch).
+    pub fn check_all_used(&self) -> Result<()> {
+        let unused = self.unused_keys();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<String> = unused.iter().take(20).map(|k| format!("  unexpected key `{k}`")).collect();
+        let more = if unused.len() > 20 { format!("\n  ... and {} more", unused.len() - 20) } else { String::new() };
+        let msg = format!("{} key(s) not used by the model:\n{}{more}", unused.len(), shown.join("\n"));
+        Err(match &self.source {
+            Some(path) => Error::File { path: path.clone(), msg },
+            None => Error::Invalid(format!("param store: {msg}")),
+        })
+    }
+
     /// A view that prefixes names: `store.pp("down_blocks").pp(0).get("conv.weight")` gets
     /// `down_blocks.0.conv.weight`.
     pub fn pp(&self, part: impl Display) -> ParamPath<'_> {
@@ -294,7 +319,8 @@ impl ParamStore {
         let st = parse(path, &bytes)?;
         let mut names: Vec<&str> = st.names();
         names.sort_unstable();
-        let mut store = ParamStore { params: BTreeMap::new(), source: Some(path.to_path_buf()) };
+        let mut store =
+            ParamStore { params: BTreeMap::new(), source: Some(path.to_path_buf()), used: Default::default() };
         for name in names {
             let view = st.tensor(name).map_err(|e| file_err(path, e))?;
             let data = to_f32(path, name, &view)?;

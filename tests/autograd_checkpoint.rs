@@ -54,7 +54,11 @@ fn checkpoint_keeps_no_activations() {
         let mut h = x.clone();
         for _ in 0..4 {
             let (a, b) = (w1.clone(), w2.clone());
-            h = if ckpt { checkpoint(&[&h], move |t| block(&t[0], &a, &b)).unwrap() } else { block(&h, &w1, &w2).unwrap() };
+            h = if ckpt {
+                checkpoint(&[&h], move |t| block(&t[0], &a, &b)).unwrap()
+            } else {
+                block(&h, &w1, &w2).unwrap()
+            };
         }
         let live = ctx.pool_stats().live_bytes - before;
         h.square().unwrap().mean_all().unwrap().backward().unwrap();

@@ -27,23 +27,40 @@ fn unary_grads() {
     ];
     for (k, op) in smooth.into_iter().enumerate() {
         let x = randn(3 * 37, 300 + k as u64);
-        check_grads(&format!("{op:?}"), 300 + k as u64, &[(x, vec![3, 37])], &[], 1e-2, FD_TOL, GPU_TOL, |t| t[0].unary(op));
+        check_grads(&format!("{op:?}"), 300 + k as u64, &[(x, vec![3, 37])], &[], 1e-2, FD_TOL, GPU_TOL, |t| {
+            t[0].unary(op)
+        });
     }
     // Positive-domain ops.
-    for (k, op) in [UnaryOp::Log, UnaryOp::Sqrt, UnaryOp::Rsqrt, UnaryOp::PowScalar(1.7), UnaryOp::RDivScalar(2.0)].into_iter().enumerate() {
+    for (k, op) in [UnaryOp::Log, UnaryOp::Sqrt, UnaryOp::Rsqrt, UnaryOp::PowScalar(1.7), UnaryOp::RDivScalar(2.0)]
+        .into_iter()
+        .enumerate()
+    {
         let x = uniform(41, 0.5, 3.0, 310 + k as u64);
-        check_grads(&format!("{op:?}"), 310 + k as u64, &[(x, vec![41])], &[], 1e-3, FD_TOL, GPU_TOL, |t| t[0].unary(op));
+        check_grads(&format!("{op:?}"), 310 + k as u64, &[(x, vec![41])], &[], 1e-3, FD_TOL, GPU_TOL, |t| {
+            t[0].unary(op)
+        });
     }
     // Kinks: values kept away from the kink so the finite difference does not straddle it.
-    for (k, op) in [UnaryOp::Relu, UnaryOp::Abs, UnaryOp::MaxScalar(0.3), UnaryOp::MinScalar(-0.2), UnaryOp::Clamp(-0.5, 0.7)].into_iter().enumerate() {
+    for (k, op) in
+        [UnaryOp::Relu, UnaryOp::Abs, UnaryOp::MaxScalar(0.3), UnaryOp::MinScalar(-0.2), UnaryOp::Clamp(-0.5, 0.7)]
+            .into_iter()
+            .enumerate()
+    {
         let x: Vec<f32> = randn(53, 320 + k as u64)
             .into_iter()
             .map(|v| {
                 let near = [0.0f32, 0.3, -0.2, -0.5, 0.7].iter().any(|&c| (v - c).abs() < 0.03);
-                if near { v + 0.06 } else { v }
+                if near {
+                    v + 0.06
+                } else {
+                    v
+                }
             })
             .collect();
-        check_grads(&format!("{op:?}"), 320 + k as u64, &[(x, vec![53])], &[], 1e-2, FD_TOL, GPU_TOL, |t| t[0].unary(op));
+        check_grads(&format!("{op:?}"), 320 + k as u64, &[(x, vec![53])], &[], 1e-2, FD_TOL, GPU_TOL, |t| {
+            t[0].unary(op)
+        });
     }
 }
 

@@ -14,7 +14,9 @@ fn matmul_grads_every_layout() {
         let ash = if ta { vec![k, m] } else { vec![m, k] };
         let bsh = if tb { vec![n, k] } else { vec![k, n] };
         let inputs = [(randn(m * k, seed), ash), (randn(k * n, seed + 1), bsh)];
-        check_grads(&format!("matmul ta={ta} tb={tb}"), seed, &inputs, &[], 1e-2, FD_TOL, GPU_TOL, |t| t[0].matmul_t(&t[1], ta, tb));
+        check_grads(&format!("matmul ta={ta} tb={tb}"), seed, &inputs, &[], 1e-2, FD_TOL, GPU_TOL, |t| {
+            t[0].matmul_t(&t[1], ta, tb)
+        });
     }
 }
 
@@ -35,7 +37,8 @@ fn matmul_grads_batched_and_shared() {
 fn attention_grads() {
     // (batch, heads, Lq, Lk, D, Dv): self, cross, two keys, tiles not full, and a head wider
     // than the fused kernel (its GPU path is differentiated through the ops it is built from).
-    let cases = [(1, 2, 9, 9, 4, 4), (2, 1, 5, 3, 6, 5), (1, 1, 4, 2, 3, 3), (1, 1, 70, 11, 8, 8), (1, 1, 6, 5, 165, 3)];
+    let cases =
+        [(1, 2, 9, 9, 4, 4), (2, 1, 5, 3, 6, 5), (1, 1, 4, 2, 3, 3), (1, 1, 70, 11, 8, 8), (1, 1, 6, 5, 165, 3)];
     for (ci, &(b, h, lq, lk, d, dv)) in cases.iter().enumerate() {
         let seed = 800 + ci as u64;
         let inputs = [
@@ -43,11 +46,19 @@ fn attention_grads() {
             (randn(b * h * lk * d, seed + 1), vec![b, h, lk, d]),
             (randn(b * h * lk * dv, seed + 2), vec![b, h, lk, dv]),
         ];
-        check_grads(&format!("attention {:?}", cases[ci]), seed, &inputs, &[], 1e-2, FD_TOL, GPU_TOL, |t| t[0].attention(&t[1], &t[2], None));
+        check_grads(&format!("attention {:?}", cases[ci]), seed, &inputs, &[], 1e-2, FD_TOL, GPU_TOL, |t| {
+            t[0].attention(&t[1], &t[2], None)
+        });
     }
     // Cross-attention with frozen keys and values (text embeddings): only dQ is computed.
-    let inputs = [(randn(2 * 7 * 4, 9), vec![2, 7, 4]), (randn(2 * 5 * 4, 10), vec![2, 5, 4]), (randn(2 * 5 * 6, 11), vec![2, 5, 6])];
-    check_grads("attention frozen k, v", 9, &inputs, &[1, 2], 1e-2, FD_TOL, GPU_TOL, |t| t[0].attention(&t[1], &t[2], Some(0.7)));
+    let inputs = [
+        (randn(2 * 7 * 4, 9), vec![2, 7, 4]),
+        (randn(2 * 5 * 4, 10), vec![2, 5, 4]),
+        (randn(2 * 5 * 6, 11), vec![2, 5, 6]),
+    ];
+    check_grads("attention frozen k, v", 9, &inputs, &[1, 2], 1e-2, FD_TOL, GPU_TOL, |t| {
+        t[0].attention(&t[1], &t[2], Some(0.7))
+    });
 }
 
 #[test]

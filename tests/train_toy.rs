@@ -31,7 +31,10 @@ fn toy_regression_trains_on_cpu_and_gpu_alike() {
         worst = worst.max(rel);
         assert!(rel < 2e-2, "step {i}: cpu loss {a}, gpu loss {b} (rel {rel:.2e})");
     }
-    eprintln!("toy: loss {first:.4} -> {last:.4} on cpu, {:.4} on gpu; worst step rel diff {worst:.2e}", gpu_curve[STEPS - 1]);
+    eprintln!(
+        "toy: loss {first:.4} -> {last:.4} on cpu, {:.4} on gpu; worst step rel diff {worst:.2e}",
+        gpu_curve[STEPS - 1]
+    );
 }
 
 #[test]
@@ -52,7 +55,10 @@ fn gpu_memory_does_not_grow_across_steps() {
     assert_eq!(live[19], live[1], "live bytes per step: {live:?}");
     assert!(live[1] > 0);
     let stats = ctx.pool_stats();
-    eprintln!("toy on {dev}: live {} B after each step, peak {} B, {} device allocations", live[19], stats.peak_live_bytes, stats.device_allocations);
+    eprintln!(
+        "toy on {dev}: live {} B after each step, peak {} B, {} device allocations",
+        live[19], stats.peak_live_bytes, stats.device_allocations
+    );
 }
 
 #[test]
@@ -78,7 +84,8 @@ fn saved_run_resumes_bit_for_bit_on_cpu() {
     assert_eq!(straight.0.to_bits(), resumed.0.to_bits(), "loss {} vs {}", straight.0, resumed.0);
     for (name, p) in net.store.iter() {
         let a: Vec<u32> = p.frozen_value().to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
-        let b: Vec<u32> = net2.store.get(name).unwrap().frozen_value().to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
+        let b: Vec<u32> =
+            net2.store.get(name).unwrap().frozen_value().to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
         assert_eq!(a, b, "{name} differs after resume");
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -26,6 +26,10 @@ pub struct Args {
     /// JSON from `benches/pytorch_ops.py --json`: adds its times and the ratio vipo/peer.
     #[arg(long)]
     pub peer: Option<std::path::PathBuf>,
+    /// Training steps of the toy network (conv, group norm, attention, linear; AdamW) instead
+    /// of kernels: time per step and peak GPU buffer bytes of a step.
+    #[arg(long)]
+    pub train: bool,
 }
 
 /// One benchmark: inputs are built once, `run` is timed.
@@ -117,6 +121,51 @@ pub struct Record {
     pub vs_cpu: Option<f64>,
 }
 
+/// Toy training cases: (channels, image size, batch).
+const TRAIN_CASES: [(usize, usize, usize); 2] = [(16, 8, 4), (64, 16, 8)];
+
+fn time_train(channels: usize, size: usize, batch: usize, device: &Device, min_time: f64) -> Result<Record> {
+    use crate::toy::{toy_batch, toy_optimizer, train_step, ToyNet};
+    let net = ToyNet::new(channels, 1, device)?;
+    let mut opt = toy_optimizer()?;
+    let (x, y) = toy_batch(batch, size, 2, device)?;
+    // Two warm-up steps: pipelines compiled, optimizer state allocated, pool filled.
+    for _ in 0..2 {
+        train_step(&net, &mut opt, &x, &y, 1e-3)?;
+    }
+    if let Device::Gpu(g) = device {
+        g.sync()?;
+        g.reset_peak();
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || (start.elapsed().as_secs_f64() < min_time && times.len() < 200) {
+        let t0 = Instant::now();
+        train_step(&net, &mut opt, &x, &y, 1e-3)?; // reads the loss back: the step is finished
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let secs = times[times.len() / 2];
+    Ok(Record {
+        name: format!("train toy c{channels} {size}px b{batch}"),
+        device: device_name(device),
+        ms: secs * 1e3,
+        gflops: None,
+        gbps: None,
+        peak_bytes: device.gpu().map(|g| g.pool_stats().peak_live_bytes),
+        peer_ms: None,
+        ratio: None,
+        vs_cpu: None,
+    })
+}
+
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+        Device::Gpu(g) => format!("gpu:{} {}", g.index, g.info.name),
+    }
+}
+
 fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<Record> {
     let inputs: Vec<Tensor> =
         case.shapes.iter().enumerate().map(|(i, s)| Tensor::randn(s, 1 + i as u64, device)).collect::<Result<_>>()?;
@@ -141,10 +190,7 @@ fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<Record> {
     let rate = case.work / secs / 1e9;
     Ok(Record {
         name: case.name.clone(),
-        device: match device {
-            Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
-            Device::Gpu(g) => format!("gpu:{} {}", g.index, g.info.name),
-        },
+        device: device_name(device),
         ms: secs * 1e3,
         gflops: (!case.is_bytes).then_some(rate),
         gbps: case.is_bytes.then_some(rate),
@@ -196,12 +242,27 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
     if !args.json {
         println!(
             "{:<34} {:<34} {:>10} {:>12} {:>10} {:>9} {:>8}",
-            "case", "device", "ms", "GFLOP/s|GB/s", "peer ms", "vipo/peer", "vs cpu"
+            "case",
+            "device",
+            "ms",
+            if args.train { "peak GPU" } else { "GFLOP/s|GB/s" },
+            "peer ms",
+            "vipo/peer",
+            "vs cpu"
         );
     }
     for device in devices(device_arg)? {
-        for case in &selected {
-            let mut r = time_case(case, &device, args.min_time)?;
+        let runs: Vec<Result<Record>> = if args.train {
+            TRAIN_CASES
+                .iter()
+                .filter(|(c, s, b)| !args.quick || (*c, *s, *b) == TRAIN_CASES[0])
+                .map(|&(c, s, b)| time_train(c, s, b, &device, args.min_time))
+                .collect()
+        } else {
+            selected.iter().map(|case| time_case(case, &device, args.min_time)).collect()
+        };
+        for r in runs {
+            let mut r = r?;
             if let Some(&p) = peer.get(&r.name) {
                 r.peer_ms = Some(p);
                 r.ratio = Some(r.ms / p);
@@ -211,8 +272,14 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
                 r.vs_cpu = cpu.map(|c| r.ms / c.ms);
             }
             if !args.json {
-                let rate = r.gflops.or(r.gbps).unwrap_or(0.0);
-                let unit = if r.gbps.is_some() { "GB/s" } else { "GF/s" };
+                let rate = r.gflops.or(r.gbps).or(r.peak_bytes.map(|b| b as f64 / 1048576.0)).unwrap_or(0.0);
+                let unit = if r.gbps.is_some() {
+                    "GB/s"
+                } else if r.gflops.is_some() {
+                    "GF/s"
+                } else {
+                    "MiB "
+                };
                 let peer = r.peer_ms.map(|p| format!("{p:.2}")).unwrap_or_else(|| "-".into());
                 let ratio = r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
                 let vs_cpu = r.vs_cpu.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());

@@ -125,7 +125,14 @@ impl Tensor {
 }
 
 /// O (out_shape), and the row log-sum-exp (BH, Lq) when `with_lse` (for the backward).
-fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, g: &Geom, out_shape: &[usize], with_lse: bool) -> Result<(Tensor, Option<Tensor>)> {
+fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Geom,
+    out_shape: &[usize],
+    with_lse: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     const OP: &str = "attention";
     match q.device() {
         Device::Cpu => {
@@ -142,7 +149,13 @@ fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, g: &Geom, out_shape: &[
             let (qb, kb, vb) = (q.gpu_buf(OP)?, k.gpu_buf(OP)?, v.gpu_buf(OP)?);
             if with_lse {
                 let lse = Tensor::gpu_empty(&ctx, OP, &[g.bh, g.lq])?;
-                ctx.dispatch(&ATTENTION, "main_lse", &g.params()?, &[qb, kb, vb, out.gpu_buf(OP)?, lse.gpu_buf(OP)?], groups)?;
+                ctx.dispatch(
+                    &ATTENTION,
+                    "main_lse",
+                    &g.params()?,
+                    &[qb, kb, vb, out.gpu_buf(OP)?, lse.gpu_buf(OP)?],
+                    groups,
+                )?;
                 Ok((out, Some(lse)))
             } else {
                 ctx.dispatch(&ATTENTION, "main", &g.params()?, &[qb, kb, vb, out.gpu_buf(OP)?], groups)?;
@@ -220,7 +233,8 @@ fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], lse: &mut [f32]
         return;
     }
     o.par_chunks_mut(lq * dv).zip(lse.par_chunks_mut(lq)).enumerate().for_each(|(b, (oh, lh))| {
-        let (qh, kh, vh) = (&q[b * lq * d..(b + 1) * lq * d], &k[b * lk * d..(b + 1) * lk * d], &v[b * lk * dv..(b + 1) * lk * dv]);
+        let (qh, kh, vh) =
+            (&q[b * lq * d..(b + 1) * lq * d], &k[b * lk * d..(b + 1) * lk * d], &v[b * lk * dv..(b + 1) * lk * dv]);
         oh.par_chunks_mut(CPU_ROWS * dv).zip(lh.par_chunks_mut(CPU_ROWS)).enumerate().for_each_init(
             || vec![0.0f32; CPU_ROWS * lk],
             |s, (ci, (oc, lc))| {
@@ -238,7 +252,17 @@ fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], lse: &mut [f32]
                     let inv = 1.0 / sum;
                     row.iter_mut().for_each(|x| *x *= inv);
                 }
-                sgemm(rows, dv, lk, MatRef { data: st, rs: lk, cs: 1 }, MatRef { data: vh, rs: dv, cs: 1 }, oc, dv, false, false);
+                sgemm(
+                    rows,
+                    dv,
+                    lk,
+                    MatRef { data: st, rs: lk, cs: 1 },
+                    MatRef { data: vh, rs: dv, cs: 1 },
+                    oc,
+                    dv,
+                    false,
+                    false,
+                );
             },
         );
     });
@@ -254,6 +278,13 @@ struct CpuBackward<'a> {
     dsum: &'a [f32],
 }
 
+/// One head's gradient outputs.
+struct HeadGrads<'a> {
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
 /// CPU twin of the backward: per head, chunks of queries recompute P = exp(scale S - lse)
 /// and accumulate dV += P^T dO, dK += scale dS^T Q, and write dQ = scale dS K. Empty
 /// `dq` or `dk`/`dv` mean "not wanted".
@@ -261,12 +292,21 @@ fn cpu_attention_backward(io: &CpuBackward, dq: &mut [f32], dk: &mut [f32], dv_o
     use rayon::prelude::*;
     let Geom { bh, lq, lk, d, dv, scale } = *g;
     let (want_q, want_kv) = (!dq.is_empty(), !dk.is_empty());
-    let mut dq_heads: Vec<&mut [f32]> = if want_q { dq.chunks_mut(lq * d).collect() } else { (0..bh).map(|_| &mut [][..]).collect() };
-    let mut dk_heads: Vec<&mut [f32]> = if want_kv { dk.chunks_mut(lk * d).collect() } else { (0..bh).map(|_| &mut [][..]).collect() };
-    let mut dv_heads: Vec<&mut [f32]> = if want_kv { dv_out.chunks_mut(lk * dv).collect() } else { (0..bh).map(|_| &mut [][..]).collect() };
-    let heads: Vec<(usize, ((&mut &mut [f32], &mut &mut [f32]), &mut &mut [f32]))> =
-        dq_heads.iter_mut().zip(dk_heads.iter_mut()).zip(dv_heads.iter_mut()).enumerate().collect();
-    heads.into_par_iter().for_each(|(b, ((dqh, dkh), dvh))| {
+    // Per head: its slices of dQ, dK and dV (empty when not wanted).
+    fn split(buf: &mut [f32], len: usize, bh: usize) -> Vec<&mut [f32]> {
+        if buf.is_empty() {
+            (0..bh).map(|_| &mut [][..]).collect()
+        } else {
+            buf.chunks_mut(len).collect()
+        }
+    }
+    let heads: Vec<HeadGrads> = split(dq, lq * d, bh)
+        .into_iter()
+        .zip(split(dk, lk * d, bh))
+        .zip(split(dv_out, lk * dv, bh))
+        .map(|((dq, dk), dv)| HeadGrads { dq, dk, dv })
+        .collect();
+    heads.into_par_iter().enumerate().for_each(|(b, HeadGrads { dq: dqh, dk: dkh, dv: dvh })| {
         let qh = &io.q[b * lq * d..(b + 1) * lq * d];
         let kh = &io.k[b * lk * d..(b + 1) * lk * d];
         let vh = &io.v[b * lk * dv..(b + 1) * lk * dv];

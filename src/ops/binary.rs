@@ -82,7 +82,11 @@ impl Tensor {
                 }
                 BinaryOp::Maximum | BinaryOp::Minimum => {
                     // Ties go to `a`, as the forward's max/min returns `a` there.
-                    let mask = if op == BinaryOp::Maximum { a.binary_raw(&b, BinaryOp::Ge)? } else { b.binary_raw(&a, BinaryOp::Ge)? };
+                    let mask = if op == BinaryOp::Maximum {
+                        a.binary_raw(&b, BinaryOp::Ge)?
+                    } else {
+                        b.binary_raw(&a, BinaryOp::Ge)?
+                    };
                     let ga = needs[0].then(|| g.mul(&mask)).transpose()?;
                     let gb = needs[1].then(|| g.mul(&mask.affine(-1.0, 1.0)?)).transpose()?;
                     (ga, gb)

@@ -119,6 +119,7 @@ fn weighted_loss(y: &Tensor, r: &[f32]) -> f64 {
 /// 1. on the CPU, backward of `sum(f(x) * r)` against central differences with step `eps`
 ///    at up to 24 coordinates per input; error relative to the largest gradient entry;
 /// 2. on the GPU (when there is one), the backward's gradients against the CPU's.
+///
 /// Returns the worst finite-difference error seen.
 #[track_caller]
 #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,3 @@
+//! Loaders and building blocks of the diffusion models vipo trains (diffusers layouts).
+
+pub mod clip_tokenizer;
