@@ -19,3 +19,8 @@ pub mod toy;
 pub use device::{Device, DeviceRequest};
 pub use error::{Error, Result};
 pub use tensor::{DType, Tensor};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -3,8 +3,9 @@
 //! The coefficient math (betas, `alphas_cumprod`, timesteps, sigmas) is host code that
 //! reproduces diffusers' float32 arithmetic operation by operation (PyTorch's CPU `linspace`
 //! with its fused multiply-adds, `cumprod` accumulated in f64, numpy's `linspace`/`arange`/
-//! `interp` and round-half-to-even), so the tables match diffusers bit for bit. Each step is a
-//! few tensor ops in the same order as diffusers, so it runs on the device of the latents.
+//! `interp` and round-half-to-even): betas, `alphas_cumprod` and timesteps match diffusers bit
+//! for bit; sigmas use a correctly rounded sqrt where PyTorch's `** 0.5` can be 1 ulp off.
+//! Each step is a few tensor ops in diffusers' order, so it runs on the latents' device.
 //!
 //! Steps are addressed by index `i` into [`NoiseScheduler::timesteps`] (0 = noisiest), not by
 //! timestep value. Randomness only enters through [`Noise`], so runs replay exactly.
