@@ -4,7 +4,7 @@
 //!
 //! It reproduces OpenAI's reference algorithm (CLIP's `simple_tokenizer.py`, as open_clip and
 //! transformers 4's slow `CLIPTokenizer` with ftfy run it), the text CLIP was trained on:
-//! 1. a port of the deterministic parts of `ftfy.fix_text` (see [`ftfy_lite`]),
+//! 1. a port of `ftfy.fix_text` (all but its rarest mojibake repairs, listed at `Cleaner::ftfy_lite`),
 //! 2. `html.unescape` twice, with Python's exact rules,
 //! 3. whitespace collapse + strip, lower-casing,
 //! 4. pre-tokenisation `'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+`,
@@ -411,7 +411,7 @@ fn bytes_to_unicode() -> [char; 256] {
 }
 
 // ---------------------------------------------------------------------------------------------
-// ftfy 6.3's `fix_text`, the deterministic parts.
+// ftfy 6.3's `fix_text`.
 
 /// Compiled patterns of the ftfy port.
 struct Cleaner {
