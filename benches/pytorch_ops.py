@@ -37,10 +37,17 @@ import torch
 import torch.nn.functional as F
 
 DEVICE = "pytorch-cpu"
+TORCH_DEVICE = "cpu"
 
 
 def _randn(*shape):
-    return torch.randn(*shape, dtype=torch.float32)
+    return torch.randn(*shape, dtype=torch.float32, device=TORCH_DEVICE)
+
+
+def _sync():
+    # CUDA launches are asynchronous: time finished work, as vipo's bench does.
+    if TORCH_DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def case_matmul(m, n, k):
@@ -110,6 +117,7 @@ def time_case(fn, warmup, repeats, min_sample_ms, case_budget_s):
     while done < max(1, warmup) or (time.perf_counter() < t_end and done < 1000):
         fn()
         done += 1
+    _sync()
 
     # Calibrate calls per sample: double until one sample lasts min_sample_ms.
     inner = 1
@@ -117,6 +125,7 @@ def time_case(fn, warmup, repeats, min_sample_ms, case_budget_s):
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
+        _sync()
         t_sample = time.perf_counter() - t0
         if t_sample * 1e3 >= min_sample_ms or inner >= 1 << 16:
             break
@@ -130,6 +139,7 @@ def time_case(fn, warmup, repeats, min_sample_ms, case_budget_s):
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
+        _sync()
         samples.append((time.perf_counter() - t0) / inner * 1e3)
     return statistics.median(samples), n, inner
 
@@ -151,13 +161,21 @@ def main(argv=None):
                    help="only run cases whose name contains this string")
     p.add_argument("--json", action="store_true",
                    help="print a JSON array to stdout (info goes to stderr)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: time on the GPU, fp32 with TF32 off (the peer of vipo's f32 kernels)")
     args = p.parse_args(argv)
 
+    global DEVICE, TORCH_DEVICE
+    TORCH_DEVICE = args.device
+    DEVICE = "pytorch-" + args.device
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = sys.stderr if args.json else sys.stdout
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"float32, CPU", file=info, flush=True)
+          f"float32, {args.device}", file=info, flush=True)
 
     results = []
     t_start = time.perf_counter()

@@ -6,6 +6,7 @@ fn main() -> anyhow::Result<()> {
     match &cli.command {
         Command::Devices(a) => vipo::cli::devices::run(a, &cli.device)?,
         Command::Bench(a) => vipo::cli::bench::run(a, &cli.device)?,
+        Command::Sample(a) => vipo::cli::sample::run(a, &cli.device)?,
     }
     Ok(())
 }

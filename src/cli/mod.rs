@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod devices;
+pub mod sample;
 
 use clap::{Parser, Subcommand};
 
@@ -26,4 +27,6 @@ pub enum Command {
     Devices(devices::Args),
     /// Measure kernel throughput (GFLOP/s, GB/s) on the CPU path and on GPUs.
     Bench(bench::Args),
+    /// Text to image with a Stable Diffusion pipeline folder; writes PNGs.
+    Sample(sample::Args),
 }

@@ -1,0 +1,146 @@
+//! `vipo sample`: text to image from a Stable Diffusion folder, PNGs with their parameters.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::image_io::{images_from_decoded, write_png};
+use crate::pipelines::stable_diffusion::{SampleRequest, StableDiffusion};
+use crate::tensor::Tensor;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f32,
+    /// ddim, ddpm, euler, euler_a or dpmpp_2m.
+    #[arg(long, default_value = "ddim")]
+    pub scheduler: String,
+    /// DDIM's eta (0: deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Pixels, a multiple of 8 (default: the UNet's sample size x 8).
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Initial latents (B, 4, H/8, W/8) from a safetensors file (its only tensor, or `latents`),
+    /// to compare runs with other implementations.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Weights variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Output PNG; with --batch N, `out-0.png` .. `out-(N-1).png`.
+    #[arg(long, default_value = "out.png")]
+    pub out: PathBuf,
+}
+
+fn read_latents(path: &Path, device: &Device) -> Result<Tensor> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |msg: String| Error::File { path: path.to_path_buf(), msg };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let names = st.names();
+    let name = if names.len() == 1 {
+        names[0].to_string()
+    } else if names.contains(&"latents") {
+        "latents".to_string()
+    } else {
+        return Err(bad(format!("holds {} tensors; expected one, or one named `latents`", names.len())));
+    };
+    let view = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
+    if view.dtype() != safetensors::Dtype::F32 {
+        return Err(bad(format!("`{name}` is {:?}; f32 latents expected", view.dtype())));
+    }
+    let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Tensor::from_vec(data, view.shape(), device)
+}
+
+fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.png"))).collect()
+}
+
+pub fn run(args: &Args, device_arg: &str) -> Result<()> {
+    let sel = Device::from_arg(Some(device_arg))?;
+    eprintln!("device: {}", sel.reason);
+    let t0 = Instant::now();
+    let sd = StableDiffusion::from_dir(&args.model, &sel.device, args.variant.as_deref())?;
+    eprintln!("loaded {} in {:.1}s", args.model.display(), t0.elapsed().as_secs_f64());
+    // The UNet's latent sample size x 8 (SD1.5: 64 -> 512 px); 512 when the config has none.
+    let size = match &sd.unet.config.sample_size {
+        Some(crate::models::unet_2d_condition::PerBlock::One(s)) => s * 8,
+        Some(crate::models::unet_2d_condition::PerBlock::Many(v)) if !v.is_empty() => v[0] * 8,
+        _ => 512,
+    };
+    let req = SampleRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        guidance: args.guidance,
+        scheduler: args.scheduler.clone(),
+        eta: args.eta,
+        seed: args.seed,
+        width: args.width.unwrap_or(size),
+        height: args.height.unwrap_or(size),
+        batch: args.batch,
+        latents: args.latents.as_deref().map(|p| read_latents(p, &sel.device)).transpose()?,
+    };
+    let bar = indicatif::ProgressBar::new(req.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let t1 = Instant::now();
+    let out = sd.sample(
+        &req,
+        |i, n| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+        },
+        false,
+    )?;
+    bar.finish_and_clear();
+    if let Some(w) = &out.truncation {
+        eprintln!("warning: {w}");
+    }
+    let secs = t1.elapsed().as_secs_f64();
+    let images = images_from_decoded(&out.decoded)?;
+    let model_name = args.model.file_name().and_then(|s| s.to_str()).unwrap_or("model");
+    let mut text = req.prompt.clone();
+    if let Some(neg) = &req.negative_prompt {
+        text.push_str(&format!("\nNegative prompt: {neg}"));
+    }
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model_name}",
+        req.steps, req.scheduler, req.guidance, req.seed, req.width, req.height
+    ));
+    for (path, img) in output_paths(&args.out, images.len()).iter().zip(&images) {
+        write_png(path, img, Some(&text))?;
+        println!("{}", path.display());
+    }
+    eprintln!(
+        "{} step(s) in {secs:.1}s ({:.2} steps/s) on {}",
+        req.steps,
+        req.steps as f64 / secs.max(1e-9),
+        sel.device
+    );
+    Ok(())
+}

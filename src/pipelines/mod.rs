@@ -1,0 +1,3 @@
+//! End-to-end pipelines built from the models.
+
+pub mod stable_diffusion;

@@ -1,0 +1,207 @@
+//! Text-to-image with Stable Diffusion 1.x/2.x from a diffusers folder: tokenizer, CLIP text
+//! encoder, UNet, VAE and a scheduler, with classifier-free guidance, as diffusers'
+//! `StableDiffusionPipeline` computes it.
+
+use std::path::{Path, PathBuf};
+
+use crate::autograd::no_grad;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::models::autoencoder_kl::AutoencoderKL;
+use crate::models::clip_text::ClipTextModel;
+use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::unet_2d_condition::UNet2DConditionModel;
+use crate::schedulers::{Noise, NoiseScheduler, Scheduler, SchedulerConfig};
+use crate::tensor::Tensor;
+
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    /// The UNet's parameters by checkpoint key (LoRA and fine-tuning reach them here).
+    pub unet_params: crate::params::ParamStore,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+    pub dir: PathBuf,
+}
+
+/// What to sample. Sizes are in pixels and must be multiples of 8.
+#[derive(Debug, Clone)]
+pub struct SampleRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub steps: usize,
+    pub guidance: f32,
+    /// `ddim`, `ddpm`, `euler`, `euler_a` or `dpmpp_2m`.
+    pub scheduler: String,
+    pub eta: f32,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub batch: usize,
+    /// Initial latents (B, 4, H/8, W/8), before `init_noise_sigma` scaling (as diffusers' `latents=`).
+    pub latents: Option<Tensor>,
+}
+
+impl Default for SampleRequest {
+    fn default() -> Self {
+        SampleRequest {
+            prompt: String::new(),
+            negative_prompt: None,
+            steps: 30,
+            guidance: 7.5,
+            scheduler: "ddim".into(),
+            eta: 0.0,
+            seed: 0,
+            width: 512,
+            height: 512,
+            batch: 1,
+            latents: None,
+        }
+    }
+}
+
+pub struct SampleOutput {
+    /// Final latents (B, 4, h, w).
+    pub latents: Tensor,
+    /// Decoded images (B, 3, H, W) in about [-1, 1].
+    pub decoded: Tensor,
+    /// Latents after each step, when asked for (tests and debugging).
+    pub steps: Vec<Tensor>,
+    /// Token ids of the prompt and of the negative (or empty) prompt.
+    pub input_ids: Vec<u32>,
+    pub uncond_ids: Vec<u32>,
+    /// A note when the prompt was cut to the model's length.
+    pub truncation: Option<String>,
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("invalid JSON: {e}") })
+}
+
+impl StableDiffusion {
+    /// Loads a diffusers pipeline folder; `variant` picks `*.{variant}.safetensors` weights.
+    pub fn from_dir(dir: impl AsRef<Path>, device: &Device, variant: Option<&str>) -> Result<StableDiffusion> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::File {
+                path: dir.to_path_buf(),
+                msg: "no such folder (expected a diffusers pipeline folder)".into(),
+            });
+        }
+        let index = dir.join("model_index.json");
+        let idx = read_json(&index)?;
+        let class = idx.get("_class_name").and_then(|v| v.as_str()).unwrap_or("");
+        if !class.starts_with("StableDiffusion") {
+            return Err(Error::File {
+                path: index,
+                msg: format!("_class_name `{class}`: vipo runs StableDiffusionPipeline folders here"),
+            });
+        }
+        for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            if !dir.join(part).is_dir() {
+                return Err(Error::File { path: dir.join(part), msg: "missing component folder".into() });
+            }
+        }
+        let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
+        let text_encoder = ClipTextModel::from_dir_variant(dir.join("text_encoder"), device, variant)?;
+        let (unet, unet_params) = UNet2DConditionModel::from_dir(dir.join("unet"), device, variant)?;
+        let vae = AutoencoderKL::from_dir(dir.join("vae"), device, variant)?;
+        let scheduler_config = SchedulerConfig::from_file(dir.join("scheduler").join("scheduler_config.json"))?;
+        Ok(StableDiffusion {
+            tokenizer,
+            text_encoder,
+            unet,
+            unet_params,
+            vae,
+            scheduler_config,
+            device: device.clone(),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Token ids padded to the model's length, and a note if the prompt was cut.
+    pub fn tokenize(&self, text: &str) -> Result<(Vec<u32>, Option<String>)> {
+        let t = self.tokenizer.encode_prompt(text)?;
+        let warn = t.truncation_warning();
+        Ok((t.ids, warn))
+    }
+
+    /// CLIP's last hidden state (1, 77, C) for padded ids.
+    pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        let _g = no_grad();
+        Ok(self.text_encoder.forward(&[ids.to_vec()])?.last_hidden_state)
+    }
+
+    pub fn sample(
+        &self,
+        req: &SampleRequest,
+        mut on_step: impl FnMut(usize, usize),
+        keep_steps: bool,
+    ) -> Result<SampleOutput> {
+        let _g = no_grad();
+        if req.width % 8 != 0 || req.height % 8 != 0 || req.width == 0 || req.height == 0 {
+            return Err(Error::Invalid(format!(
+                "width and height must be positive multiples of 8, got {}x{}",
+                req.width, req.height
+            )));
+        }
+        if req.batch == 0 || req.steps == 0 {
+            return Err(Error::Invalid("batch and steps must be at least 1".into()));
+        }
+        let (input_ids, truncation) = self.tokenize(&req.prompt)?;
+        let (uncond_ids, _) = self.tokenize(req.negative_prompt.as_deref().unwrap_or(""))?;
+        let cond = self.encode_ids(&input_ids)?; // (1, 77, C)
+        let uncond = self.encode_ids(&uncond_ids)?;
+        let b = req.batch;
+        let ctx_len = cond.shape()[1];
+        let width = cond.shape()[2];
+        // (2B, 77, C): the unconditional half first, as diffusers concatenates.
+        let reps: Vec<&Tensor> = std::iter::repeat_n(&uncond, b).chain(std::iter::repeat_n(&cond, b)).collect();
+        let context = Tensor::concat(&reps, 0)?.reshape_to(&[2 * b, ctx_len, width])?;
+
+        let mut scheduler = Scheduler::from_name(&req.scheduler, &self.scheduler_config)?.with_eta(req.eta)?;
+        scheduler.set_timesteps(req.steps)?;
+        let latent_shape = [b, self.unet.config.in_channels, req.height / 8, req.width / 8];
+        let init = match &req.latents {
+            Some(l) => {
+                if l.shape() != latent_shape {
+                    return Err(Error::shape(
+                        "sample",
+                        format!(
+                            "initial latents {:?}, expected {latent_shape:?} for {b} image(s) of {}x{}",
+                            l.shape(),
+                            req.width,
+                            req.height
+                        ),
+                    ));
+                }
+                l.to(&self.device)?
+            }
+            None => Tensor::randn(&latent_shape, req.seed, &self.device)?,
+        };
+        let mut latents = init.mul_scalar(scheduler.init_noise_sigma())?;
+        let mut rng = crate::rng::Rng::new(req.seed ^ 0x5ca1_ab1e);
+        let n = scheduler.timesteps().len();
+        let mut steps = Vec::new();
+        for i in 0..n {
+            let t = scheduler.timestep(i)?;
+            let doubled = Tensor::concat(&[&latents, &latents], 0)?;
+            let input = scheduler.scale_model_input(&doubled, i)?;
+            let ts = Tensor::full(t, &[2 * b], &self.device)?;
+            let eps = self.unet.forward(&input, &ts, &context)?; // (2B, 4, h, w)
+            let eps_uncond = eps.slice(0, 0, b)?;
+            let eps_text = eps.slice(0, b, b)?;
+            let guided = eps_uncond.add(&eps_text.sub(&eps_uncond)?.mul_scalar(req.guidance)?)?;
+            latents = scheduler.step(i, &guided, &latents, Noise::Rng(&mut rng))?.prev_sample;
+            if keep_steps {
+                steps.push(latents.clone());
+            }
+            on_step(i + 1, n);
+        }
+        let decoded = self.vae.decode(&latents.mul_scalar(1.0 / self.vae.scaling_factor())?)?;
+        Ok(SampleOutput { latents, decoded, steps, input_ids, uncond_ids, truncation })
+    }
+}
