@@ -24,12 +24,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A named, shaped f32 parameter.
+/// A named, shaped f32 parameter. A frozen one may be stored in f16 (`set_storage_dtype`),
+/// half the memory; it still reads as f32.
 pub struct Param {
     name: String,
     shape: Vec<usize>,
     trainable: AtomicBool,
-    /// The current value, detached: `value()` attaches the slot on demand.
+    /// The current value, detached: `value()` attaches the slot on demand. f32, or f16 for a
+    /// frozen param set to f16 storage (trainable params stay f32: updates need the precision).
     value: Mutex<Tensor>,
     slot: Arc<GradSlot>,
 }
@@ -37,7 +39,8 @@ pub struct Param {
 impl std::fmt::Debug for Param {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let t = if self.is_trainable() { "trainable" } else { "frozen" };
-        write!(f, "Param({} {:?} {t} on {})", self.name, self.shape, self.device())
+        let d = self.storage_dtype();
+        write!(f, "Param({} {:?} {t} {d} on {})", self.name, self.shape, self.device())
     }
 }
 
@@ -74,18 +77,49 @@ impl Param {
         self.trainable.load(Ordering::Relaxed)
     }
 
-    /// Freezing also drops the gradient, so a frozen param holds no gradient memory.
+    /// Freezing also drops the gradient, so a frozen param holds no gradient memory. Making a
+    /// param trainable brings an f16-stored value back to f32 (exactly); freezing it again keeps
+    /// f32 until `set_storage_dtype` is called again.
     pub fn set_trainable(&self, trainable: bool) {
         self.trainable.store(trainable, Ordering::Relaxed);
         if !trainable {
             self.zero_grad();
+            return;
+        }
+        let mut v = lock(&self.value);
+        // Should the widening fail (out of memory), reads still widen and the next
+        // `set_value` stores f32, since the param is trainable now.
+        if v.dtype() != DType::F32 {
+            if let Ok(w) = v.to_dtype(DType::F32) {
+                *v = w.detach();
+            }
         }
     }
 
-    /// The current value; for a trainable param, an autograd leaf accumulating into this
+    /// The dtype the value is kept in: f32, or f16 for a frozen param set to f16 storage.
+    pub fn storage_dtype(&self) -> DType {
+        lock(&self.value).dtype()
+    }
+
+    /// Keeps the value as `dtype`: F16 halves a frozen weight's memory (rounded to nearest even,
+    /// as PyTorch's `.half()`); reads still return f32. Trainable params must stay f32.
+    pub fn set_storage_dtype(&self, dtype: DType) -> Result<()> {
+        if dtype != DType::F32 && self.is_trainable() {
+            return Err(Error::Invalid(format!(
+                "param `{}` is trainable: only frozen params can be stored as {dtype} (freeze it first)",
+                self.name
+            )));
+        }
+        let mut v = lock(&self.value);
+        let cast = v.to_dtype(dtype)?.detach();
+        *v = cast;
+        Ok(())
+    }
+
+    /// The current value in f32; for a trainable param, an autograd leaf accumulating into this
     /// param's gradient slot. Frozen params return a detached tensor (no node, no gradient).
     pub fn value(&self) -> Tensor {
-        let v = lock(&self.value).clone();
+        let v = self.frozen_value();
         if self.is_trainable() {
             v.with_slot(self.slot.clone())
         } else {
@@ -93,8 +127,21 @@ impl Param {
         }
     }
 
-    /// The current value with no autograd history, whatever `trainable` says.
+    /// The current value in f32 with no autograd history, whatever `trainable` says. An f16-stored
+    /// value is widened into a new tensor on each call, freed when the caller drops it. (Should
+    /// that fail, which takes a device out of memory, the f16 value comes back and the op that
+    /// reads it reports the dtype.)
     pub fn frozen_value(&self) -> Tensor {
+        let v = self.stored_value();
+        match v.dtype() {
+            DType::F32 => v,
+            _ => v.to_dtype(DType::F32).unwrap_or(v),
+        }
+    }
+
+    /// The value as stored (f16 for a param set to f16 storage), without autograd history:
+    /// for savers and host caches, which need no f32 copy on the device (`to_vec` widens).
+    pub fn stored_value(&self) -> Tensor {
         lock(&self.value).clone()
     }
 
@@ -116,10 +163,13 @@ impl Param {
         self.slot.set(None);
     }
 
-    /// Replaces the value (same shape and device); the gradient slot stays.
+    /// Replaces the value (f32, same shape and device); the gradient slot stays. A frozen
+    /// f16-stored param rounds it to f16.
     pub fn set_value(&self, value: Tensor) -> Result<()> {
         self.check_like("set_value", &value)?;
-        *lock(&self.value) = value.detach();
+        let mut v = lock(&self.value);
+        let dtype = if self.is_trainable() { DType::F32 } else { v.dtype() };
+        *v = value.to_dtype(dtype)?.detach();
         Ok(())
     }
 
@@ -266,6 +316,17 @@ impl ParamStore {
         self.set_trainable_where(|_| false);
     }
 
+    /// Stores every frozen param as `dtype` (F16: half the memory, reads still f32); trainable
+    /// params stay f32. `F32` brings them back.
+    pub fn store_frozen_as(&self, dtype: DType) -> Result<()> {
+        self.params.values().filter(|p| !p.is_trainable()).try_for_each(|p| p.set_storage_dtype(dtype))
+    }
+
+    /// Bytes the params' values take in their storage dtypes (excluding gradients).
+    pub fn stored_bytes(&self) -> usize {
+        self.params.values().map(|p| p.numel() * p.storage_dtype().size()).sum()
+    }
+
     pub fn zero_grad(&self) {
         self.params.values().for_each(|p| p.zero_grad());
     }
@@ -377,9 +438,10 @@ impl ParamStore {
     }
 
     /// Writes every param as `dtype` (F32, or F16 rounded to nearest even), in sorted key order,
-    /// atomically: `path.tmp` is written and synced, then renamed over `path`.
+    /// atomically: `path.tmp` is written and synced, then renamed over `path`. f16-stored params
+    /// are read as stored (no f32 copy on the device), so they save exactly.
     pub fn save_safetensors(&self, path: impl AsRef<Path>, dtype: DType) -> Result<()> {
-        let tensors = self.params.iter().map(|(k, p)| (k.clone(), p.frozen_value())).collect();
+        let tensors = self.params.iter().map(|(k, p)| (k.clone(), p.stored_value())).collect();
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         write_safetensors(path.as_ref(), tensors, dtype, meta)
     }

@@ -24,11 +24,12 @@ shader!(TIMESTEP, "timestep");
 shader!(ATTENTION, "attention");
 shader!(GEGLU, "geglu");
 shader!(ADAMW, "adamw");
+shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 14] {
+pub fn all() -> [&'static Shader; 15] {
     [
         &UNARY, &BINARY, &WHERE, &REDUCE, &SOFTMAX, &NORM, &MATMUL, &CONV2D, &UPSAMPLE, &COPY, &TIMESTEP, &ATTENTION,
-        &GEGLU, &ADAMW,
+        &GEGLU, &ADAMW, &CAST,
     ]
 }

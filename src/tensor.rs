@@ -9,7 +9,8 @@ use crate::autograd::Node;
 use crate::device::{Device, GpuBuffer};
 use crate::error::{Error, Result};
 
-/// Element type of a storage. Only f32 computes today; f16 storage is planned for weights.
+/// Element type of a storage. Only f32 computes; f16 is a storage type (frozen weights), widened
+/// with `to_dtype` where it is read (see `ops::cast`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
@@ -41,6 +42,8 @@ pub enum Storage {
 
 pub enum CpuStorage {
     F32(Vec<f32>),
+    /// f16 values, as the GPU keeps them (packed there two per u32).
+    F16(Vec<half::f16>),
 }
 
 #[derive(Clone)]
@@ -177,6 +180,9 @@ impl Tensor {
     pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            Storage::Cpu(CpuStorage::F16(_)) => {
+                Err(Error::DType { op, dtype: self.dtype.to_string(), supported: "f32" })
+            }
             Storage::Gpu(_) => Err(Error::Device { op, msg: format!("expected a CPU tensor, got {self:?}") }),
         }
     }
@@ -197,11 +203,16 @@ impl Tensor {
         Ok(())
     }
 
-    /// Copies the values to the host (waits for the GPU).
+    /// Copies the values to the host (waits for the GPU); f16 values come back widened to f32.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
-        self.ensure_f32("to_vec")?;
+        if self.dtype == DType::F16 {
+            return self.f16_to_vec_f32();
+        }
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v.clone()),
+            Storage::Cpu(CpuStorage::F16(_)) => {
+                Err(Error::DType { op: "to_vec", dtype: "f16".into(), supported: "f32" })
+            }
             Storage::Gpu(b) => {
                 let bytes = b.ctx().read(b, (self.numel() * 4) as u64)?;
                 Ok(bytemuck::pod_collect_to_vec(&bytes))
@@ -217,12 +228,16 @@ impl Tensor {
         Ok(self.to_vec()?[0])
     }
 
-    /// This tensor on `device` (a copy when it moves, a cheap clone when it is already there).
+    /// This tensor on `device` (a copy when it moves, a cheap clone when it is already there),
+    /// in its dtype.
     pub fn to(&self, device: &Device) -> Result<Tensor> {
         if &self.device() == device {
             return Ok(self.clone());
         }
-        let out = Tensor::from_vec(self.to_vec()?, &self.shape, device)?;
+        let out = match self.dtype {
+            DType::F32 => Tensor::from_vec(self.to_vec()?, &self.shape, device)?,
+            DType::F16 => Tensor::from_f16_vec(self.to_f16_vec()?, &self.shape, device)?,
+        };
         let back = self.device();
         Ok(crate::autograd::record("to", out, &[self], move |g, _| Ok(vec![Some(g.to(&back)?)])))
     }

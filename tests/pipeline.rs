@@ -198,3 +198,66 @@ fn cli_sample_reports_bad_input_in_one_line() {
     let e = run(&["--model", d, "--prompt", "x", "--scheduler", "plms", "--steps", "1"]);
     assert!(e.contains("plms") || e.contains("scheduler"), "{e}");
 }
+
+#[test]
+fn cli_sample_from_a_single_file_checkpoint() {
+    // The same weights as one float16 LDM file: diffusers' from_single_file reproduces the
+    // fp16-weights run exactly, and so must vipo.
+    let tmp = std::env::temp_dir().join(format!("vipo-single-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = tmp.join("astronaut.png");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vipo"))
+        .args(["--device", "cpu", "sample", "--model"])
+        .arg(dir().join("sd15_tiny_single_file.safetensors"))
+        .arg("--config")
+        .arg(dir())
+        .args(["--prompt", CASES[0].1, "--steps", "10", "--width", "64", "--height", "64", "--latents"])
+        .arg(dir().join("init_latents/case0.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "vipo sample failed: {}", String::from_utf8_lossy(&o.stderr));
+    let (img, _) = read_png(&out).unwrap();
+    let (big, _) = pixel_diff(&img.data, &Expected::load().u8("fp16w.case0.ddim10.image_uint8"));
+    assert_eq!(big, 0);
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn dry_run_estimate_is_close_to_the_measured_peak() {
+    use vipo::pipelines::memory::{estimate, header_param_count, SdShapes};
+    let Some(shared) = gpu() else { return };
+    let dev = Device::open_private(shared.gpu().unwrap().index).unwrap();
+    let ctx = dev.gpu().unwrap().clone();
+    let sd = StableDiffusion::from_dir(dir(), &dev, None).unwrap();
+    ctx.sync().unwrap();
+    ctx.reset_peak();
+    let req = SampleRequest {
+        prompt: "a cat".into(),
+        steps: 2,
+        width: 128,
+        height: 128,
+        batch: 2,
+        ..SampleRequest::default()
+    };
+    let out = sd.sample(&req, |_, _| {}, false).unwrap();
+    assert_eq!(out.decoded.shape(), &[2, 3, 128, 128]);
+    let measured = ctx.pool_stats().peak_live_bytes;
+    let params: u64 = ["unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"]
+        .iter()
+        .map(|p| header_param_count(&dir().join(format!("{p}.safetensors"))).unwrap())
+        .sum();
+    let shapes = SdShapes {
+        unet_channels: sd.unet.config.block_out_channels.clone(),
+        layers_per_block: 2,
+        vae_channels: sd.vae.config.block_out_channels.clone(),
+        width: 128,
+        height: 128,
+        batch: 2,
+    };
+    let e = estimate(params, 4, &shapes);
+    let ratio = e.peak_bytes as f64 / measured as f64;
+    eprintln!("dry-run estimate {} B, measured peak {} B (ratio {ratio:.2})", e.peak_bytes, measured);
+    assert!((0.5..=2.0).contains(&ratio), "estimate {} vs measured {measured}", e.peak_bytes);
+}

@@ -116,6 +116,7 @@ fn params_mirrors_match_the_shader_structs() {
         ("attention", size_of::<attention::AttentionParams>()),
         ("geglu", size_of::<geglu::GegluParams>()),
         ("adamw", size_of::<vipo::optim::AdamWParams>()),
+        ("cast", size_of::<cast::CastParams>()),
     ];
     let covered: BTreeSet<&str> = mirrors.iter().map(|m| m.0).collect();
     let all: BTreeSet<&str> = vipo::shaders::all().iter().map(|s| s.name).collect();

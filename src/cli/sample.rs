@@ -6,14 +6,19 @@ use std::time::Instant;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::image_io::{images_from_decoded, write_png};
-use crate::pipelines::stable_diffusion::{SampleRequest, StableDiffusion};
+use crate::pipelines::stable_diffusion::{LoadOptions, SampleRequest, StableDiffusion};
 use crate::tensor::Tensor;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/), or one original checkpoint file (`v1-5-pruned-emaonly.safetensors` style).
     #[arg(long)]
     pub model: PathBuf,
+    /// With a single-file --model: the folder with its configs, tokenizer and scheduler
+    /// (default: SD1.5's, shipped in models/sd15).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     #[arg(long)]
     pub prompt: String,
     #[arg(long)]
@@ -45,6 +50,13 @@ pub struct Args {
     /// Weights variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
     #[arg(long)]
     pub variant: Option<String>,
+    /// Keep the weights in f16 (half the memory); compute stays f32. The models are frozen.
+    #[arg(long)]
+    pub half_weights: bool,
+    /// Print the estimated peak memory for this model, size and batch, and exit (reads only
+    /// configs and weight-file headers).
+    #[arg(long)]
+    pub dry_run: bool,
     /// Output PNG; with --batch N, `out-0.png` .. `out-(N-1).png`.
     #[arg(long, default_value = "out.png")]
     pub out: PathBuf,
@@ -78,12 +90,101 @@ fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.png"))).collect()
 }
 
+/// The dry run: parameter counts from the weight headers, shapes from the configs.
+fn dry_run(args: &Args, device: &Device) -> Result<()> {
+    use crate::models::autoencoder_kl::AutoencoderKLConfig;
+    use crate::models::ldm_convert::{Component, SingleFileConfigs};
+    use crate::models::unet_2d_condition::{PerBlock, UNet2DConditionConfig};
+    use crate::pipelines::memory::{estimate, fmt_bytes, header_param_count, SdShapes};
+    let (params, unet_cfg, vae_cfg) = if args.model.is_file() {
+        let c = SingleFileConfigs::from_dir_or_sd15(args.config.as_deref())?;
+        (
+            header_param_count(&args.model)?,
+            UNet2DConditionConfig::from_json_str(c.config(Component::Unet))?,
+            AutoencoderKLConfig::from_json(c.config(Component::Vae))?,
+        )
+    } else {
+        let mut params = 0;
+        for (part, stems) in
+            [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]
+        {
+            let name = match &args.variant {
+                Some(v) => format!("{stems}.{v}.safetensors"),
+                None => format!("{stems}.safetensors"),
+            };
+            params += header_param_count(&args.model.join(part).join(name))?;
+        }
+        (
+            params,
+            UNet2DConditionConfig::from_file(args.model.join("unet").join("config.json"))?,
+            AutoencoderKLConfig::from_file(args.model.join("vae").join("config.json"))?,
+        )
+    };
+    let lpb = match &unet_cfg.layers_per_block {
+        PerBlock::One(n) => *n,
+        PerBlock::Many(v) => v.iter().copied().max().unwrap_or(2),
+    };
+    let default = unet_cfg.sample_size.as_ref().map_or(512, |s| match s {
+        PerBlock::One(s) => s * 8,
+        PerBlock::Many(v) => v.first().map_or(512, |s| s * 8),
+    });
+    let shapes = SdShapes {
+        unet_channels: unet_cfg.block_out_channels.clone(),
+        layers_per_block: lpb,
+        vae_channels: vae_cfg.block_out_channels.clone(),
+        width: args.width.unwrap_or(default),
+        height: args.height.unwrap_or(default),
+        batch: args.batch,
+    };
+    let (bytes_per_weight, dtype) = if args.half_weights { (2, "f16") } else { (4, "f32") };
+    let e = estimate(params, bytes_per_weight, &shapes);
+    println!("model        {} ({:.0}M parameters, {dtype} in memory)", args.model.display(), params as f64 / 1e6);
+    println!("size         {}x{} px, batch {} (x2 for guidance)", shapes.width, shapes.height, shapes.batch);
+    println!("weights      {}", fmt_bytes(e.weight_bytes));
+    println!(
+        "activations  UNet {}, VAE decode {}",
+        fmt_bytes(e.unet_activation_bytes),
+        fmt_bytes(e.vae_activation_bytes)
+    );
+    println!("peak         {} (estimate)", fmt_bytes(e.peak_bytes));
+    println!("largest      {} in one tensor", fmt_bytes(e.largest_tensor_bytes));
+    if let Device::Gpu(g) = device {
+        let limit = g.limits.max_storage_buffer_binding_size;
+        if e.largest_tensor_bytes > limit {
+            println!(
+                "warning      exceeds {} ({}'s max_storage_buffer_binding_size): use a smaller size",
+                fmt_bytes(limit),
+                g.info.name
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: &Args, device_arg: &str) -> Result<()> {
     let sel = Device::from_arg(Some(device_arg))?;
+    if args.dry_run {
+        return dry_run(args, &sel.device);
+    }
     eprintln!("device: {}", sel.reason);
     let t0 = Instant::now();
-    let sd = StableDiffusion::from_dir(&args.model, &sel.device, args.variant.as_deref())?;
-    eprintln!("loaded {} in {:.1}s", args.model.display(), t0.elapsed().as_secs_f64());
+    let sd = if args.model.is_file() {
+        let sd = StableDiffusion::from_single_file(&args.model, args.config.as_deref(), &sel.device)?;
+        if args.half_weights {
+            sd.freeze_weights_as(crate::tensor::DType::F16)?;
+        }
+        sd
+    } else {
+        let opts = LoadOptions { variant: args.variant.clone(), half_weights: args.half_weights };
+        StableDiffusion::load(&args.model, &sel.device, &opts)?
+    };
+    eprintln!(
+        "loaded {} in {:.1}s ({:.1} MiB of {} weights)",
+        args.model.display(),
+        t0.elapsed().as_secs_f64(),
+        sd.weight_bytes() as f64 / (1 << 20) as f64,
+        if args.half_weights { "f16" } else { "f32" }
+    );
     // The UNet's latent sample size x 8 (SD1.5: 64 -> 512 px); 512 when the config has none.
     let size = match &sd.unet.config.sample_size {
         Some(crate::models::unet_2d_condition::PerBlock::One(s)) => s * 8,

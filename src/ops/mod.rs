@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod binary;
+pub mod cast;
 pub mod conv2d;
 pub mod copy;
 pub mod geglu;

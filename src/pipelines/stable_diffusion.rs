@@ -12,7 +12,7 @@ use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::unet_2d_condition::UNet2DConditionModel;
 use crate::schedulers::{Noise, NoiseScheduler, Scheduler, SchedulerConfig};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
@@ -24,6 +24,17 @@ pub struct StableDiffusion {
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub dir: PathBuf,
+}
+
+/// How [`StableDiffusion::load`] reads a pipeline folder.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Weights variant: `fp16` reads `*.fp16.safetensors`.
+    pub variant: Option<String>,
+    /// Freeze the text encoder, UNet and VAE and keep their weights in f16 (half the memory);
+    /// they are widened to f32 where a layer reads them, so compute stays f32. Results match
+    /// PyTorch running the `.half()`-rounded weights in float32.
+    pub half_weights: bool,
 }
 
 /// What to sample. Sizes are in pixels and must be multiples of 8.
@@ -81,9 +92,28 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("invalid JSON: {e}") })
 }
 
+/// The text encoder keeps its params in a list, not a store.
+fn freeze_text_encoder_as(te: &ClipTextModel, dtype: DType) -> Result<()> {
+    te.set_trainable(false);
+    te.params().iter().try_for_each(|p| p.set_storage_dtype(dtype))
+}
+
+fn freeze_store_as(store: &crate::params::ParamStore, dtype: DType) -> Result<()> {
+    store.freeze_all();
+    store.store_frozen_as(dtype)
+}
+
 impl StableDiffusion {
     /// Loads a diffusers pipeline folder; `variant` picks `*.{variant}.safetensors` weights.
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device, variant: Option<&str>) -> Result<StableDiffusion> {
+        let opts = LoadOptions { variant: variant.map(String::from), half_weights: false };
+        StableDiffusion::load(dir, device, &opts)
+    }
+
+    /// Loads a diffusers pipeline folder as `opts` says. With `half_weights`, each model is
+    /// narrowed right after it loads, so at most one model is held in f32 at a time.
+    pub fn load(dir: impl AsRef<Path>, device: &Device, opts: &LoadOptions) -> Result<StableDiffusion> {
+        let variant = opts.variant.as_deref();
         let dir = dir.as_ref();
         if !dir.is_dir() {
             return Err(Error::File {
@@ -107,8 +137,17 @@ impl StableDiffusion {
         }
         let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
         let text_encoder = ClipTextModel::from_dir_variant(dir.join("text_encoder"), device, variant)?;
+        if opts.half_weights {
+            freeze_text_encoder_as(&text_encoder, DType::F16)?;
+        }
         let (unet, unet_params) = UNet2DConditionModel::from_dir(dir.join("unet"), device, variant)?;
+        if opts.half_weights {
+            freeze_store_as(&unet_params, DType::F16)?;
+        }
         let vae = AutoencoderKL::from_dir(dir.join("vae"), device, variant)?;
+        if opts.half_weights {
+            freeze_store_as(vae.store(), DType::F16)?;
+        }
         let scheduler_config = SchedulerConfig::from_file(dir.join("scheduler").join("scheduler_config.json"))?;
         Ok(StableDiffusion {
             tokenizer,
@@ -120,6 +159,20 @@ impl StableDiffusion {
             device: device.clone(),
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Freezes the text encoder, UNet and VAE and keeps their weights as `dtype` (F16: half the
+    /// memory, compute stays f32; F32 widens them back, exactly).
+    pub fn freeze_weights_as(&self, dtype: DType) -> Result<()> {
+        freeze_text_encoder_as(&self.text_encoder, dtype)?;
+        freeze_store_as(&self.unet_params, dtype)?;
+        freeze_store_as(self.vae.store(), dtype)
+    }
+
+    /// Bytes the three models' weights take in their storage dtypes.
+    pub fn weight_bytes(&self) -> usize {
+        let te: usize = self.text_encoder.params().iter().map(|p| p.numel() * p.storage_dtype().size()).sum();
+        te + self.unet_params.stored_bytes() + self.vae.store().stored_bytes()
     }
 
     /// Token ids padded to the model's length, and a note if the prompt was cut.
@@ -201,7 +254,11 @@ impl StableDiffusion {
             }
             on_step(i + 1, n);
         }
-        let decoded = self.vae.decode(&latents.mul_scalar(1.0 / self.vae.scaling_factor())?)?;
+        // One image at a time: at 512 px the decoder's widest map is 128 MiB per image, the
+        // WebGPU binding limit, so a batch must not be decoded at once.
+        let z = latents.mul_scalar(1.0 / self.vae.scaling_factor())?;
+        let parts: Vec<Tensor> = (0..b).map(|i| self.vae.decode(&z.slice(0, i, 1)?)).collect::<Result<_>>()?;
+        let decoded = Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)?;
         Ok(SampleOutput { latents, decoded, steps, input_ids, uncond_ids, truncation })
     }
 }
