@@ -235,25 +235,9 @@ impl StableDiffusion {
             }
             None => Tensor::randn(&latent_shape, req.seed, &self.device)?,
         };
-        let mut latents = init.mul_scalar(scheduler.init_noise_sigma())?;
         let mut rng = crate::rng::Rng::new(req.seed ^ 0x5ca1_ab1e);
-        let n = scheduler.timesteps().len();
-        let mut steps = Vec::new();
-        for i in 0..n {
-            let t = scheduler.timestep(i)?;
-            let doubled = Tensor::concat(&[&latents, &latents], 0)?;
-            let input = scheduler.scale_model_input(&doubled, i)?;
-            let ts = Tensor::full(t, &[2 * b], &self.device)?;
-            let eps = self.unet.forward(&input, &ts, &context)?; // (2B, 4, h, w)
-            let eps_uncond = eps.slice(0, 0, b)?;
-            let eps_text = eps.slice(0, b, b)?;
-            let guided = eps_uncond.add(&eps_text.sub(&eps_uncond)?.mul_scalar(req.guidance)?)?;
-            latents = scheduler.step(i, &guided, &latents, Noise::Rng(&mut rng))?.prev_sample;
-            if keep_steps {
-                steps.push(latents.clone());
-            }
-            on_step(i + 1, n);
-        }
+        let (latents, steps) =
+            denoise(&self.unet, &mut scheduler, &context, &init, req.guidance, &mut rng, keep_steps, &mut on_step)?;
         // One image at a time: at 512 px the decoder's widest map is 128 MiB per image, the
         // WebGPU binding limit, so a batch must not be decoded at once.
         let z = latents.mul_scalar(1.0 / self.vae.scaling_factor())?;
@@ -261,4 +245,48 @@ impl StableDiffusion {
         let decoded = Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)?;
         Ok(SampleOutput { latents, decoded, steps, input_ids, uncond_ids, truncation })
     }
+}
+
+/// The denoising loop with classifier-free guidance: `context` (2B, L, C) holds the
+/// unconditional embeddings first; `init` (B, C, h, w) is scaled by `init_noise_sigma`.
+/// Returns the final latents and, when `keep_steps`, the latents after every step.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise(
+    unet: &UNet2DConditionModel,
+    scheduler: &mut Scheduler,
+    context: &Tensor,
+    init: &Tensor,
+    guidance: f32,
+    rng: &mut crate::rng::Rng,
+    keep_steps: bool,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let _g = no_grad();
+    let b = init.shape()[0];
+    if context.shape()[0] != 2 * b {
+        return Err(Error::shape(
+            "denoise",
+            format!("context {:?} for {b} latents: expected 2x the batch (uncond, cond)", context.shape()),
+        ));
+    }
+    let device = init.device();
+    let mut latents = init.mul_scalar(scheduler.init_noise_sigma())?;
+    let n = scheduler.timesteps().len();
+    let mut steps = Vec::new();
+    for i in 0..n {
+        let t = scheduler.timestep(i)?;
+        let doubled = Tensor::concat(&[&latents, &latents], 0)?;
+        let input = scheduler.scale_model_input(&doubled, i)?;
+        let ts = Tensor::full(t, &[2 * b], &device)?;
+        let eps = unet.forward(&input, &ts, context)?; // (2B, 4, h, w)
+        let eps_uncond = eps.slice(0, 0, b)?;
+        let eps_text = eps.slice(0, b, b)?;
+        let guided = eps_uncond.add(&eps_text.sub(&eps_uncond)?.mul_scalar(guidance)?)?;
+        latents = scheduler.step(i, &guided, &latents, Noise::Rng(rng))?.prev_sample;
+        if keep_steps {
+            steps.push(latents.clone());
+        }
+        on_step(i + 1, n);
+    }
+    Ok((latents, steps))
 }
