@@ -142,40 +142,34 @@ fn fp16_weights_match_diffusers_fp16_run() {
 
 #[test]
 fn cli_sample_writes_the_fixture_image() {
-    let tmp = std::env::temp_dir().join(format!("vipo-sample-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
-    let out = tmp.join("fox.png");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_vipo"))
-        .args(["--device", "cpu", "sample", "--model"])
-        .arg(dir())
-        .args([
-            "--prompt",
-            CASES[1].1,
-            "--negative-prompt",
-            CASES[1].2.unwrap(),
-            "--steps",
-            "10",
-            "--scheduler",
-            "ddim",
-        ])
-        .args(["--width", "64", "--height", "64", "--latents"])
-        .arg(dir().join("init_latents/case1.safetensors"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "vipo sample failed: {}", String::from_utf8_lossy(&status.stderr));
-    assert!(String::from_utf8_lossy(&status.stdout).contains("fox.png"), "prints where the file went");
-    let (img, params) = read_png(&out).unwrap();
-    assert_eq!((img.width, img.height), (64, 64));
-    let (big, _) = pixel_diff(&img.data, &Expected::load().u8("case1.ddim10.image_uint8"));
-    assert_eq!(big, 0);
-    let params = params.expect("parameters text chunk");
-    assert!(
-        params.contains("Negative prompt: blurry") && params.contains("Steps: 10") && params.contains("Seed: 0"),
-        "{params}"
-    );
-    std::fs::remove_dir_all(&tmp).ok();
+    let mut devices = vec!["cpu".to_string()];
+    if let Some(g) = gpu() {
+        devices.push(format!("gpu:{}", g.gpu().unwrap().index));
+    }
+    for device in devices {
+        let tmp = std::env::temp_dir().join(format!("vipo-sample-{}-{}", std::process::id(), device.replace(':', "")));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let out = tmp.join("fox.png");
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_vipo"))
+            .args(["--device", &device, "sample", "--model"])
+            .arg(dir())
+            .args(["--prompt", CASES[1].1, "--negative-prompt", CASES[1].2.unwrap(), "--steps", "10", "--scheduler", "ddim"])
+            .args(["--width", "64", "--height", "64", "--latents"])
+            .arg(dir().join("init_latents/case1.safetensors"))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "vipo sample on {device} failed: {}", String::from_utf8_lossy(&status.stderr));
+        assert!(String::from_utf8_lossy(&status.stdout).contains("fox.png"), "prints where the file went");
+        let (img, params) = read_png(&out).unwrap();
+        assert_eq!((img.width, img.height), (64, 64));
+        let (big, _) = pixel_diff(&img.data, &Expected::load().u8("case1.ddim10.image_uint8"));
+        assert_eq!(big, 0, "{device}");
+        let params = params.expect("parameters text chunk");
+        assert!(params.contains("Negative prompt: blurry") && params.contains("Steps: 10") && params.contains("Seed: 0"), "{params}");
+        std::fs::remove_dir_all(&tmp).ok();
+    }
 }
 
 #[test]
