@@ -3,6 +3,7 @@
 
 pub mod autograd;
 pub mod cli;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod image_io;
@@ -17,6 +18,7 @@ pub mod schedulers;
 pub mod shaders;
 pub mod tensor;
 pub mod toy;
+pub mod train;
 
 pub use device::{Device, DeviceRequest};
 pub use error::{Error, Result};

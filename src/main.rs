@@ -7,6 +7,8 @@ fn main() -> anyhow::Result<()> {
         Command::Devices(a) => vipo::cli::devices::run(a, &cli.device)?,
         Command::Bench(a) => vipo::cli::bench::run(a, &cli.device)?,
         Command::Sample(a) => vipo::cli::sample::run(a, &cli.device)?,
+        Command::Data(a) => vipo::cli::data::run(a, &cli.device)?,
+        Command::Train(a) => vipo::cli::train::run(a, &cli.device)?,
     }
     Ok(())
 }

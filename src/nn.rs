@@ -2,17 +2,23 @@
 //! (`Linear::load(&vb.pp("to_q"), ..)` reads `<prefix>.to_q.weight`), so a key mismatch
 //! shows up by reading, and a missing or wrongly shaped key is an error naming it.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
 use crate::params::{Param, ParamPath};
 use crate::tensor::Tensor;
+use crate::train::lora::{lora_is_off, LoraAdapter};
 
-/// `y = x W^T + b`; weight (out, in), bias (out).
+/// Where a `Linear`'s adapter sits; clones of a model share it, so attaching an adapter to
+/// one reaches every copy.
+pub type LoraSlot = Arc<RwLock<Option<LoraAdapter>>>;
+
+/// `y = x W^T + b`; weight (out, in), bias (out); plus an optional LoRA adapter.
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Arc<Param>,
     pub bias: Option<Arc<Param>>,
+    pub lora: LoraSlot,
 }
 
 impl Linear {
@@ -20,14 +26,29 @@ impl Linear {
         Ok(Linear {
             weight: vb.get_shaped("weight", &[out_dim, in_dim])?,
             bias: if bias { Some(vb.get_shaped("bias", &[out_dim])?) } else { None },
+            lora: LoraSlot::default(),
         })
+    }
+
+    /// The adapter, when one is attached, enabled, and not switched off on this thread.
+    pub fn active_lora(&self) -> Option<LoraAdapter> {
+        if lora_is_off() {
+            return None;
+        }
+        let slot = self.lora.read().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().filter(|a| a.state.is_enabled()).cloned()
     }
 
     /// x (..., in) -> (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul_t(&self.weight.value(), false, true)?;
-        match &self.bias {
-            Some(b) => y.add(&b.value()),
+        let y = match &self.bias {
+            Some(b) => y.add(&b.value())?,
+            None => y,
+        };
+        // PEFT's order: the base layer's output (bias included), plus the adapter's.
+        match self.active_lora() {
+            Some(a) => y.add(&a.delta(x)?),
             None => Ok(y),
         }
     }

@@ -173,9 +173,20 @@ impl Param {
         Ok(())
     }
 
-    /// Moves the value and any gradient to `device`.
+    /// Moves the value (in its storage dtype) and any gradient to `device`.
     pub fn to(&self, device: &Device) -> Result<()> {
         let v = lock(&self.value).clone();
+        // Reads widen an f16 value to f32 and cannot report errors: check the f32 copy fits now.
+        if let (DType::F16, Device::Gpu(ctx)) = (v.dtype(), device) {
+            let (bytes, limit) = ((self.numel() * 4) as u64, ctx.limits.max_storage_buffer_binding_size);
+            if bytes > limit {
+                return Err(Error::Invalid(format!(
+                    "param `{}`: its f32 reads need {bytes} bytes, over {}'s max_storage_buffer_binding_size \
+                     of {limit}",
+                    self.name, ctx.info.name
+                )));
+            }
+        }
         let moved = v.to(device)?.detach();
         if let Some(g) = self.slot.get() {
             self.slot.set(Some(g.to(device)?.detach()));

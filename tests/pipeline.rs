@@ -153,7 +153,16 @@ fn cli_sample_writes_the_fixture_image() {
         let status = std::process::Command::new(env!("CARGO_BIN_EXE_vipo"))
             .args(["--device", &device, "sample", "--model"])
             .arg(dir())
-            .args(["--prompt", CASES[1].1, "--negative-prompt", CASES[1].2.unwrap(), "--steps", "10", "--scheduler", "ddim"])
+            .args([
+                "--prompt",
+                CASES[1].1,
+                "--negative-prompt",
+                CASES[1].2.unwrap(),
+                "--steps",
+                "10",
+                "--scheduler",
+                "ddim",
+            ])
             .args(["--width", "64", "--height", "64", "--latents"])
             .arg(dir().join("init_latents/case1.safetensors"))
             .arg("--out")
@@ -167,7 +176,10 @@ fn cli_sample_writes_the_fixture_image() {
         let (big, _) = pixel_diff(&img.data, &Expected::load().u8("case1.ddim10.image_uint8"));
         assert_eq!(big, 0, "{device}");
         let params = params.expect("parameters text chunk");
-        assert!(params.contains("Negative prompt: blurry") && params.contains("Steps: 10") && params.contains("Seed: 0"), "{params}");
+        assert!(
+            params.contains("Negative prompt: blurry") && params.contains("Steps: 10") && params.contains("Seed: 0"),
+            "{params}"
+        );
         std::fs::remove_dir_all(&tmp).ok();
     }
 }
@@ -189,6 +201,9 @@ fn cli_sample_reports_bad_input_in_one_line() {
     assert!(e.contains("/nonexistent/sd"), "{e}");
     let e = run(&["--model", d, "--prompt", "x", "--width", "60", "--height", "64", "--steps", "1"]);
     assert!(e.contains("multiples of 8"), "{e}");
+    let long = "a very long prompt ".repeat(30);
+    let e = run(&["--model", d, "--prompt", &long, "--steps", "1"]);
+    assert!(e.contains("prompt too long") && e.contains("--truncate"), "{e}");
     let e = run(&["--model", d, "--prompt", "x", "--scheduler", "plms", "--steps", "1"]);
     assert!(e.contains("plms") || e.contains("scheduler"), "{e}");
 }

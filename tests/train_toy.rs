@@ -7,7 +7,7 @@ use vipo::toy::{toy_batch, toy_optimizer, train_step, ToyNet};
 use vipo::{Device, Tensor};
 
 const STEPS: usize = 300;
-const LR: f32 = 4e-3;
+const LR: f32 = 5e-3;
 
 fn curve(dev: &Device) -> Vec<f32> {
     let net = ToyNet::new(16, 1, dev).unwrap();
@@ -23,13 +23,14 @@ fn toy_regression_trains_on_cpu_and_gpu_alike() {
     assert!(last * 10.0 < first, "CPU loss fell only from {first} to {last}");
     let Some(g) = gpu() else { return };
     let gpu_curve = curve(&g);
-    // The curves agree to ~1e-7 for 200+ steps; then float differences between the devices,
-    // compounded through Adam's normalised updates, reach ~5e-3 at some steps (measured).
+    // Measured on lavapipe: within 3.2e-7 at every one of the 300 steps. AdamW's eps is 1e-3
+    // (see toy_optimizer) so rounding noise in near-zero gradients is not amplified into
+    // full-size steps, which made runs on two devices drift apart after ~150 steps.
     let mut worst = 0f32;
     for (i, (a, b)) in cpu.iter().zip(&gpu_curve).enumerate() {
         let rel = (a - b).abs() / a.abs().max(1e-6);
         worst = worst.max(rel);
-        assert!(rel < 2e-2, "step {i}: cpu loss {a}, gpu loss {b} (rel {rel:.2e})");
+        assert!(rel < 1e-3, "step {i}: cpu loss {a}, gpu loss {b} (rel {rel:.2e})");
     }
     eprintln!(
         "toy: loss {first:.4} -> {last:.4} on cpu, {:.4} on gpu; worst step rel diff {worst:.2e}",

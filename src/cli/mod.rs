@@ -1,8 +1,10 @@
 //! Command-line front end: one file per subcommand; `main.rs` only parses and dispatches.
 
 pub mod bench;
+pub mod data;
 pub mod devices;
 pub mod sample;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -29,4 +31,9 @@ pub enum Command {
     Bench(bench::Args),
     /// Text to image with a Stable Diffusion pipeline folder; writes PNGs.
     Sample(sample::Args),
+    /// Preference data: `stats` (counts, sizes), `cache-latents` (encode once with a VAE).
+    Data(data::Args),
+    /// Fine-tune with SFT, Diffusion-DPO, Poly-DPO or KTO on preference pairs (LoRA or full).
+    // Boxed: its many flags make it far larger than the other variants.
+    Train(Box<train::Args>),
 }

@@ -53,6 +53,16 @@ pub struct Args {
     /// Keep the weights in f16 (half the memory); compute stays f32. The models are frozen.
     #[arg(long)]
     pub half_weights: bool,
+    /// A LoRA for the UNet (`pytorch_lora_weights.safetensors` as diffusers' `save_lora_weights`
+    /// writes it, or PEFT's names), merged into the weights before sampling.
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// Multiplier on the LoRA's effect (diffusers' `lora_scale`; 0 gives the base model).
+    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    pub lora_scale: f32,
+    /// Cut prompts longer than the text encoder's 77 tokens instead of refusing them.
+    #[arg(long)]
+    pub truncate: bool,
     /// Print the estimated peak memory for this model, size and batch, and exit (reads only
     /// configs and weight-file headers).
     #[arg(long)]
@@ -178,6 +188,24 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
         let opts = LoadOptions { variant: args.variant.clone(), half_weights: args.half_weights };
         StableDiffusion::load(&args.model, &sel.device, &opts)?
     };
+    for (what, text) in [("prompt", Some(&args.prompt)), ("negative prompt", args.negative_prompt.as_ref())] {
+        let Some(text) = text else { continue };
+        if let Some(n) = sd.tokenizer.encode_prompt(text)?.truncated_from {
+            if !args.truncate {
+                return Err(Error::Invalid(format!(
+                    "{what} too long: {n} tokens, the text encoder takes {}; shorten it or pass --truncate",
+                    sd.tokenizer.max_length()
+                )));
+            }
+        }
+    }
+    if let Some(path) = &args.lora {
+        let lora = crate::train::lora::Lora::load(&sd.unet, path)?;
+        lora.set_multiplier(args.lora_scale);
+        let n = lora.len();
+        lora.merge()?;
+        eprintln!("merged LoRA {} ({n} layers) at scale {}", path.display(), args.lora_scale);
+    }
     eprintln!(
         "loaded {} in {:.1}s ({:.1} MiB of {} weights)",
         args.model.display(),
@@ -233,6 +261,10 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
         "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model_name}",
         req.steps, req.scheduler, req.guidance, req.seed, req.width, req.height
     ));
+    if let Some(path) = &args.lora {
+        let name = path.file_name().and_then(|s| s.to_str()).unwrap_or("lora");
+        text.push_str(&format!(", Lora: {name} ({})", args.lora_scale));
+    }
     for (path, img) in output_paths(&args.out, images.len()).iter().zip(&images) {
         write_png(path, img, Some(&text))?;
         println!("{}", path.display());

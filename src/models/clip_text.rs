@@ -268,22 +268,34 @@ impl TokenEmbedding {
 
     /// ids (N) -> (N, C).
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
-        let w = self.weight.value();
-        if let Device::Cpu = w.device() {
-            return embedding(ids, &w);
-        }
-        let host = {
-            let mut slot = self.host.lock().unwrap_or_else(|e| e.into_inner());
-            match &*slot {
-                Some((t, h)) if t.same_storage(&w) => h.clone(),
-                _ => {
-                    let h = Arc::new(w.to_vec()?);
-                    *slot = Some((w.detach(), h.clone()));
-                    h
-                }
+        if self.weight.is_trainable() || self.weight.device().is_cpu() {
+            let w = self.weight.value();
+            if w.device().is_cpu() {
+                return embedding(ids, &w);
             }
+            return embedding_with_host(ids, &w, &self.host_copy(&w)?);
+        }
+        // A frozen GPU table: keyed and read through its stored value, so f16 storage is not
+        // widened on the device for every prompt (only the gathered rows are uploaded).
+        let stored = self.weight.stored_value();
+        let host = self.host_copy(&stored)?;
+        let &[vocab, dim] = stored.shape() else {
+            return Err(Error::shape("embedding", format!("weight must be (vocab, dim), got {:?}", stored.shape())));
         };
-        embedding_with_host(ids, &w, &host)
+        Tensor::from_vec(gather_rows(&host, vocab, dim, ids)?, &[ids.len(), dim], &stored.device())
+    }
+
+    /// The host copy of `w`'s values, downloaded again only when the storage changed.
+    fn host_copy(&self, w: &Tensor) -> Result<Arc<Vec<f32>>> {
+        let mut slot = self.host.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some((t, h)) if t.same_storage(w) => Ok(h.clone()),
+            _ => {
+                let h = Arc::new(w.to_vec()?);
+                *slot = Some((w.detach(), h.clone()));
+                Ok(h)
+            }
+        }
     }
 }
 

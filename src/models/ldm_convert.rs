@@ -851,7 +851,7 @@ pub fn save_single_file(
                 continue;
             };
             done.insert(pair.ldm.as_str());
-            let v = param.frozen_value();
+            let v = param.stored_value();
             let v = match (pair.conv1x1, v.shape()) {
                 (true, &[o, i]) => v.reshape_to(&[o, i, 1, 1])?,
                 _ => v,

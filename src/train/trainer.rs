@@ -1,0 +1,704 @@
+//! The training loop of `vipo train`: preference pairs streamed with a resumable cursor,
+//! images to latents with the VAE and prompts to embeddings (both without gradients), one
+//! timestep and one noise draw per pair shared by winner and loser, the policy forward with
+//! gradients and the reference forward without, the objective, backward over `grad_accum`
+//! micro-batches, clipping and AdamW with a schedule; metrics to `metrics.jsonl`, atomic
+//! checkpoints, exact resume, and validation grids.
+//!
+//! Reproducibility: every random draw of step s, micro-batch m comes from its own
+//! `Rng::new(stream(seed, s, m))`, and the loader's crops from (seed, draw); so the RNG state a
+//! checkpoint needs is the seed, the step and the loader's draw count, and a resumed run takes
+//! the same draws as a straight one (LoRA dropout masks excepted: see `Trainer::resume`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::autograd::no_grad;
+use crate::data::cache::{CacheKey, LatentCache};
+use crate::data::{Crop, Cursor, DataSource, LoaderOptions, PairLoader, PairStream, Resample, StreamOptions};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::image_io::{images_from_decoded, write_png, RgbImage};
+use crate::models::unet_2d_condition::UNet2DConditionModel;
+use crate::optim::{clip_grad_norm, scale_grads, zero_grad, AdamW, LrSchedule};
+use crate::params::{Param, ParamStore};
+use crate::pipelines::stable_diffusion::{SampleRequest, StableDiffusion};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+use crate::train::config::{write_atomic, DataFormat, FinetuneKind, TrainConfig};
+use crate::train::lora::Lora;
+use crate::train::objective::{
+    as_reference, per_sample_error, unet_step, ForwardProcess, ObjectiveConfig, ObjectiveOutput, PreferenceBatch,
+    Reference,
+};
+
+/// The LoRA in diffusers' / PEFT's file naming (what `vipo sample --lora` and diffusers load).
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+/// The LoRA's A and B exactly as trained (unscaled), for an exact resume.
+pub const LORA_STATE_FILE: &str = "lora_state.safetensors";
+/// Full fine-tuning: the UNet as a diffusers folder (`unet/config.json` + weights).
+pub const UNET_DIR: &str = "unet";
+pub const UNET_FILE: &str = "diffusion_pytorch_model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// What a checkpoint records besides the weights and the optimizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub version: u32,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// The seed every per-step RNG stream derives from (with the step).
+    pub seed: u64,
+    /// Where the data stream continues.
+    pub cursor: Cursor,
+    /// Pairs the loader has drawn (its crop/flip stream position).
+    pub draws: u64,
+    /// Completed passes over the data.
+    pub epoch: u64,
+    pub finetune: FinetuneKind,
+}
+
+/// One optimizer step's numbers (a line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    /// Mean over the micro-batches.
+    pub loss: f64,
+    /// DPO forms: fraction of pairs whose implicit reward favours the winner (KTO: of samples).
+    pub implicit_acc: Option<f64>,
+    pub mean_p: Option<f64>,
+    pub reward_margin: Option<f64>,
+    /// Before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub pairs_per_s: f64,
+    pub epoch: u64,
+}
+
+/// What a finished [`Trainer::run`] reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub last: Option<StepMetrics>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub mean_pairs_per_s: f64,
+}
+
+/// A training run in memory.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub sd: StableDiffusion,
+    /// LoRA fine-tuning: the adapters being trained.
+    pub lora: Option<Lora>,
+    /// Full fine-tuning: the frozen reference UNet (on the CPU with `offload_reference`).
+    reference: Option<(UNet2DConditionModel, ParamStore)>,
+    params: Vec<Arc<Param>>,
+    opt: AdamW,
+    schedule: LrSchedule,
+    process: ForwardProcess,
+    objective: ObjectiveConfig,
+    source: DataSource,
+    loader_opts: LoaderOptions,
+    stream_opts: StreamOptions,
+    loader: PairLoader<PairStream>,
+    /// Cached latents replace image decoding and the VAE when set.
+    cache: Option<LatentCache>,
+    epoch: u64,
+    step: u64,
+    last_checkpoint: Option<PathBuf>,
+}
+
+/// SplitMix64's finaliser.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The RNG of step `step`, micro-batch `micro`: independent of every other step's.
+pub fn step_rng(seed: u64, step: u64, micro: u64) -> Rng {
+    Rng::new(mix(seed ^ mix(step.wrapping_mul(0x1_0000).wrapping_add(micro) ^ 0x7EA1_11ED)))
+}
+
+fn data_source(cfg: &TrainConfig) -> Result<DataSource> {
+    let src = DataSource::detect(&cfg.data, cfg.split.as_deref())?;
+    let ok = matches!(
+        (cfg.data_format, &src),
+        (DataFormat::Auto, _)
+            | (DataFormat::Parquet, DataSource::Parquet { .. })
+            | (DataFormat::Jsonl, DataSource::Jsonl { .. })
+    );
+    if !ok {
+        return Err(Error::Invalid(format!(
+            "train config: data_format = {:?} but {} is {}",
+            cfg.data_format,
+            cfg.data.display(),
+            src.describe()
+        )));
+    }
+    Ok(src)
+}
+
+impl Trainer {
+    /// Loads the pipeline on `device`, sets up the trainable weights (new LoRA adapters, or the
+    /// whole UNet with a frozen reference copy), the optimizer and the data stream at its start.
+    pub fn new(cfg: TrainConfig, device: &Device) -> Result<Trainer> {
+        cfg.validate()?;
+        let source = data_source(&cfg)?;
+        let sd = StableDiffusion::from_dir(&cfg.model, device, None)?;
+        sd.text_encoder.params().iter().for_each(|p| p.set_trainable(false));
+        sd.vae.store().freeze_all();
+        let process = ForwardProcess::from_config(&sd.scheduler_config)?;
+        let objective = cfg.objective_config();
+        let (lora, reference, params) = match cfg.finetune {
+            FinetuneKind::Lora => {
+                sd.unet_params.freeze_all();
+                let lora = Lora::new(&sd.unet, &cfg.lora_config())?;
+                let params = lora.params();
+                (Some(lora), None, params)
+            }
+            FinetuneKind::Full => {
+                sd.unet_params.set_trainable_where(|_| true);
+                let reference = if objective.needs_reference() {
+                    let ref_dev = if cfg.offload_reference { Device::Cpu } else { device.clone() };
+                    let (m, store) = UNet2DConditionModel::from_dir(cfg.model.join("unet"), &ref_dev, None)?;
+                    store.freeze_all();
+                    Some((m, store))
+                } else {
+                    None
+                };
+                (None, reference, sd.unet_params.trainable())
+            }
+        };
+        let opt = AdamW::new(cfg.adamw_config())?;
+        let loader_opts = LoaderOptions {
+            size: cfg.resolution,
+            resample: Resample::Bilinear,
+            crop: Crop::Center,
+            flip: false,
+            seed: cfg.seed,
+        };
+        let stream_opts = StreamOptions { keep_ties: cfg.keep_ties };
+        let loader = PairLoader::new(PairStream::open(&source, &stream_opts)?, loader_opts)?;
+        let cache = match &cfg.latent_cache {
+            Some(dir) => {
+                let key = CacheKey::for_vae(&cfg.model.join("vae"), None, cfg.resolution, Resample::Bilinear)?;
+                let c = LatentCache::open_checked(dir, &key)?;
+                if c.manifest().keep_ties != cfg.keep_ties {
+                    return Err(Error::File {
+                        path: dir.clone(),
+                        msg: format!(
+                            "latent cache built with keep_ties = {}, the config says {}",
+                            c.manifest().keep_ties,
+                            cfg.keep_ties
+                        ),
+                    });
+                }
+                Some(c)
+            }
+            None => None,
+        };
+        Ok(Trainer {
+            cache,
+            schedule: cfg.lr_schedule(),
+            cfg,
+            sd,
+            lora,
+            reference,
+            params,
+            opt,
+            process,
+            objective,
+            source,
+            loader_opts,
+            stream_opts,
+            loader,
+            epoch: 0,
+            step: 0,
+            last_checkpoint: None,
+        })
+    }
+
+    /// [`Trainer::new`], then the state of checkpoint `dir`: weights, optimizer, step, data
+    /// cursor. The run continues exactly as the uninterrupted one would have, bit for bit,
+    /// except with `lora_dropout > 0`, whose masks restart their stream.
+    pub fn resume(cfg: TrainConfig, device: &Device, dir: impl AsRef<Path>) -> Result<Trainer> {
+        let mut t = Trainer::new(cfg, device)?;
+        t.load_checkpoint(dir.as_ref())?;
+        Ok(t)
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let state_path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let st: TrainerState = serde_json::from_str(&text)
+            .map_err(|e| Error::File { path: state_path.clone(), msg: format!("bad trainer state: {e}") })?;
+        if st.finetune != self.cfg.finetune {
+            return Err(Error::File {
+                path: state_path,
+                msg: format!("checkpoint of a {:?} run, but the config says {:?}", st.finetune, self.cfg.finetune),
+            });
+        }
+        match &self.lora {
+            Some(lora) => lora.store.load_into(dir.join(LORA_STATE_FILE))?,
+            None => self.sd.unet_params.load_into(dir.join(UNET_DIR).join(UNET_FILE))?,
+        }
+        self.opt.load_state(dir.join(OPTIMIZER_FILE), &self.params)?;
+        let stream = PairStream::open_at(&self.source, &self.stream_opts, Some(&st.cursor))?;
+        self.loader = PairLoader::new(stream, self.loader_opts)?.with_draws(st.draws);
+        self.step = st.step;
+        self.epoch = st.epoch;
+        self.cfg.seed = st.seed;
+        self.last_checkpoint = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Optimizer steps done.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The params the optimizer updates (LoRA A/B, or every UNet weight).
+    pub fn trainable_params(&self) -> &[Arc<Param>] {
+        &self.params
+    }
+
+    pub fn device(&self) -> Device {
+        self.sd.device.clone()
+    }
+
+    pub fn last_checkpoint(&self) -> Option<&Path> {
+        self.last_checkpoint.as_deref()
+    }
+
+    /// The next `n` decodable pairs, starting a new pass over the data when it runs out.
+    fn next_pairs(&mut self, n: usize) -> Result<Vec<crate::data::DecodedPair>> {
+        let mut out = self.loader.next_batch(n)?;
+        let mut fresh = false;
+        while out.len() < n {
+            if fresh {
+                return Err(Error::Invalid(format!(
+                    "{}: a full pass gave no decodable preference pair",
+                    self.source.describe()
+                )));
+            }
+            let draws = self.loader.draws();
+            let stream = PairStream::open(&self.source, &self.stream_opts)?;
+            self.loader = PairLoader::new(stream, self.loader_opts)?.with_draws(draws);
+            self.epoch += 1;
+            let more = self.loader.next_batch(n - out.len())?;
+            fresh = more.is_empty();
+            out.extend(more);
+        }
+        Ok(out)
+    }
+
+    /// A micro-batch: pairs -> latents (VAE, sampled with this step's noise) and prompt
+    /// embeddings, with one noise level and one noise draw per pair.
+    fn micro_batch(&mut self, rng: &mut Rng) -> Result<PreferenceBatch> {
+        if self.cache.is_some() {
+            return self.cached_micro_batch(rng);
+        }
+        let n = self.cfg.batch;
+        let pairs = self.next_pairs(n)?;
+        let dev = self.device();
+        let _g = no_grad();
+        let pixels = crate::data::image::stack_pairs(&pairs, &dev)?; // (2N, 3, S, S), cat(w, l)
+                                                                     // One image at a time: at 512 px the encoder's widest map is a whole storage binding.
+        let mut lat = Vec::with_capacity(2 * n);
+        for i in 0..2 * n {
+            let dist = self.sd.vae.encode(&pixels.slice(0, i, 1)?)?;
+            let shape = dist.mean.shape().to_vec(); // (1, C, h, w)
+            let eps = Tensor::from_vec(rng.normal_vec(dist.mean.numel()), &shape, &dev)?;
+            let sf = self.sd.vae.scaling_factor();
+            lat.push(dist.sample(&eps)?.affine(sf, -self.sd.vae.shift_factor() * sf)?);
+        }
+        let latents = Tensor::concat(&lat.iter().collect::<Vec<_>>(), 0)?; // (2N, C, h, w)
+        let mut ctx = Vec::with_capacity(n);
+        for p in &pairs {
+            let (ids, _) = self.sd.tokenize(&p.pair.prompt)?;
+            ctx.push(self.sd.encode_ids(&ids)?); // (1, 77, D)
+        }
+        let encoder_hidden_states = Tensor::concat(&ctx.iter().collect::<Vec<_>>(), 0)?; // (N, 77, D)
+        let level = self.process.sample_levels(n, rng);
+        let lshape = latents.shape()[1..].to_vec();
+        let mut nshape = vec![n];
+        nshape.extend_from_slice(&lshape);
+        let noise = Tensor::from_vec(rng.normal_vec(nshape.iter().product()), &nshape, &dev)?;
+        Ok(PreferenceBatch {
+            latents_w: latents.slice(0, 0, n)?,
+            latents_l: latents.slice(0, n, n)?,
+            noise,
+            level,
+            encoder_hidden_states,
+        })
+    }
+
+    /// The next `n` pairs found in the latent cache, in stream order (pairs the cache lacks,
+    /// i.e. undecodable ones, are skipped); the loader is bypassed, its draw count unchanged.
+    fn next_cached(&mut self, n: usize) -> Result<Vec<crate::data::cache::CachedPair>> {
+        let mut out = Vec::with_capacity(n);
+        // Only a pass read from the start that finds nothing proves the cache useless.
+        let (mut from_start, mut found_this_pass) = (false, false);
+        while out.len() < n {
+            let Some(cache) = &self.cache else { return Ok(out) };
+            match self.loader.source_mut().next() {
+                Some(p) => {
+                    if let Some(cp) = cache.get(p?.index)? {
+                        found_this_pass = true;
+                        out.push(cp);
+                    }
+                }
+                None => {
+                    if from_start && !found_this_pass {
+                        return Err(Error::Invalid(format!(
+                            "{}: a full pass found no pair in the latent cache",
+                            self.source.describe()
+                        )));
+                    }
+                    let draws = self.loader.draws();
+                    let stream = PairStream::open(&self.source, &self.stream_opts)?;
+                    self.loader = PairLoader::new(stream, self.loader_opts)?.with_draws(draws);
+                    self.epoch += 1;
+                    (from_start, found_this_pass) = (true, false);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn cached_micro_batch(&mut self, rng: &mut Rng) -> Result<PreferenceBatch> {
+        let n = self.cfg.batch;
+        let pairs = self.next_cached(n)?;
+        let dev = self.device();
+        let _g = no_grad();
+        let shape = self.cache.as_ref().map(|c| c.latent_shape()).unwrap_or_default(); // (C, h, w)
+        let mut lshape = vec![n];
+        lshape.extend_from_slice(&shape);
+        let (mut w, mut l) = (Vec::new(), Vec::new());
+        let mut ctx = Vec::with_capacity(n);
+        for p in &pairs {
+            w.extend_from_slice(&p.chosen);
+            l.extend_from_slice(&p.rejected);
+            let (ids, _) = self.sd.tokenize(&p.info.prompt)?;
+            ctx.push(self.sd.encode_ids(&ids)?); // (1, 77, D)
+        }
+        let encoder_hidden_states = Tensor::concat(&ctx.iter().collect::<Vec<_>>(), 0)?; // (N, 77, D)
+        let level = self.process.sample_levels(n, rng);
+        let noise = Tensor::from_vec(rng.normal_vec(lshape.iter().product()), &lshape, &dev)?;
+        Ok(PreferenceBatch {
+            latents_w: Tensor::from_vec(w, &lshape, &dev)?,
+            latents_l: Tensor::from_vec(l, &lshape, &dev)?,
+            noise,
+            level,
+            encoder_hidden_states,
+        })
+    }
+
+    /// The objective on one batch: policy with gradients, reference without.
+    fn evaluate(&self, batch: &PreferenceBatch) -> Result<ObjectiveOutput> {
+        let policy = &self.sd.unet;
+        match &self.reference {
+            None => unet_step(&self.objective, &self.process, batch, policy, Reference::AdaptersOff),
+            Some((m, _)) if m.device().is_cpu() == policy.device().is_cpu() => {
+                unet_step(&self.objective, &self.process, batch, policy, Reference::Model(m))
+            }
+            Some((m, _)) => {
+                // Offloaded reference: its inputs go to the CPU, its errors come back.
+                let inp = batch.inputs(&self.process)?;
+                let (x, t, c) = (&inp.noised.noisy, &inp.noised.timesteps, &inp.encoder_hidden_states);
+                let cpu = Device::Cpu;
+                let err_ref = as_reference(|| {
+                    let pred = m.forward(&x.to(&cpu)?, &t.to(&cpu)?, &c.to(&cpu)?)?;
+                    per_sample_error(&pred, &inp.noised.target.to(&cpu)?)?.to(&policy.device())
+                })?;
+                let pred = policy.forward(x, t, c)?;
+                let err = per_sample_error(&pred, &inp.noised.target)?;
+                self.objective.loss(&err, Some(&err_ref))
+            }
+        }
+    }
+
+    /// Draws micro-batch `micro` of the next step from the data stream (advancing it), with
+    /// that step's random noise levels and noise.
+    pub fn draw_batch(&mut self, micro: u64) -> Result<PreferenceBatch> {
+        let mut rng = step_rng(self.cfg.seed, self.step, micro);
+        self.micro_batch(&mut rng)
+    }
+
+    /// The objective's statistics on a batch with the current weights, without gradients.
+    pub fn evaluate_batch(&self, batch: &PreferenceBatch) -> Result<crate::train::objective::ObjectiveStats> {
+        let _g = no_grad();
+        Ok(self.evaluate(batch)?.stats)
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches drawn from the data. A non-finite
+    /// loss or gradient is an error naming the step; the weights are then left as they were.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let mut batches = Vec::with_capacity(self.cfg.grad_accum);
+        for micro in 0..self.cfg.grad_accum {
+            batches.push(self.draw_batch(micro as u64)?);
+        }
+        self.train_on_from(&batches, t0)
+    }
+
+    /// One optimizer step on the given micro-batches (gradients averaged over them).
+    pub fn train_on(&mut self, batches: &[PreferenceBatch]) -> Result<StepMetrics> {
+        self.train_on_from(batches, Instant::now())
+    }
+
+    fn train_on_from(&mut self, batches: &[PreferenceBatch], t0: Instant) -> Result<StepMetrics> {
+        let step = self.step + 1;
+        let accum = batches.len();
+        if accum == 0 {
+            return Err(Error::Invalid(format!("step {step}: no micro-batch")));
+        }
+        if let Some(l) = &self.lora {
+            l.train(true);
+        }
+        let res = self.accumulate(batches, step);
+        if let Some(l) = &self.lora {
+            l.train(false);
+        }
+        let (loss, acc, mp, margin) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                zero_grad(&self.params);
+                return Err(e);
+            }
+        };
+        if accum > 1 {
+            scale_grads(&self.params, 1.0 / accum as f32)?;
+        }
+        let norm = clip_grad_norm(&self.params, self.cfg.max_grad_norm)?;
+        if !norm.is_finite() {
+            zero_grad(&self.params);
+            return Err(Error::Invalid(format!("step {step}: the gradient norm is {norm} (loss {loss})")));
+        }
+        let lr = self.opt.lr_for(&self.schedule);
+        self.opt.step(&self.params, lr)?;
+        zero_grad(&self.params);
+        self.step = step;
+        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        let pairs: usize = batches.iter().map(|b| b.latents_w.shape()[0]).sum();
+        Ok(StepMetrics {
+            step,
+            loss,
+            implicit_acc: mean(&acc),
+            mean_p: mean(&mp),
+            reward_margin: mean(&margin),
+            grad_norm: norm as f64,
+            lr: lr as f64,
+            pairs_per_s: pairs as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            epoch: self.epoch,
+        })
+    }
+
+    /// Forward and backward of every micro-batch; gradients add up in the params.
+    #[allow(clippy::type_complexity)]
+    fn accumulate(&self, batches: &[PreferenceBatch], step: u64) -> Result<(f64, Vec<f64>, Vec<f64>, Vec<f64>)> {
+        zero_grad(&self.params);
+        let n = batches.len() as f64;
+        let (mut loss, mut acc, mut mp, mut margin) = (0.0, Vec::new(), Vec::new(), Vec::new());
+        for batch in batches {
+            let out = self.evaluate(batch).map_err(|e| Error::Invalid(format!("step {step}: {e}")))?;
+            if !out.stats.loss.is_finite() {
+                return Err(Error::Invalid(format!("step {step}: the loss is {}", out.stats.loss)));
+            }
+            out.loss.backward()?;
+            loss += out.stats.loss / n;
+            acc.extend(out.stats.implicit_acc);
+            mp.extend(out.stats.mean_p);
+            margin.extend(out.stats.reward_margin);
+        }
+        Ok((loss, acc, mp, margin))
+    }
+
+    pub fn checkpoint_dir(&self, step: u64) -> PathBuf {
+        self.cfg.output.join(format!("checkpoint-{step}"))
+    }
+
+    /// Writes `output/checkpoint-<step>/` atomically: everything goes to a hidden temporary
+    /// folder first, which is then renamed (a crash leaves the previous checkpoints intact).
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let out = &self.cfg.output;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let dir = self.checkpoint_dir(self.step);
+        let tmp = out.join(format!(".checkpoint-{}.tmp", self.step));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        match &self.lora {
+            Some(lora) => {
+                lora.save(tmp.join(LORA_FILE))?;
+                lora.store.save_safetensors(tmp.join(LORA_STATE_FILE), DType::F32)?;
+            }
+            None => {
+                let u = tmp.join(UNET_DIR);
+                std::fs::create_dir_all(&u).map_err(|e| Error::io(&u, e))?;
+                let src = self.cfg.model.join("unet").join("config.json");
+                std::fs::copy(&src, u.join("config.json")).map_err(|e| Error::io(&src, e))?;
+                self.sd.unet_params.save_safetensors(u.join(UNET_FILE), DType::F32)?;
+            }
+        }
+        self.opt.save_state(tmp.join(OPTIMIZER_FILE))?;
+        let st = TrainerState {
+            version: 1,
+            step: self.step,
+            seed: self.cfg.seed,
+            cursor: self.loader.source().cursor(),
+            draws: self.loader.draws(),
+            epoch: self.epoch,
+            finetune: self.cfg.finetune,
+        };
+        let json = serde_json::to_string_pretty(&st).map_err(|e| Error::Invalid(format!("trainer state: {e}")))?;
+        write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
+        self.cfg.save(tmp.join(CONFIG_FILE))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+        self.last_checkpoint = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// Samples every validation prompt with its seed using the current policy weights and
+    /// writes one PNG grid, `output/validation/step-<step>.png`.
+    pub fn validate(&self) -> Result<PathBuf> {
+        let prompts = &self.cfg.validation_prompts;
+        if prompts.is_empty() || self.cfg.validation_seeds.is_empty() {
+            return Err(Error::Invalid("validate: no validation_prompts / validation_seeds".into()));
+        }
+        if let Some(l) = &self.lora {
+            l.train(false);
+        }
+        let mut images = Vec::with_capacity(prompts.len());
+        for (i, prompt) in prompts.iter().enumerate() {
+            let seed = self.cfg.validation_seeds[i % self.cfg.validation_seeds.len()];
+            let req = SampleRequest {
+                prompt: prompt.clone(),
+                steps: self.cfg.validation_steps,
+                guidance: self.cfg.validation_guidance,
+                scheduler: self.cfg.validation_scheduler.clone(),
+                seed,
+                width: self.cfg.resolution,
+                height: self.cfg.resolution,
+                ..Default::default()
+            };
+            let out = self.sd.sample(&req, |_, _| {}, false)?;
+            images.extend(images_from_decoded(&out.decoded)?);
+        }
+        let grid = grid(&images)?;
+        let dir = self.cfg.output.join("validation");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(format!("step-{}.png", self.step));
+        let text = format!("{}, step {}, seeds {:?}", prompts.join(" | "), self.step, self.cfg.validation_seeds);
+        write_png(&path, &grid, Some(&text))?;
+        Ok(path)
+    }
+
+    /// Trains to `cfg.steps`: metrics to `metrics.jsonl` and a progress bar, checkpoints every
+    /// `checkpoint_every` steps and at the end, validation every `validate_every`. A failing
+    /// step (a NaN loss, say) stops the run with an error naming the step and the last good
+    /// checkpoint, which is left as it was.
+    pub fn run(&mut self) -> Result<RunSummary> {
+        let out = self.cfg.output.clone();
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        self.cfg.save(out.join(CONFIG_FILE))?;
+        let mpath = out.join(METRICS_FILE);
+        let mut metrics =
+            std::fs::OpenOptions::new().create(true).append(true).open(&mpath).map_err(|e| Error::io(&mpath, e))?;
+        let pb = indicatif::ProgressBar::new(self.cfg.steps);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_position(self.step);
+        let (mut last, mut rate_sum, mut n) = (None, 0.0, 0u64);
+        while self.step < self.cfg.steps {
+            let m = match self.train_step() {
+                Ok(m) => m,
+                Err(e) => {
+                    pb.abandon();
+                    let keep = match &self.last_checkpoint {
+                        Some(p) => format!("the last good checkpoint is {}", p.display()),
+                        None => "no checkpoint was written".into(),
+                    };
+                    return Err(Error::Invalid(format!("training stopped: {e}; {keep}")));
+                }
+            };
+            let line = serde_json::to_string(&m).map_err(|e| Error::Invalid(format!("metrics: {e}")))?;
+            writeln!(metrics, "{line}").map_err(|e| Error::io(&mpath, e))?;
+            pb.set_position(m.step);
+            pb.set_message(format!(
+                "loss {:.4} acc {} p {} margin {} |g| {:.3e} lr {:.2e} {:.2} pairs/s",
+                m.loss,
+                fmt_opt(m.implicit_acc),
+                fmt_opt(m.mean_p),
+                fmt_opt(m.reward_margin),
+                m.grad_norm,
+                m.lr,
+                m.pairs_per_s
+            ));
+            rate_sum += m.pairs_per_s;
+            n += 1;
+            let s = m.step;
+            last = Some(m);
+            let every = |k: u64| k > 0 && s % k == 0;
+            if every(self.cfg.checkpoint_every) {
+                self.save_checkpoint()?;
+            }
+            if every(self.cfg.validate_every) {
+                let p = self.validate()?;
+                pb.println(format!("validation grid: {}", p.display()));
+            }
+        }
+        if self.last_checkpoint.as_deref() != Some(self.checkpoint_dir(self.step).as_path()) {
+            self.save_checkpoint()?;
+        }
+        pb.finish();
+        Ok(RunSummary {
+            steps: self.step,
+            last,
+            last_checkpoint: self.last_checkpoint.clone(),
+            mean_pairs_per_s: if n > 0 { rate_sum / n as f64 } else { 0.0 },
+        })
+    }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into())
+}
+
+/// Images side by side in a near-square grid (all of the first image's size).
+pub fn grid(images: &[RgbImage]) -> Result<RgbImage> {
+    let Some(first) = images.first() else {
+        return Err(Error::Invalid("grid: no images".into()));
+    };
+    let (w, h) = (first.width, first.height);
+    if images.iter().any(|i| i.width != w || i.height != h) {
+        return Err(Error::Invalid("grid: images of different sizes".into()));
+    }
+    let cols = (images.len() as f64).sqrt().ceil() as usize;
+    let rows = images.len().div_ceil(cols);
+    let (gw, gh) = (cols * w, rows * h);
+    let mut data = vec![0u8; gw * gh * 3];
+    for (k, img) in images.iter().enumerate() {
+        let (r, c) = (k / cols, k % cols);
+        for y in 0..h {
+            let src = &img.data[y * w * 3..(y + 1) * w * 3];
+            let off = ((r * h + y) * gw + c * w) * 3;
+            data[off..off + w * 3].copy_from_slice(src);
+        }
+    }
+    Ok(RgbImage { width: gw, height: gh, data })
+}
