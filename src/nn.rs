@@ -98,7 +98,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: &ParamPath, groups: usize, channels: usize, eps: f32) -> Result<GroupNorm> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::Invalid(format!(
                 "{}: {channels} channels do not split into {groups} groups",
                 vb.prefix()

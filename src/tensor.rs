@@ -248,7 +248,7 @@ impl Tensor {
         let holes = shape.iter().filter(|&&d| d < 0).count();
         let new: Vec<usize> = match holes {
             0 => shape.iter().map(|&d| d as usize).collect(),
-            1 if known > 0 && self.numel() % known == 0 => {
+            1 if known > 0 && self.numel().is_multiple_of(known) => {
                 shape.iter().map(|&d| if d < 0 { self.numel() / known } else { d as usize }).collect()
             }
             _ => return Err(Error::shape("reshape", format!("cannot infer {shape:?} from {:?}", self.shape))),

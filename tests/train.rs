@@ -55,7 +55,7 @@ fn every_objective_trains_with_lora_and_full() {
     for (k, obj) in objectives.into_iter().enumerate() {
         for full in [false, true] {
             let name = format!("obj-{obj:?}-{full}");
-            let mut cfg = config(&name, (k + full as usize) % 2 == 0);
+            let mut cfg = config(&name, (k + full as usize).is_multiple_of(2));
             cfg.objective = obj;
             cfg.alpha = 2.0;
             cfg.steps = 2;
@@ -317,6 +317,23 @@ fn gpu_first_step_loss_matches_cpu() {
     // f64 in tests/dpo.rs), so the loss agrees to a few 1e-4.
     let mc2 = c.train_step().unwrap();
     assert!((mc2.loss - mg2.loss).abs() < 1e-3, "second step: cpu {} gpu {}", mc2.loss, mg2.loss);
+    // The metrics carry the GPU pool's peak (the CPU's none). Batch 2 at 64 px, peak of one
+    // step from a reset (other tests on the shared device can raise it when run in parallel).
+    assert!(mc2.peak_gpu_bytes.is_none() && mg2.peak_gpu_bytes.is_some_and(|b| b > 0));
+    drop(g);
+    cfg.batch = 2;
+    cfg.output = tmp("gpu-peak");
+    let mut g = Trainer::new(cfg.clone(), &dev).unwrap();
+    if let Some(ctx) = dev.gpu() {
+        ctx.reset_peak();
+    }
+    let m = g.train_step().unwrap();
+    let peak = m.peak_gpu_bytes.unwrap_or(0);
+    eprintln!("LoRA DPO batch 2 at 64 px: peak GPU pool {peak} bytes ({:.1} MiB)", peak as f64 / 1048576.0);
+    assert!(peak > 0);
+    for d in [&cfg.output, &tmp("gpu-gpu")] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 /// Training from a latent cache (`vipo data cache-latents`): runs, and resumes bit for bit.
@@ -376,4 +393,108 @@ fn gpu_full_finetune_with_offloaded_reference() {
     let m = t.train_step().unwrap();
     eprintln!("offloaded reference: first-step loss {} (ln 2 = {})", m.loss, std::f64::consts::LN_2);
     assert!((m.loss - std::f64::consts::LN_2).abs() < 5e-3 && m.grad_norm.is_finite() && m.grad_norm > 0.0);
+}
+
+/// Runs `cfg` straight to 4 steps, and to 2 + resume + 2 in `<output>-b`: the same weights
+/// and the same losses, bit for bit. Returns the resumed run's output folder.
+fn assert_resumes_exactly(cfg: &TrainConfig, what: &str) -> PathBuf {
+    let mut a = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
+    let s = a.run().unwrap();
+    assert_eq!(s.peak_gpu_bytes, None, "{what}: a CPU run has no GPU pool");
+    let mut cfg_b = cfg.clone();
+    cfg_b.output = PathBuf::from(format!("{}-b", cfg.output.display()));
+    let _ = std::fs::remove_dir_all(&cfg_b.output);
+    cfg_b.steps = 2;
+    Trainer::new(cfg_b.clone(), &Device::Cpu).unwrap().run().unwrap();
+    cfg_b.steps = cfg.steps;
+    let mut c = Trainer::resume(cfg_b.clone(), &Device::Cpu, cfg_b.output.join("checkpoint-2")).unwrap();
+    c.run().unwrap();
+    let (x, y) = (values(&a), values(&c));
+    for ((n, x), (_, y)) in x.iter().zip(&y) {
+        assert!(x == y, "{what}: `{n}` differs after resume");
+    }
+    let losses = |d: &Path| -> Vec<String> {
+        std::fs::read_to_string(d.join(METRICS_FILE))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{} {}", v["step"], v["loss"])
+            })
+            .collect()
+    };
+    assert_eq!(losses(&cfg.output), losses(&cfg_b.output), "{what}");
+    let _ = std::fs::remove_dir_all(&cfg.output);
+    cfg_b.output
+}
+
+/// Random crops + flips, category-weighted sampling and LoRA dropout each resume bit for bit.
+#[test]
+fn augmentation_categories_and_dropout_resume_bit_for_bit() {
+    // Random crops and flips: the batch differs from the center crop, and resume is exact.
+    let mut cfg = config("aug", true);
+    cfg.random_crop = true;
+    cfg.flip = true;
+    let center = Trainer::new(config("aug-center", true), &Device::Cpu).unwrap().draw_batch(0).unwrap();
+    let aug = Trainer::new(cfg.clone(), &Device::Cpu).unwrap().draw_batch(0).unwrap();
+    assert_ne!(center.latents_w.to_vec().unwrap(), aug.latents_w.to_vec().unwrap(), "crop/flip changed nothing");
+    let out = assert_resumes_exactly(&cfg, "random_crop + flip");
+    let _ = std::fs::remove_dir_all(out);
+
+    // Category weights: the sampler's state is in the checkpoint; other weights are refused.
+    let mut cfg = config("cats", true);
+    cfg.category_weights = Some("aesthetics=2,composition=1,text rendering=0.5".into());
+    cfg.batch = 3; // 12 draws over 3 + 3 + 3 pairs: categories wrap around
+    let out = assert_resumes_exactly(&cfg, "category_weights");
+    let ck = out.join("checkpoint-2");
+    let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck.join(STATE_FILE)).unwrap()).unwrap();
+    assert_eq!(st["sampler"]["draws"], 6, "{st}");
+    let mut other = cfg.clone();
+    other.category_weights = Some("aesthetics=1".into());
+    let e = Trainer::resume(other, &Device::Cpu, &ck).err().expect("changed weights accepted").to_string();
+    assert!(e.contains("weights"), "{e}");
+    let mut none = cfg.clone();
+    none.category_weights = None;
+    let e = Trainer::resume(none, &Device::Cpu, &ck).err().expect("dropped weights accepted").to_string();
+    assert!(e.contains("category_weights"), "{e}");
+    let _ = std::fs::remove_dir_all(out);
+
+    // LoRA dropout: the masks come from (seed, step, micro, call), so resume is exact; and
+    // dropout does change the run.
+    let mut cfg = config("dropout", false);
+    cfg.lora_dropout = 0.1;
+    cfg.grad_accum = 2;
+    cfg.batch = 1;
+    let out = assert_resumes_exactly(&cfg, "lora_dropout");
+    let mut plain = cfg.clone();
+    plain.lora_dropout = 0.0;
+    plain.steps = 2;
+    plain.output = tmp("dropout-plain");
+    Trainer::new(plain.clone(), &Device::Cpu).unwrap().run().unwrap();
+    let m = |d: &Path| std::fs::read_to_string(d.join(METRICS_FILE)).unwrap().lines().nth(1).unwrap().to_string();
+    let (with, without) = (m(&out), m(&plain.output));
+    let loss = |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].clone();
+    assert_ne!(loss(&with), loss(&without), "dropout 0.1 changed nothing");
+    let _ = std::fs::remove_dir_all(out);
+    let _ = std::fs::remove_dir_all(&plain.output);
+}
+
+/// Cached latents are center crops: a latent cache with random_crop or flip is an error.
+#[test]
+fn latent_cache_refuses_augmentation() {
+    for (crop, flip) in [(true, false), (false, true)] {
+        let mut cfg = config("cache-aug", true);
+        cfg.latent_cache = Some(tmp("no-cache"));
+        cfg.random_crop = crop;
+        cfg.flip = flip;
+        let e = Trainer::new(cfg, &Device::Cpu).err().expect("augmentation with a cache accepted").to_string();
+        eprintln!("{e}");
+        assert!(e.contains("latent_cache") && e.contains(if crop { "random_crop" } else { "flip" }), "{e}");
+    }
+    let e = TrainConfig::from_toml("category_weights = \"a=x\"\nmodel = \"m\"\ndata = \"d.jsonl\"")
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a number"), "{e}");
 }

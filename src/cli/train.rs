@@ -37,6 +37,15 @@ pub struct Args {
     pub latent_cache: Option<PathBuf>,
     #[arg(long)]
     pub keep_ties: Option<bool>,
+    /// Random crops instead of center crops (not with --latent-cache).
+    #[arg(long)]
+    pub random_crop: Option<bool>,
+    /// Random horizontal flips (not with --latent-cache).
+    #[arg(long)]
+    pub flip: Option<bool>,
+    /// Draw pairs by category with these weights: `aesthetics=2,composition=1`.
+    #[arg(long)]
+    pub category_weights: Option<String>,
     #[arg(long, value_enum)]
     pub objective: Option<ObjectiveKind>,
     /// Poly-DPO's alpha.
@@ -117,6 +126,8 @@ pub fn effective_config(a: &Args) -> Result<TrainConfig> {
         data,
         data_format,
         keep_ties,
+        random_crop,
+        flip,
         objective,
         alpha,
         beta,
@@ -148,6 +159,9 @@ pub fn effective_config(a: &Args) -> Result<TrainConfig> {
     );
     if a.split.is_some() {
         c.split = a.split.clone();
+    }
+    if a.category_weights.is_some() {
+        c.category_weights = a.category_weights.clone();
     }
     if a.latent_cache.is_some() {
         c.latent_cache = a.latent_cache.clone();
@@ -187,11 +201,13 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
         t.cfg.output.display()
     );
     let s = t.run()?;
+    let peak = s.peak_gpu_bytes.map(|b| format!("; peak GPU pool {:.1} MiB", b as f64 / 1048576.0));
     eprintln!(
-        "done: {} steps, {:.3} pairs/s on average; last checkpoint {}",
+        "done: {} steps, {:.3} pairs/s on average; last checkpoint {}{}",
         s.steps,
         s.mean_pairs_per_s,
-        s.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_default()
+        s.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_default(),
+        peak.unwrap_or_default()
     );
     Ok(())
 }

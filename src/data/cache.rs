@@ -217,7 +217,7 @@ pub fn build(
     if opts.batch == 0 || opts.shard_pairs == 0 {
         return Err(Error::Invalid("cache-latents: --batch and --shard-pairs must be at least 1".into()));
     }
-    if opts.size == 0 || opts.size % 8 != 0 {
+    if opts.size == 0 || !opts.size.is_multiple_of(8) {
         return Err(Error::Invalid(format!("cache-latents: --size {} is not a positive multiple of 8", opts.size)));
     }
     let key = CacheKey::for_vae(vae_dir, opts.variant.as_deref(), opts.size, opts.resample)?;

@@ -190,7 +190,7 @@ impl GpuContext {
         self.flush();
         if !data.is_empty() {
             let mut padded;
-            let bytes = if data.len() % 4 == 0 {
+            let bytes = if data.len().is_multiple_of(4) {
                 data
             } else {
                 padded = data.to_vec();

@@ -172,7 +172,7 @@ impl ClipTextConfig {
                 return bad(key, v, "must be positive");
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "num_attention_heads",
                 self.num_attention_heads,

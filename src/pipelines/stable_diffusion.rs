@@ -195,7 +195,7 @@ impl StableDiffusion {
         keep_steps: bool,
     ) -> Result<SampleOutput> {
         let _g = no_grad();
-        if req.width % 8 != 0 || req.height % 8 != 0 || req.width == 0 || req.height == 0 {
+        if !req.width.is_multiple_of(8) || !req.height.is_multiple_of(8) || req.width == 0 || req.height == 0 {
             return Err(Error::Invalid(format!(
                 "width and height must be positive multiples of 8, got {}x{}",
                 req.width, req.height

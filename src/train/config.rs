@@ -66,6 +66,14 @@ pub struct TrainConfig {
     pub latent_cache: Option<PathBuf>,
     /// Keep Pick-a-Pic's 0.5/0.5 ties (image 0 as the winner); dropped by default.
     pub keep_ties: bool,
+    /// torchvision's `RandomCrop` instead of the center crop (not with a latent cache, whose
+    /// latents are center crops).
+    pub random_crop: bool,
+    /// Mirror each image with probability 1/2 (not with a latent cache).
+    pub flip: bool,
+    /// Draw pairs by category with these weights (`aesthetics=2,composition=1`), seeded by
+    /// `seed`; None: the data in order.
+    pub category_weights: Option<String>,
 
     pub objective: ObjectiveKind,
     /// Poly-DPO's alpha (ignored by the other objectives).
@@ -130,6 +138,9 @@ impl Default for TrainConfig {
             split: None,
             latent_cache: None,
             keep_ties: false,
+            random_crop: false,
+            flip: false,
+            category_weights: None,
             objective: ObjectiveKind::Dpo,
             alpha: 0.0,
             beta: 5000.0,
@@ -237,7 +248,7 @@ impl TrainConfig {
         if self.data.as_os_str().is_empty() {
             return bad("data", "\"\" (set the preference data)".into());
         }
-        if self.resolution == 0 || self.resolution % 8 != 0 {
+        if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
             return bad("resolution", format!("{} (needs a positive multiple of 8)", self.resolution));
         }
         if self.batch == 0 {
@@ -260,6 +271,17 @@ impl TrainConfig {
                 "offload_reference",
                 "true with finetune = \"lora\" (the LoRA reference is the policy itself)".into(),
             );
+        }
+        if self.latent_cache.is_some() && (self.random_crop || self.flip) {
+            return bad(
+                if self.random_crop { "random_crop" } else { "flip" },
+                "true with a latent_cache (cached latents are center crops, unflipped); drop the cache \
+                 or the augmentation"
+                    .into(),
+            );
+        }
+        if let Some(w) = &self.category_weights {
+            crate::data::parse_category_weights(w)?;
         }
         self.adamw_config().validate()?;
         self.objective_config().validate()?;

@@ -34,7 +34,10 @@ pub struct LoraState {
     enabled: AtomicBool,
     training: AtomicBool,
     multiplier: AtomicU32,
-    rng: Mutex<Rng>,
+    seed: u64,
+    /// (key, calls): masks are drawn statelessly from (seed, key, call number within the key),
+    /// so a trainer that sets the key per (step, micro-batch) resumes with the same masks.
+    stream: Mutex<(u64, u64)>,
 }
 
 impl LoraState {
@@ -43,7 +46,8 @@ impl LoraState {
             enabled: AtomicBool::new(true),
             training: AtomicBool::new(false),
             multiplier: AtomicU32::new(1f32.to_bits()),
-            rng: Mutex::new(Rng::new(seed)),
+            seed,
+            stream: Mutex::new((0, 0)),
         }
     }
     pub fn is_enabled(&self) -> bool {
@@ -65,9 +69,25 @@ impl LoraState {
     pub fn set_multiplier(&self, m: f32) {
         self.multiplier.store(m.to_bits(), Ordering::Relaxed)
     }
-    fn next_seed(&self) -> u64 {
-        self.rng.lock().unwrap_or_else(|e| e.into_inner()).next_u64()
+    /// Restarts the dropout masks at the stream of `(step, micro)`: the n-th mask drawn after
+    /// this depends only on (seed, step, micro, n), so resuming needs no saved RNG state.
+    pub fn set_dropout_stream(&self, step: u64, micro: u64) {
+        let key = mix(step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ mix(micro ^ 0xD80F));
+        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = (key, 0);
     }
+    fn next_seed(&self) -> u64 {
+        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let (key, n) = *s;
+        s.1 += 1;
+        mix(self.seed ^ mix(key ^ mix(n ^ 0x10_0A)))
+    }
+}
+
+/// SplitMix64's finaliser.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// A low-rank adapter on a [`Linear`]: `y += multiplier * scale * (dropout(x) A^T) B^T`, as
@@ -454,6 +474,11 @@ impl Lora {
     /// Train mode: dropout on. Off by default (and for loaded LoRAs, which have no dropout).
     pub fn train(&self, on: bool) {
         self.state.set_training(on)
+    }
+    /// Dropout masks from here on come from the stream of (step, micro) (see
+    /// [`LoraState::set_dropout_stream`]).
+    pub fn set_dropout_stream(&self, step: u64, micro: u64) {
+        self.state.set_dropout_stream(step, micro)
     }
     /// Multiplies every adapter's output by `m` (diffusers' `lora_scale`); 1 by default.
     pub fn set_multiplier(&self, m: f32) {

@@ -522,7 +522,7 @@ impl ObjectiveConfig {
             })
         };
         let pairs = || -> Result<usize> {
-            if b == 0 || b % 2 != 0 {
+            if b == 0 || !b.is_multiple_of(2) {
                 return Err(Error::shape(
                     "objective",
                     format!("{b} per-sample errors: a preference batch is cat(w, l), an even count"),

@@ -7,8 +7,10 @@
 //!
 //! Reproducibility: every random draw of step s, micro-batch m comes from its own
 //! `Rng::new(stream(seed, s, m))`, and the loader's crops from (seed, draw); so the RNG state a
-//! checkpoint needs is the seed, the step and the loader's draw count, and a resumed run takes
-//! the same draws as a straight one (LoRA dropout masks excepted: see `Trainer::resume`).
+//! checkpoint needs is the seed, the step, the loader's draw count and (with
+//! `category_weights`) the category sampler's state, and a resumed run takes the same draws as
+//! a straight one. LoRA dropout masks come from (seed, step, micro-batch, call number), so they
+//! need no saved state either.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::autograd::no_grad;
 use crate::data::cache::{CacheKey, LatentCache};
-use crate::data::{Crop, Cursor, DataSource, LoaderOptions, PairLoader, PairStream, Resample, StreamOptions};
+use crate::data::{
+    parse_category_weights, CategorySampler, Crop, Cursor, DataSource, LoaderOptions, PairLoader, PairStream,
+    PreferencePair, Resample, SamplerState, StreamOptions,
+};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::image_io::{images_from_decoded, write_png, RgbImage};
@@ -63,6 +68,9 @@ pub struct TrainerState {
     /// Completed passes over the data.
     pub epoch: u64,
     pub finetune: FinetuneKind,
+    /// With `category_weights`: where the category sampler is (`cursor` is then unused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<SamplerState>,
 }
 
 /// One optimizer step's numbers (a line of `metrics.jsonl`).
@@ -80,6 +88,9 @@ pub struct StepMetrics {
     pub lr: f64,
     pub pairs_per_s: f64,
     pub epoch: u64,
+    /// GPU runs: the device pool's peak live bytes so far (None on the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_bytes: Option<u64>,
 }
 
 /// What a finished [`Trainer::run`] reports.
@@ -89,6 +100,24 @@ pub struct RunSummary {
     pub last: Option<StepMetrics>,
     pub last_checkpoint: Option<PathBuf>,
     pub mean_pairs_per_s: f64,
+    /// GPU runs: the device pool's peak live bytes at the end (None on the CPU).
+    pub peak_gpu_bytes: Option<u64>,
+}
+
+/// Where the loader's pairs come from: the data in order, or drawn by category.
+pub enum Pairs {
+    Stream(Box<PairStream>),
+    Sampler(Box<CategorySampler>),
+}
+
+impl Iterator for Pairs {
+    type Item = Result<PreferencePair>;
+    fn next(&mut self) -> Option<Result<PreferencePair>> {
+        match self {
+            Pairs::Stream(s) => s.next(),
+            Pairs::Sampler(s) => s.next(),
+        }
+    }
 }
 
 /// A training run in memory.
@@ -107,7 +136,7 @@ pub struct Trainer {
     source: DataSource,
     loader_opts: LoaderOptions,
     stream_opts: StreamOptions,
-    loader: PairLoader<PairStream>,
+    loader: PairLoader<Pairs>,
     /// Cached latents replace image decoding and the VAE when set.
     cache: Option<LatentCache>,
     epoch: u64,
@@ -146,6 +175,17 @@ fn data_source(cfg: &TrainConfig) -> Result<DataSource> {
     Ok(src)
 }
 
+/// The pair source at its start: the stream, or the category sampler seeded by the run seed.
+fn open_pairs(cfg: &TrainConfig, source: &DataSource, opts: &StreamOptions) -> Result<Pairs> {
+    match &cfg.category_weights {
+        Some(w) => {
+            let weights = parse_category_weights(w)?;
+            Ok(Pairs::Sampler(Box::new(CategorySampler::new(source, opts, &weights, cfg.seed)?)))
+        }
+        None => Ok(Pairs::Stream(Box::new(PairStream::open(source, opts)?))),
+    }
+}
+
 impl Trainer {
     /// Loads the pipeline on `device`, sets up the trainable weights (new LoRA adapters, or the
     /// whole UNet with a frozen reference copy), the optimizer and the data stream at its start.
@@ -181,12 +221,12 @@ impl Trainer {
         let loader_opts = LoaderOptions {
             size: cfg.resolution,
             resample: Resample::Bilinear,
-            crop: Crop::Center,
-            flip: false,
+            crop: if cfg.random_crop { Crop::Random } else { Crop::Center },
+            flip: cfg.flip,
             seed: cfg.seed,
         };
         let stream_opts = StreamOptions { keep_ties: cfg.keep_ties };
-        let loader = PairLoader::new(PairStream::open(&source, &stream_opts)?, loader_opts)?;
+        let loader = PairLoader::new(open_pairs(&cfg, &source, &stream_opts)?, loader_opts)?;
         let cache = match &cfg.latent_cache {
             Some(dir) => {
                 let key = CacheKey::for_vae(&cfg.model.join("vae"), None, cfg.resolution, Resample::Bilinear)?;
@@ -227,8 +267,8 @@ impl Trainer {
     }
 
     /// [`Trainer::new`], then the state of checkpoint `dir`: weights, optimizer, step, data
-    /// cursor. The run continues exactly as the uninterrupted one would have, bit for bit,
-    /// except with `lora_dropout > 0`, whose masks restart their stream.
+    /// cursor (or category sampler). The run continues exactly as the uninterrupted one would
+    /// have, bit for bit.
     pub fn resume(cfg: TrainConfig, device: &Device, dir: impl AsRef<Path>) -> Result<Trainer> {
         let mut t = Trainer::new(cfg, device)?;
         t.load_checkpoint(dir.as_ref())?;
@@ -251,8 +291,35 @@ impl Trainer {
             None => self.sd.unet_params.load_into(dir.join(UNET_DIR).join(UNET_FILE))?,
         }
         self.opt.load_state(dir.join(OPTIMIZER_FILE), &self.params)?;
-        let stream = PairStream::open_at(&self.source, &self.stream_opts, Some(&st.cursor))?;
-        self.loader = PairLoader::new(stream, self.loader_opts)?.with_draws(st.draws);
+        let pairs = match (&st.sampler, &self.cfg.category_weights) {
+            (None, None) => {
+                Pairs::Stream(Box::new(PairStream::open_at(&self.source, &self.stream_opts, Some(&st.cursor))?))
+            }
+            (Some(ss), Some(w)) => {
+                // The saved state carries its own weights; a changed flag must not be ignored.
+                let want: Vec<(String, f64)> =
+                    parse_category_weights(w)?.into_iter().filter(|(_, x)| *x > 0.0).collect();
+                let have: Vec<(String, f64)> = ss.categories.iter().map(|c| (c.name.clone(), c.weight)).collect();
+                if want != have || ss.seed != st.seed {
+                    return Err(Error::File {
+                        path: state_path,
+                        msg: format!("checkpoint drew categories with weights {have:?}, the config says {want:?}"),
+                    });
+                }
+                Pairs::Sampler(Box::new(CategorySampler::resume(&self.source, &self.stream_opts, ss)?))
+            }
+            (saved, _) => {
+                return Err(Error::File {
+                    path: state_path,
+                    msg: format!(
+                        "checkpoint {} category_weights, the config {}",
+                        if saved.is_some() { "used" } else { "had no" },
+                        if saved.is_some() { "has none" } else { "sets them" }
+                    ),
+                })
+            }
+        };
+        self.loader = PairLoader::new(pairs, self.loader_opts)?.with_draws(st.draws);
         self.step = st.step;
         self.epoch = st.epoch;
         self.cfg.seed = st.seed;
@@ -291,7 +358,7 @@ impl Trainer {
             }
             let draws = self.loader.draws();
             let stream = PairStream::open(&self.source, &self.stream_opts)?;
-            self.loader = PairLoader::new(stream, self.loader_opts)?.with_draws(draws);
+            self.loader = PairLoader::new(Pairs::Stream(Box::new(stream)), self.loader_opts)?.with_draws(draws);
             self.epoch += 1;
             let more = self.loader.next_batch(n - out.len())?;
             fresh = more.is_empty();
@@ -365,7 +432,7 @@ impl Trainer {
                     }
                     let draws = self.loader.draws();
                     let stream = PairStream::open(&self.source, &self.stream_opts)?;
-                    self.loader = PairLoader::new(stream, self.loader_opts)?.with_draws(draws);
+                    self.loader = PairLoader::new(Pairs::Stream(Box::new(stream)), self.loader_opts)?.with_draws(draws);
                     self.epoch += 1;
                     (from_start, found_this_pass) = (true, false);
                 }
@@ -499,7 +566,13 @@ impl Trainer {
             lr: lr as f64,
             pairs_per_s: pairs as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             epoch: self.epoch,
+            peak_gpu_bytes: self.peak_gpu_bytes(),
         })
+    }
+
+    /// The GPU pool's peak live bytes (None on the CPU).
+    pub fn peak_gpu_bytes(&self) -> Option<u64> {
+        self.device().gpu().map(|g| g.pool_stats().peak_live_bytes)
     }
 
     /// Forward and backward of every micro-batch; gradients add up in the params.
@@ -508,7 +581,10 @@ impl Trainer {
         zero_grad(&self.params);
         let n = batches.len() as f64;
         let (mut loss, mut acc, mut mp, mut margin) = (0.0, Vec::new(), Vec::new(), Vec::new());
-        for batch in batches {
+        for (micro, batch) in batches.iter().enumerate() {
+            if let Some(l) = &self.lora {
+                l.set_dropout_stream(step, micro as u64);
+            }
             let out = self.evaluate(batch).map_err(|e| Error::Invalid(format!("step {step}: {e}")))?;
             if !out.stats.loss.is_finite() {
                 return Err(Error::Invalid(format!("step {step}: the loss is {}", out.stats.loss)));
@@ -551,11 +627,16 @@ impl Trainer {
             }
         }
         self.opt.save_state(tmp.join(OPTIMIZER_FILE))?;
+        let (cursor, sampler) = match self.loader.source() {
+            Pairs::Stream(s) => (s.cursor(), None),
+            Pairs::Sampler(s) => (Cursor::start(&self.source), Some(s.state())),
+        };
         let st = TrainerState {
             version: 1,
             step: self.step,
             seed: self.cfg.seed,
-            cursor: self.loader.source().cursor(),
+            cursor,
+            sampler,
             draws: self.loader.draws(),
             epoch: self.epoch,
             finetune: self.cfg.finetune,
@@ -671,6 +752,7 @@ impl Trainer {
             last,
             last_checkpoint: self.last_checkpoint.clone(),
             mean_pairs_per_s: if n > 0 { rate_sum / n as f64 } else { 0.0 },
+            peak_gpu_bytes: self.peak_gpu_bytes(),
         })
     }
 }
