@@ -206,7 +206,7 @@ impl Device {
         }
     }
 
-    /// `VIPO_DEVICE` when set, else the argument (clap gives the flag priority by passing it here).
+    /// The argument when given, else `VIPO_DEVICE`, else `auto`.
     pub fn from_arg(arg: Option<&str>) -> Result<Selected> {
         let env = std::env::var("VIPO_DEVICE").ok();
         let s = arg.or(env.as_deref()).unwrap_or("auto");
