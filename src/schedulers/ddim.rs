@@ -83,14 +83,6 @@ impl NoiseScheduler for Ddim {
         &self.ts_f32
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(&mut self, i: usize, model_output: &Tensor, sample: &Tensor, mut noise: Noise<'_>) -> Result<StepOutput> {
         check_step(WHO, i, self.ts.len(), model_output, sample)?;
         let ac = self.schedule.alphas_cumprod();

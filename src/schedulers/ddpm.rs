@@ -66,14 +66,6 @@ impl NoiseScheduler for Ddpm {
         &self.ts_f32
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     /// Draws noise only for t > 0, as diffusers.
     fn step(&mut self, i: usize, model_output: &Tensor, sample: &Tensor, mut noise: Noise<'_>) -> Result<StepOutput> {
         check_step(WHO, i, self.ts.len(), model_output, sample)?;

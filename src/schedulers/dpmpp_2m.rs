@@ -189,14 +189,6 @@ impl NoiseScheduler for DpmPp2m {
         Some(&self.sigmas)
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     /// Steps must run in order; starting anywhere but right after the previous step (e.g.
     /// img2img from a later index) starts a fresh history, as diffusers' `begin_index`.
     fn step(&mut self, i: usize, model_output: &Tensor, sample: &Tensor, _noise: Noise<'_>) -> Result<StepOutput> {

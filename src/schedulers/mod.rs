@@ -818,10 +818,15 @@ pub trait NoiseScheduler {
         None
     }
     /// The factor the pipeline multiplies unit-variance initial latents by.
-    fn init_noise_sigma(&self) -> f32;
-    /// The model's input at step `i` (identity except for the Euler schedulers).
+    /// 1 for the DDPM family; the Euler schedulers start from a larger sigma.
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
+    /// The model's input at step `i`: the sample itself except for the Euler schedulers.
     /// `sample`: (B, C, H, W) or any shape.
-    fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One denoising step from `timesteps()[i]`. `model_output`, `sample`: alike.
     fn step(&mut self, i: usize, model_output: &Tensor, sample: &Tensor, noise: Noise<'_>) -> Result<StepOutput>;
 
