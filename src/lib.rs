@@ -19,6 +19,7 @@ pub mod shaders;
 pub mod tensor;
 pub mod toy;
 pub mod train;
+pub mod world;
 
 pub use device::{Device, DeviceRequest};
 pub use error::{Error, Result};

@@ -9,6 +9,8 @@ fn main() -> anyhow::Result<()> {
         Command::Sample(a) => vipo::cli::sample::run(a, &cli.device)?,
         Command::Data(a) => vipo::cli::data::run(a, &cli.device)?,
         Command::Train(a) => vipo::cli::train::run(a, &cli.device)?,
+        Command::Demo(a) => vipo::cli::demo::run(a, &cli.device)?,
+        Command::World(a) => vipo::cli::world::run(a, &cli.device)?,
     }
     Ok(())
 }

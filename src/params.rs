@@ -224,6 +224,56 @@ pub struct ParamStore {
     source: Option<PathBuf>,
     /// Keys a model has asked for, so keys that no layer uses can be reported.
     used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Set while [`ParamStore::init_random`] builds a model: missing keys are created.
+    init: Option<RandomInit>,
+}
+
+/// Params created on request while a model is built from an empty store.
+struct RandomInit {
+    seed: u64,
+    device: Device,
+    created: Mutex<BTreeMap<String, Arc<Param>>>,
+}
+
+impl RandomInit {
+    fn get_or_create(&self, name: &str, shape: &[usize]) -> Result<Arc<Param>> {
+        let mut created = lock(&self.created);
+        if let Some(p) = created.get(name) {
+            if p.shape() != shape {
+                return Err(Error::shape(
+                    "param init",
+                    format!("`{name}` was created as {:?}, now asked for as {shape:?}", p.shape()),
+                ));
+            }
+            return Ok(p.clone());
+        }
+        let values = init_values(name, shape, self.seed);
+        let p = Arc::new(Param::new(name, Tensor::from_vec(values, shape, &self.device)?, true)?);
+        created.insert(name.to_string(), p.clone());
+        Ok(p)
+    }
+}
+
+/// FNV-1a: a per-key seed, so a param's values do not depend on the order layers ask for them.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// PyTorch-like initial values chosen by rank and name: conv kernels (O, I, k, k) uniform in
+/// +-1/sqrt(fan_in) (PyTorch's kaiming_uniform with a = sqrt(5)); matrices (linears,
+/// embeddings) normal(0, 0.02); 1-D `*.weight` (norm scales) 1; biases 0.
+fn init_values(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
+    let n = numel(shape);
+    let mut rng = crate::rng::Rng::new(seed ^ name_hash(name));
+    match shape.len() {
+        4 => {
+            let bound = 1.0 / ((shape[1] * shape[2] * shape[3]).max(1) as f32).sqrt();
+            (0..n).map(|_| bound * (2.0 * rng.uniform() - 1.0)).collect()
+        }
+        1 if name.ends_with("weight") => vec![1.0; n],
+        1 => vec![0.0; n],
+        _ => rng.normal_vec(n).into_iter().map(|x| 0.02 * x).collect(),
+    }
 }
 
 impl std::fmt::Debug for ParamStore {
@@ -239,6 +289,28 @@ impl std::fmt::Debug for ParamStore {
 impl ParamStore {
     pub fn new() -> ParamStore {
         ParamStore::default()
+    }
+
+    /// A store of freshly initialised params for whatever model `build` constructs from it:
+    /// each key a layer asks for (through [`ParamStore::get_shaped`]) is created with
+    /// PyTorch-like random values on `device`, the same for the same `seed` and key whatever
+    /// the order of the requests. Returns the store (all params trainable), which `build`'s
+    /// model shares; models for pretraining from scratch start here.
+    pub fn init_random(
+        seed: u64,
+        device: &Device,
+        build: impl FnOnce(&ParamStore) -> Result<()>,
+    ) -> Result<ParamStore> {
+        let mut store = ParamStore {
+            init: Some(RandomInit { seed, device: device.clone(), created: Mutex::new(BTreeMap::new()) }),
+            ..ParamStore::default()
+        };
+        build(&store)?;
+        if let Some(init) = store.init.take() {
+            store.params = init.created.into_inner().unwrap_or_else(|e| e.into_inner());
+        }
+        lock(&store.used).clear();
+        Ok(store)
     }
 
     /// Adds a param named `name`; a name already present is an error.
@@ -258,6 +330,9 @@ impl ParamStore {
             lock(&self.used).insert(name.to_string());
             return Ok(p.clone());
         }
+        if let Some(p) = self.init.as_ref().and_then(|i| lock(&i.created).get(name).cloned()) {
+            return Ok(p);
+        }
         let mut msg = format!("no parameter `{name}` in {}", self.label());
         let near = similar_keys(name, self.params.keys().map(String::as_str));
         if !near.is_empty() {
@@ -266,8 +341,12 @@ impl ParamStore {
         Err(Error::Invalid(msg))
     }
 
-    /// The param `name`, checking that it has `shape`.
+    /// The param `name`, checking that it has `shape` (created, while
+    /// [`ParamStore::init_random`] builds, when missing).
     pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Arc<Param>> {
+        if let (Some(init), false) = (&self.init, self.params.contains_key(name)) {
+            return init.get_or_create(name, shape);
+        }
         let p = self.get(name)?;
         if p.shape() != shape {
             return Err(Error::shape(
@@ -279,7 +358,7 @@ impl ParamStore {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.params.contains_key(name)
+        self.params.contains_key(name) || self.init.as_ref().is_some_and(|i| lock(&i.created).contains_key(name))
     }
     pub fn len(&self) -> usize {
         self.params.len()
@@ -391,8 +470,7 @@ impl ParamStore {
         let st = parse(path, &bytes)?;
         let mut names: Vec<&str> = st.names();
         names.sort_unstable();
-        let mut store =
-            ParamStore { params: BTreeMap::new(), source: Some(path.to_path_buf()), used: Default::default() };
+        let mut store = ParamStore { source: Some(path.to_path_buf()), ..ParamStore::default() };
         for name in names {
             let view = st.tensor(name).map_err(|e| file_err(path, e))?;
             let data = to_f32(path, name, &view)?;

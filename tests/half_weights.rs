@@ -332,7 +332,7 @@ fn sample_half_weights(dev: &Device, variant: Option<&str>) {
     let exp = Expected::load();
     let opts = LoadOptions { variant: variant.map(String::from), half_weights: true };
     let sd = StableDiffusion::load(fixture(), dev, &opts).unwrap();
-    for p in sd.unet_params.params().iter().chain(sd.text_encoder.params()).chain(&sd.vae.params()) {
+    for p in sd.unet_params.params().iter().chain(sd.text_encoder.params()).chain(&sd.vae.as_ref().unwrap().params()) {
         assert_eq!((p.storage_dtype(), p.is_trainable()), (DType::F16, false), "{}", p.name());
     }
     let cases = [
@@ -468,7 +468,7 @@ fn freeze_weights_as_narrows_and_widens_a_loaded_pipeline() {
     let all = |sd: &StableDiffusion| {
         let mut v = sd.unet_params.params();
         v.extend(sd.text_encoder.params().iter().cloned());
-        v.extend(sd.vae.params());
+        v.extend(sd.vae.as_ref().unwrap().params());
         v
     };
     let f32_bytes = sd.weight_bytes();

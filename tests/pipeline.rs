@@ -260,7 +260,7 @@ fn dry_run_estimate_is_close_to_the_measured_peak() {
     let shapes = SdShapes {
         unet_channels: sd.unet.config.block_out_channels.clone(),
         layers_per_block: 2,
-        vae_channels: sd.vae.config.block_out_channels.clone(),
+        vae_channels: sd.vae.as_ref().unwrap().config.block_out_channels.clone(),
         width: 128,
         height: 128,
         batch: 2,

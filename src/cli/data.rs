@@ -1,4 +1,5 @@
-//! `vipo data ...`: look at preference data before training on it (`stats`), and encode it
+//! `vipo data ...`: look at preference data before training on it (`stats`), measure how often
+//! several scorers agree with a manifest's labels and keep those pairs (`agree`), and encode it
 //! once with the VAE (`cache-latents`).
 
 use std::collections::BTreeMap;
@@ -8,6 +9,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::data::agree::{self, DEFAULT_TIE_TOL};
 use crate::data::cache::{self, BuildOptions};
 use crate::data::image::{decode_source, Resample};
 use crate::data::{DataSource, PairStream, StreamOptions, Verdict};
@@ -28,6 +30,9 @@ pub enum DataCommand {
     Stats(StatsArgs),
     /// Encode every usable pair's images once with a VAE into a latent cache for training.
     CacheLatents(CacheArgs),
+    /// How often a JSONL manifest's named scorers (`"scores": {"NAME": [chosen, rejected], ...}`)
+    /// all agree with its labels; --out keeps the pairs on which they do.
+    Agree(AgreeArgs),
 }
 
 /// Which data, and how records become pairs.
@@ -60,6 +65,21 @@ pub struct StatsArgs {
     /// Stop after this many records.
     #[arg(long)]
     pub limit: Option<u64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AgreeArgs {
+    /// A .jsonl manifest whose pairs carry several named scores.
+    pub path: PathBuf,
+    /// Write the agreed pairs to this new manifest (image paths rewritten to resolve from it).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Score differences within this are ties (the scorer abstains).
+    #[arg(long, default_value_t = DEFAULT_TIE_TOL)]
+    pub tie_tol: f64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -104,6 +124,18 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
             Ok(())
         }
         DataCommand::CacheLatents(a) => cache_latents(a, device_arg),
+        DataCommand::Agree(a) => {
+            let r = match &a.out {
+                Some(out) => agree::filter_agreed(&a.path, out, a.tie_tol)?,
+                None => agree::agreement(&a.path, a.tie_tol)?,
+            };
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::Invalid(e.to_string()))?);
+            } else {
+                print!("{}", r.to_text());
+            }
+            Ok(())
+        }
     }
 }
 

@@ -2,9 +2,11 @@
 
 pub mod bench;
 pub mod data;
+pub mod demo;
 pub mod devices;
 pub mod sample;
 pub mod train;
+pub mod world;
 
 use clap::{Parser, Subcommand};
 
@@ -36,4 +38,9 @@ pub enum Command {
     /// Fine-tune with SFT, Diffusion-DPO, Poly-DPO or KTO on preference pairs (LoRA or full).
     // Boxed: its many flags make it far larger than the other variants.
     Train(Box<train::Args>),
+    /// Poly-DPO on the built-in world, end to end: preference data from the base model's samples,
+    /// training, held-out scores before and after, a sample grid and curves.
+    Demo(demo::Args),
+    /// The built-in world: pretrain its base model, render and score prompts.
+    World(world::Args),
 }

@@ -12,7 +12,7 @@ use crate::tensor::Tensor;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/), or one original checkpoint file (`v1-5-pruned-emaonly.safetensors` style).
+    /// scheduler/; no vae/ for a pixel-space model), or one original checkpoint file (`v1-5-pruned-emaonly.safetensors` style).
     #[arg(long)]
     pub model: PathBuf,
     /// With a single-file --model: the folder with its configs, tokenizer and scheduler
@@ -36,14 +36,15 @@ pub struct Args {
     pub eta: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Pixels, a multiple of 8 (default: the UNet's sample size x 8).
+    /// Pixels, a multiple of 8 (default: the UNet's sample size x 8; in pixel space the
+    /// sample size, a multiple of 2^(UNet levels - 1)).
     #[arg(long)]
     pub width: Option<usize>,
     #[arg(long)]
     pub height: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Initial latents (B, 4, H/8, W/8) from a safetensors file (its only tensor, or `latents`),
+    /// Initial latents (B, 4, H/8, W/8), or (B, 3, H, W) in pixel space, from a safetensors file (its only tensor, or `latents`),
     /// to compare runs with other implementations.
     #[arg(long)]
     pub latents: Option<PathBuf>,
@@ -106,18 +107,24 @@ fn dry_run(args: &Args, device: &Device) -> Result<()> {
     use crate::models::ldm_convert::{Component, SingleFileConfigs};
     use crate::models::unet_2d_condition::{PerBlock, UNet2DConditionConfig};
     use crate::pipelines::memory::{estimate, fmt_bytes, header_param_count, SdShapes};
+    use crate::pipelines::stable_diffusion::folder_has_vae;
+    // vae_cfg is None for a pixel-space folder.
     let (params, unet_cfg, vae_cfg) = if args.model.is_file() {
         let c = SingleFileConfigs::from_dir_or_sd15(args.config.as_deref())?;
         (
             header_param_count(&args.model)?,
             UNet2DConditionConfig::from_json_str(c.config(Component::Unet))?,
-            AutoencoderKLConfig::from_json(c.config(Component::Vae))?,
+            Some(AutoencoderKLConfig::from_json(c.config(Component::Vae))?),
         )
     } else {
+        let has_vae = folder_has_vae(&args.model)?;
         let mut params = 0;
         for (part, stems) in
             [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]
         {
+            if part == "vae" && !has_vae {
+                continue;
+            }
             let name = match &args.variant {
                 Some(v) => format!("{stems}.{v}.safetensors"),
                 None => format!("{stems}.safetensors"),
@@ -127,21 +134,23 @@ fn dry_run(args: &Args, device: &Device) -> Result<()> {
         (
             params,
             UNet2DConditionConfig::from_file(args.model.join("unet").join("config.json"))?,
-            AutoencoderKLConfig::from_file(args.model.join("vae").join("config.json"))?,
+            has_vae.then(|| AutoencoderKLConfig::from_file(args.model.join("vae").join("config.json"))).transpose()?,
         )
     };
+    let vae_channels = vae_cfg.map(|c| c.block_out_channels).unwrap_or_default();
+    let f = 1usize << vae_channels.len().saturating_sub(1);
     let lpb = match &unet_cfg.layers_per_block {
         PerBlock::One(n) => *n,
         PerBlock::Many(v) => v.iter().copied().max().unwrap_or(2),
     };
     let default = unet_cfg.sample_size.as_ref().map_or(512, |s| match s {
-        PerBlock::One(s) => s * 8,
-        PerBlock::Many(v) => v.first().map_or(512, |s| s * 8),
+        PerBlock::One(s) => s * f,
+        PerBlock::Many(v) => v.first().map_or(512, |s| s * f),
     });
     let shapes = SdShapes {
         unet_channels: unet_cfg.block_out_channels.clone(),
         layers_per_block: lpb,
-        vae_channels: vae_cfg.block_out_channels.clone(),
+        vae_channels,
         width: args.width.unwrap_or(default),
         height: args.height.unwrap_or(default),
         batch: args.batch,
@@ -151,11 +160,12 @@ fn dry_run(args: &Args, device: &Device) -> Result<()> {
     println!("model        {} ({:.0}M parameters, {dtype} in memory)", args.model.display(), params as f64 / 1e6);
     println!("size         {}x{} px, batch {} (x2 for guidance)", shapes.width, shapes.height, shapes.batch);
     println!("weights      {}", fmt_bytes(e.weight_bytes));
-    println!(
-        "activations  UNet {}, VAE decode {}",
-        fmt_bytes(e.unet_activation_bytes),
+    let vae_line = if shapes.vae_channels.is_empty() {
+        "none (pixel space)".to_string()
+    } else {
         fmt_bytes(e.vae_activation_bytes)
-    );
+    };
+    println!("activations  UNet {}, VAE decode {vae_line}", fmt_bytes(e.unet_activation_bytes));
     println!("peak         {} (estimate)", fmt_bytes(e.peak_bytes));
     println!("largest      {} in one tensor", fmt_bytes(e.largest_tensor_bytes));
     if let Device::Gpu(g) = device {
@@ -213,10 +223,12 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
         sd.weight_bytes() as f64 / (1 << 20) as f64,
         if args.half_weights { "f16" } else { "f32" }
     );
-    // The UNet's latent sample size x 8 (SD1.5: 64 -> 512 px); 512 when the config has none.
+    // The UNet's latent sample size x the VAE factor (SD1.5: 64 -> 512 px; pixel space: x 1);
+    // 512 when the config has none.
+    let f = sd.vae_scale_factor();
     let size = match &sd.unet.config.sample_size {
-        Some(crate::models::unet_2d_condition::PerBlock::One(s)) => s * 8,
-        Some(crate::models::unet_2d_condition::PerBlock::Many(v)) if !v.is_empty() => v[0] * 8,
+        Some(crate::models::unet_2d_condition::PerBlock::One(s)) => s * f,
+        Some(crate::models::unet_2d_condition::PerBlock::Many(v)) if !v.is_empty() => v[0] * f,
         _ => 512,
     };
     let req = SampleRequest {

@@ -1,7 +1,8 @@
 //! JSONL manifests: one `{"prompt", "chosen", "rejected", "category"?, "scores"?}` object per
-//! line, image paths relative to the manifest's folder (absolute paths are kept). Blank lines
-//! are skipped; a line that is not such an object is an error naming the line, and a line whose
-//! image file does not exist is skipped and counted.
+//! line, image paths relative to the manifest's folder (absolute paths are kept); `scores` is
+//! `[x, y]`, `{"chosen": x, "rejected": y}` or several of those keyed by scorer name
+//! ([`PairScores`]). Blank lines are skipped; a line that is not such an object is an error naming
+//! the line, and a line whose image file does not exist is skipped and counted.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{Cursor, ImageSource, PreferencePair, Record, Scores, Verdict};
+use super::{Cursor, ImageSource, PairScores, PreferencePair, Record, Verdict};
 use crate::error::{Error, Result};
 
 #[derive(Deserialize)]
@@ -20,8 +21,35 @@ struct Line {
     rejected: String,
     #[serde(default)]
     category: Option<String>,
+    // Read as JSON and parsed by `PairScores::from_json`, whose errors name the scorer.
     #[serde(default)]
-    scores: Option<Scores>,
+    scores: serde_json::Value,
+}
+
+/// One parsed manifest line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestLine {
+    pub prompt: String,
+    /// The image paths as written (relative to the manifest's folder, or absolute).
+    pub chosen: String,
+    pub rejected: String,
+    pub category: Option<String>,
+    pub scores: Option<PairScores>,
+    /// The whole object, unknown keys included, for tools that rewrite manifests.
+    pub raw: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Parses line `line` (1-based, for messages) of the manifest `path`; errors name both.
+pub fn parse_line(path: &Path, line: u64, text: &str) -> Result<ManifestLine> {
+    let err = |msg: String| Error::File { path: path.to_path_buf(), msg: format!("line {line}: {msg}") };
+    let not_pair =
+        |e: serde_json::Error| err(format!("not a pair object {{prompt, chosen, rejected, category?, scores?}}: {e}"));
+    // Parsed as a map first: a derived struct would also accept a JSON array.
+    let v = serde_json::Value::Object(serde_json::from_str(text).map_err(not_pair)?);
+    let l = Line::deserialize(&v).map_err(not_pair)?;
+    let serde_json::Value::Object(raw) = v else { return Err(err("not a JSON object".into())) };
+    let scores = PairScores::from_json(&l.scores).map_err(err)?;
+    Ok(ManifestLine { prompt: l.prompt, chosen: l.chosen, rejected: l.rejected, category: l.category, scores, raw })
 }
 
 /// Reads the records of a manifest line by line; see [`super::PairStream`].
@@ -91,10 +119,7 @@ impl JsonlReader {
     }
 
     fn record(&self, text: &str, index: u64, cursor: Cursor) -> Result<Record> {
-        let l: Line = serde_json::from_str(text).map_err(|e| Error::File {
-            path: self.path.clone(),
-            msg: format!("line {}: not a pair object {{prompt, chosen, rejected, category?, scores?}}: {e}", index + 1),
-        })?;
+        let l = parse_line(&self.path, index + 1, text)?;
         let (chosen, rejected) = (self.base.join(&l.chosen), self.base.join(&l.rejected));
         if !chosen.is_file() || !rejected.is_file() {
             let (verdict, category) = (Verdict::MissingImage, l.category);
@@ -106,7 +131,7 @@ impl JsonlReader {
             chosen: ImageSource::File(chosen),
             rejected: ImageSource::File(rejected),
             category: l.category.clone(),
-            scores: l.scores,
+            scores: l.scores.and_then(|s| s.single()),
             tie: false,
             cursor: cursor.clone(),
         };

@@ -1,6 +1,7 @@
 //! Preference pairs for training, streamed: Pick-a-Pic v2 parquet shards and JSONL manifests
-//! (`{prompt, chosen, rejected, category?, scores?}`), one record at a time, with a cursor that
-//! restarts the stream at the same pair; images decoded and cropped into (3, H, W) pixels in
+//! (`{prompt, chosen, rejected, category?, scores?}`, `scores` one pair of numbers or several
+//! named ones, [`PairScores`]; [`agree`] measures how often named scorers agree), one record at a
+//! time, with a cursor that restarts the stream at the same pair; images decoded and cropped into (3, H, W) pixels in
 //! [-1, 1] ([`image`]), categories sampled by weight ([`CategorySampler`]), and a VAE latent
 //! cache ([`cache`]).
 //!
@@ -9,6 +10,7 @@
 //! -> optional `CategorySampler` (weighted, seeded, endless)
 //! -> `PairLoader` (decode, resize, crop; undecodable pairs skipped and counted).
 
+pub mod agree;
 pub mod cache;
 pub mod image;
 pub mod jsonl;
@@ -79,6 +81,65 @@ impl<'de> Deserialize<'de> for Scores {
     }
 }
 
+/// A manifest line's `scores`: one pair of scores, or several keyed by scorer name, e.g.
+/// `{"count": [0.5, 0.25], "aesthetic": {"chosen": 0.3, "rejected": 0.7}}`.
+///
+/// An object with a `chosen` or `rejected` key is the single form (other keys ignored, as they
+/// always were), so a scorer cannot be named `chosen` or `rejected`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PairScores {
+    Single(Scores),
+    Named(BTreeMap<String, Scores>),
+}
+
+impl PairScores {
+    /// Reads a `scores` value (`null`: none). The error names the key (`scores` or
+    /// `scores.NAME`) and shows the value; callers prefix the file and line.
+    pub fn from_json(v: &serde_json::Value) -> std::result::Result<Option<PairScores>, String> {
+        use serde_json::Value;
+        let one = |key: &str, v: &Value| {
+            Scores::deserialize(v).map_err(|_| {
+                format!(
+                    "{key}: expected [chosen, rejected] or {{\"chosen\": x, \"rejected\": y}} with numbers, got {v}"
+                )
+            })
+        };
+        match v {
+            Value::Null => Ok(None),
+            Value::Array(_) => one("scores", v).map(|s| Some(PairScores::Single(s))),
+            Value::Object(m) if m.contains_key("chosen") || m.contains_key("rejected") => {
+                one("scores", v).map(|s| Some(PairScores::Single(s)))
+            }
+            Value::Object(m) => {
+                let mut named = BTreeMap::new();
+                for (k, v) in m {
+                    named.insert(k.clone(), one(&format!("scores.{k}"), v)?);
+                }
+                Ok(Some(PairScores::Named(named)))
+            }
+            _ => Err(format!(
+                "scores: expected [chosen, rejected], {{\"chosen\": x, \"rejected\": y}} or {{\"SCORER\": [chosen, rejected], ...}}, got {v}"
+            )),
+        }
+    }
+
+    /// The single form's scores (None for named ones: they keep no single meaning).
+    pub fn single(&self) -> Option<Scores> {
+        match self {
+            PairScores::Single(s) => Some(*s),
+            PairScores::Named(_) => None,
+        }
+    }
+
+    /// The named scores (None for the single form).
+    pub fn named(&self) -> Option<&BTreeMap<String, Scores>> {
+        match self {
+            PairScores::Single(_) => None,
+            PairScores::Named(m) => Some(m),
+        }
+    }
+}
+
 /// One preference: `chosen` was preferred to `rejected` for `prompt` (or neither, when `tie`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreferencePair {
@@ -89,6 +150,8 @@ pub struct PreferencePair {
     pub chosen: ImageSource,
     pub rejected: ImageSource,
     pub category: Option<String>,
+    /// A manifest's single-form scores; None for named ones, which [`agree`] reads from the
+    /// manifest ([`jsonl::parse_line`]).
     pub scores: Option<Scores>,
     /// Pick-a-Pic's 0.5 / 0.5 rows (only with `keep_ties`): `chosen` is then image 0.
     pub tie: bool,

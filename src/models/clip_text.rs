@@ -504,6 +504,16 @@ impl ClipTextModel {
         })
     }
 
+    /// A randomly initialised text encoder for `config` on `device`, and the store holding its
+    /// params under the usual `text_model.` names (all trainable; saved as `model.safetensors`
+    /// it loads with [`Self::from_dir`]). The same `seed` gives the same weights; see
+    /// [`ParamStore::init_random`] for the values.
+    pub fn init_params(config: &ClipTextConfig, seed: u64, device: &Device) -> Result<(ClipTextModel, ParamStore)> {
+        let store = ParamStore::init_random(seed, device, |s| Self::load(s, config).map(|_| ()))?;
+        let model = Self::load(&store, config)?;
+        Ok((model, store))
+    }
+
     /// Loads a transformers folder: `config.json` + `model.safetensors` (f32, f16 or bf16).
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<ClipTextModel> {
         ClipTextModel::from_dir_variant(dir, device, None)

@@ -394,7 +394,7 @@ fn token_content(v: &serde_json::Value) -> Option<String> {
 
 /// GPT-2/CLIP's reversible byte -> printable char table: printable Latin-1 bytes map to
 /// themselves, the other 68 to U+0100.. in byte order.
-fn bytes_to_unicode() -> [char; 256] {
+pub fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for (b, slot) in table.iter_mut().enumerate() {

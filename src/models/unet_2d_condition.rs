@@ -510,6 +510,20 @@ impl UNet2DConditionModel {
         self.conv_in.weight.device()
     }
 
+    /// A randomly initialised model for `config` on `device` (for training from scratch), and
+    /// the store holding its params under diffusers' names (all trainable; `save_safetensors`
+    /// writes a `diffusion_pytorch_model.safetensors` that [`Self::from_dir`] reads). The same
+    /// `seed` gives the same weights; see [`ParamStore::init_random`] for the values.
+    pub fn init_params(
+        config: &UNet2DConditionConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(UNet2DConditionModel, ParamStore)> {
+        let store = ParamStore::init_random(seed, device, |s| Self::load_path(&s.pp(""), config).map(|_| ()))?;
+        let model = Self::load(&store, config, device)?;
+        Ok((model, store))
+    }
+
     /// Reads a diffusers folder: `config.json` and `diffusion_pytorch_model[.variant].safetensors`
     /// (or `model[.variant].safetensors`), e.g. `variant = Some("fp16")`; half-precision
     /// weights widen to f32. Returns the model and the store holding its params (all

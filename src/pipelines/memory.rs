@@ -42,6 +42,8 @@ pub fn header_param_count(path: &Path) -> Result<u64> {
 pub struct SdShapes {
     pub unet_channels: Vec<usize>,
     pub layers_per_block: usize,
+    /// The VAE's `block_out_channels`; empty for a pixel-space model (no VAE: no decoder term,
+    /// and the UNet runs at the image size).
     pub vae_channels: Vec<usize>,
     pub width: usize,
     pub height: usize,
@@ -58,12 +60,14 @@ pub struct MemoryEstimate {
 }
 
 /// Weights at `bytes_per_weight` plus the larger of the UNet's (guidance doubles the batch)
-/// and the VAE decoder's (one image at a time) working sets. A model of what the code keeps
+/// and the VAE decoder's (one image at a time, none in pixel space) working sets. A model of what the code keeps
 /// alive: skip connections for the up path, plus a transformer block's tensors at the first
 /// level (tokens, q/k/v/out, the GEGLU's 8C-wide projection), 4 bytes an element.
 pub fn estimate(params: u64, bytes_per_weight: u64, s: &SdShapes) -> MemoryEstimate {
     let b2 = 2 * s.batch as u64;
-    let (h, w) = ((s.height / 8) as u64, (s.width / 8) as u64);
+    // 2^(levels - 1) pixels per latent (8 for SD); 1 without a VAE.
+    let f = 1usize << s.vae_channels.len().saturating_sub(1);
+    let (h, w) = ((s.height / f) as u64, (s.width / f) as u64);
     let level = |i: usize| (h >> i).max(1) * (w >> i).max(1);
     let c0 = *s.unet_channels.first().unwrap_or(&320) as u64;
     let f0 = b2 * c0 * level(0) * 4;
@@ -75,7 +79,7 @@ pub fn estimate(params: u64, bytes_per_weight: u64, s: &SdShapes) -> MemoryEstim
         .sum();
     let unet = skips + 20 * f0;
     let geglu = b2 * level(0) * 8 * c0 * 4;
-    let cv = *s.vae_channels.first().unwrap_or(&128) as u64;
+    let cv = s.vae_channels.first().map_or(0, |&c| c as u64);
     let full = (s.height * s.width) as u64;
     let vae_tensor = cv * full * 4;
     let vae = 5 * vae_tensor;
@@ -117,5 +121,26 @@ mod tests {
         // The largest tensor is the decoder's 128-channel 512x512 map: exactly 128 MiB.
         assert_eq!(e.largest_tensor_bytes, 128 << 20);
         assert!(e.peak_bytes < 6 << 30, "{e:?}");
+    }
+
+    #[test]
+    fn pixel_space_has_no_vae_terms_and_a_full_size_unet() {
+        let mut s = SdShapes {
+            unet_channels: vec![8, 8, 16, 16],
+            layers_per_block: 2,
+            vae_channels: vec![],
+            width: 32,
+            height: 32,
+            batch: 1,
+        };
+        let px = estimate(1000, 4, &s);
+        assert_eq!(px.vae_activation_bytes, 0);
+        assert_eq!(px.peak_bytes, px.weight_bytes + px.unet_activation_bytes);
+        // The same UNet behind an 8x VAE sees 64x fewer positions at the first level.
+        s.vae_channels = vec![8, 8, 16, 16];
+        s.width = 256;
+        s.height = 256;
+        let sd = estimate(1000, 4, &s);
+        assert_eq!(sd.unet_activation_bytes, px.unet_activation_bytes);
     }
 }

@@ -41,7 +41,7 @@ impl StableDiffusion {
             text_encoder,
             unet,
             unet_params: unet_store,
-            vae,
+            vae: Some(vae),
             scheduler_config: SchedulerConfig::from_file(dir.join("scheduler").join("scheduler_config.json"))?,
             device: device.clone(),
             dir,

@@ -1,6 +1,7 @@
 //! Text-to-image with Stable Diffusion 1.x/2.x from a diffusers folder: tokenizer, CLIP text
 //! encoder, UNet, VAE and a scheduler, with classifier-free guidance, as diffusers'
-//! `StableDiffusionPipeline` computes it.
+//! `StableDiffusionPipeline` computes it. A folder without a VAE (`"vae": [null, null]` in
+//! model_index.json, no `vae/`) is a pixel-space model: the UNet denoises RGB images directly.
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +21,8 @@ pub struct StableDiffusion {
     pub unet: UNet2DConditionModel,
     /// The UNet's parameters by checkpoint key (LoRA and fine-tuning reach them here).
     pub unet_params: crate::params::ParamStore,
-    pub vae: AutoencoderKL,
+    /// None for a pixel-space model: the "latents" are the images.
+    pub vae: Option<AutoencoderKL>,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub dir: PathBuf,
@@ -37,7 +39,8 @@ pub struct LoadOptions {
     pub half_weights: bool,
 }
 
-/// What to sample. Sizes are in pixels and must be multiples of 8.
+/// What to sample. Sizes are in pixels and must be multiples of 8 (SD); see
+/// [`StableDiffusion::size_multiple`].
 #[derive(Debug, Clone)]
 pub struct SampleRequest {
     pub prompt: String,
@@ -51,7 +54,7 @@ pub struct SampleRequest {
     pub width: usize,
     pub height: usize,
     pub batch: usize,
-    /// Initial latents (B, 4, H/8, W/8), before `init_noise_sigma` scaling (as diffusers' `latents=`).
+    /// Initial latents (B, C, H/f, W/f) with f = [`StableDiffusion::vae_scale_factor`], before `init_noise_sigma` scaling (as diffusers' `latents=`).
     pub latents: Option<Tensor>,
 }
 
@@ -74,7 +77,7 @@ impl Default for SampleRequest {
 }
 
 pub struct SampleOutput {
-    /// Final latents (B, 4, h, w).
+    /// Final latents (B, C, h, w); the images themselves for a pixel-space model.
     pub latents: Tensor,
     /// Decoded images (B, 3, H, W) in about [-1, 1].
     pub decoded: Tensor,
@@ -101,6 +104,23 @@ fn freeze_text_encoder_as(te: &ClipTextModel, dtype: DType) -> Result<()> {
 fn freeze_store_as(store: &crate::params::ParamStore, dtype: DType) -> Result<()> {
     store.freeze_all();
     store.store_frozen_as(dtype)
+}
+
+/// Whether model_index.json names a VAE: `["diffusers", "AutoencoderKL"]` does; `[null, null]`,
+/// `null` or no `vae` key does not.
+fn index_names_vae(idx: &serde_json::Value) -> bool {
+    match idx.get("vae") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Array(v)) => v.iter().any(|x| !x.is_null()),
+        Some(_) => true,
+    }
+}
+
+/// Whether the pipeline folder `dir` has a VAE: model_index.json names one, or there is a
+/// `vae/` folder. False means a pixel-space model.
+pub fn folder_has_vae(dir: &Path) -> Result<bool> {
+    let idx = read_json(&dir.join("model_index.json"))?;
+    Ok(index_names_vae(&idx) || dir.join("vae").is_dir())
 }
 
 impl StableDiffusion {
@@ -130,7 +150,15 @@ impl StableDiffusion {
                 msg: format!("_class_name `{class}`: vipo runs StableDiffusionPipeline folders here"),
             });
         }
-        for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        // Pixel space only when neither the index nor the folder has a VAE: a named VAE whose
+        // folder is missing is a broken download, not a pixel-space model.
+        let has_vae = index_names_vae(&idx) || dir.join("vae").is_dir();
+        let parts: &[&str] = if has_vae {
+            &["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+        } else {
+            &["unet", "text_encoder", "tokenizer", "scheduler"]
+        };
+        for part in parts {
             if !dir.join(part).is_dir() {
                 return Err(Error::File { path: dir.join(part), msg: "missing component folder".into() });
             }
@@ -144,9 +172,18 @@ impl StableDiffusion {
         if opts.half_weights {
             freeze_store_as(&unet_params, DType::F16)?;
         }
-        let vae = AutoencoderKL::from_dir(dir.join("vae"), device, variant)?;
-        if opts.half_weights {
+        let vae = if has_vae { Some(AutoencoderKL::from_dir(dir.join("vae"), device, variant)?) } else { None };
+        if let (Some(vae), true) = (&vae, opts.half_weights) {
             freeze_store_as(vae.store(), DType::F16)?;
+        }
+        if vae.is_none() && (unet.config.in_channels != 3 || unet.config.out_channels != 3) {
+            return Err(Error::File {
+                path: dir.join("unet").join("config.json"),
+                msg: format!(
+                    "in_channels = {}, out_channels = {}: a pipeline without a VAE denoises RGB pixels, so both must be 3",
+                    unet.config.in_channels, unet.config.out_channels
+                ),
+            });
         }
         let scheduler_config = SchedulerConfig::from_file(dir.join("scheduler").join("scheduler_config.json"))?;
         Ok(StableDiffusion {
@@ -166,13 +203,65 @@ impl StableDiffusion {
     pub fn freeze_weights_as(&self, dtype: DType) -> Result<()> {
         freeze_text_encoder_as(&self.text_encoder, dtype)?;
         freeze_store_as(&self.unet_params, dtype)?;
-        freeze_store_as(self.vae.store(), dtype)
+        self.vae.as_ref().map_or(Ok(()), |v| freeze_store_as(v.store(), dtype))
     }
 
     /// Bytes the three models' weights take in their storage dtypes.
     pub fn weight_bytes(&self) -> usize {
         let te: usize = self.text_encoder.params().iter().map(|p| p.numel() * p.storage_dtype().size()).sum();
-        te + self.unet_params.stored_bytes() + self.vae.store().stored_bytes()
+        te + self.unet_params.stored_bytes() + self.vae.as_ref().map_or(0, |v| v.store().stored_bytes())
+    }
+
+    /// True for a model without a VAE, whose UNet denoises pixels.
+    pub fn is_pixel_space(&self) -> bool {
+        self.vae.is_none()
+    }
+
+    /// Pixels per latent along each side: `2^(len(vae.block_out_channels) - 1)` (8 for SD), 1
+    /// in pixel space.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.as_ref().map_or(1, |v| 1 << v.config.block_out_channels.len().saturating_sub(1))
+    }
+
+    /// What image sides must be multiples of: the VAE factor for SD (the UNet pads odd latent
+    /// sizes as diffusers does); in pixel space `2^(down blocks - 1)`, so every UNet level
+    /// halves the image exactly.
+    pub fn size_multiple(&self) -> usize {
+        match &self.vae {
+            Some(_) => self.vae_scale_factor(),
+            None => 1 << self.unet.config.block_out_channels.len().saturating_sub(1),
+        }
+    }
+
+    /// Latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1]: the VAE decoder after
+    /// undoing its scaling, one image at a time; in pixel space the latents are the images.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let Some(vae) = &self.vae else { return Ok(latents.clone()) };
+        let b = latents.shape().first().copied().unwrap_or(0);
+        // One at a time: at 512 px the decoder's widest map is 128 MiB per image, the WebGPU
+        // binding limit, so a batch must not be decoded at once.
+        let z = latents.mul_scalar(1.0 / vae.scaling_factor())?;
+        let parts: Vec<Tensor> = (0..b).map(|i| vae.decode(&z.slice(0, i, 1)?)).collect::<Result<_>>()?;
+        Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)
+    }
+
+    /// Images (N, 3, H, W) in [-1, 1] -> training latents (N, C, h, w): a VAE posterior sample
+    /// (noise drawn from `rng`, image by image), scaled and shifted as the UNet was trained;
+    /// in pixel space the pixels themselves (no noise, no scaling, `rng` untouched).
+    pub fn encode_pixels(&self, pixels: &Tensor, rng: &mut crate::rng::Rng) -> Result<Tensor> {
+        let Some(vae) = &self.vae else { return Ok(pixels.clone()) };
+        let dev = pixels.device();
+        let n = pixels.shape().first().copied().unwrap_or(0);
+        // One image at a time: at 512 px the encoder's widest map is a whole storage binding.
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n {
+            let dist = vae.encode(&pixels.slice(0, i, 1)?)?;
+            let shape = dist.mean.shape().to_vec(); // (1, C, h, w)
+            let eps = Tensor::from_vec(rng.normal_vec(dist.mean.numel()), &shape, &dev)?;
+            let sf = vae.scaling_factor();
+            lat.push(dist.sample(&eps)?.affine(sf, -vae.shift_factor() * sf)?);
+        }
+        Tensor::concat(&lat.iter().collect::<Vec<_>>(), 0)
     }
 
     /// Token ids padded to the model's length, and a note if the prompt was cut.
@@ -195,9 +284,15 @@ impl StableDiffusion {
         keep_steps: bool,
     ) -> Result<SampleOutput> {
         let _g = no_grad();
-        if !req.width.is_multiple_of(8) || !req.height.is_multiple_of(8) || req.width == 0 || req.height == 0 {
+        let m = self.size_multiple();
+        if !req.width.is_multiple_of(m) || !req.height.is_multiple_of(m) || req.width == 0 || req.height == 0 {
+            let why = if self.is_pixel_space() {
+                format!(" (a pixel-space UNet with {} levels)", self.unet.config.block_out_channels.len())
+            } else {
+                String::new()
+            };
             return Err(Error::Invalid(format!(
-                "width and height must be positive multiples of 8, got {}x{}",
+                "width and height must be positive multiples of {m}{why}, got {}x{}",
                 req.width, req.height
             )));
         }
@@ -217,7 +312,8 @@ impl StableDiffusion {
 
         let mut scheduler = Scheduler::from_name(&req.scheduler, &self.scheduler_config)?.with_eta(req.eta)?;
         scheduler.set_timesteps(req.steps)?;
-        let latent_shape = [b, self.unet.config.in_channels, req.height / 8, req.width / 8];
+        let f = self.vae_scale_factor();
+        let latent_shape = [b, self.unet.config.in_channels, req.height / f, req.width / f];
         let init = match &req.latents {
             Some(l) => {
                 if l.shape() != latent_shape {
@@ -238,11 +334,7 @@ impl StableDiffusion {
         let mut rng = crate::rng::Rng::new(req.seed ^ 0x5ca1_ab1e);
         let (latents, steps) =
             denoise(&self.unet, &mut scheduler, &context, &init, req.guidance, &mut rng, keep_steps, &mut on_step)?;
-        // One image at a time: at 512 px the decoder's widest map is 128 MiB per image, the
-        // WebGPU binding limit, so a batch must not be decoded at once.
-        let z = latents.mul_scalar(1.0 / self.vae.scaling_factor())?;
-        let parts: Vec<Tensor> = (0..b).map(|i| self.vae.decode(&z.slice(0, i, 1)?)).collect::<Result<_>>()?;
-        let decoded = Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)?;
+        let decoded = self.decode_latents(&latents)?; // (B, 3, H, W)
         Ok(SampleOutput { latents, decoded, steps, input_ids, uncond_ids, truncation })
     }
 }

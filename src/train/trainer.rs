@@ -194,7 +194,9 @@ impl Trainer {
         let source = data_source(&cfg)?;
         let sd = StableDiffusion::from_dir(&cfg.model, device, None)?;
         sd.text_encoder.params().iter().for_each(|p| p.set_trainable(false));
-        sd.vae.store().freeze_all();
+        if let Some(vae) = &sd.vae {
+            vae.store().freeze_all();
+        }
         let process = ForwardProcess::from_config(&sd.scheduler_config)?;
         let objective = cfg.objective_config();
         let (lora, reference, params) = match cfg.finetune {
@@ -228,6 +230,14 @@ impl Trainer {
         let stream_opts = StreamOptions { keep_ties: cfg.keep_ties };
         let loader = PairLoader::new(open_pairs(&cfg, &source, &stream_opts)?, loader_opts)?;
         let cache = match &cfg.latent_cache {
+            Some(dir) if sd.is_pixel_space() => {
+                return Err(Error::Invalid(format!(
+                    "train config: latent_cache = {}: {} has no VAE (a pixel-space model), so there is nothing \
+                     to cache; the pixels are used directly, drop latent_cache",
+                    dir.display(),
+                    cfg.model.display()
+                )));
+            }
             Some(dir) => {
                 let key = CacheKey::for_vae(&cfg.model.join("vae"), None, cfg.resolution, Resample::Bilinear)?;
                 let c = LatentCache::open_checked(dir, &key)?;
@@ -378,16 +388,7 @@ impl Trainer {
         let dev = self.device();
         let _g = no_grad();
         let pixels = crate::data::image::stack_pairs(&pairs, &dev)?; // (2N, 3, S, S), cat(w, l)
-                                                                     // One image at a time: at 512 px the encoder's widest map is a whole storage binding.
-        let mut lat = Vec::with_capacity(2 * n);
-        for i in 0..2 * n {
-            let dist = self.sd.vae.encode(&pixels.slice(0, i, 1)?)?;
-            let shape = dist.mean.shape().to_vec(); // (1, C, h, w)
-            let eps = Tensor::from_vec(rng.normal_vec(dist.mean.numel()), &shape, &dev)?;
-            let sf = self.sd.vae.scaling_factor();
-            lat.push(dist.sample(&eps)?.affine(sf, -self.sd.vae.shift_factor() * sf)?);
-        }
-        let latents = Tensor::concat(&lat.iter().collect::<Vec<_>>(), 0)?; // (2N, C, h, w)
+        let latents = self.sd.encode_pixels(&pixels, rng)?; // (2N, C, h, w); the pixels in pixel space
         let mut ctx = Vec::with_capacity(n);
         for p in &pairs {
             let (ids, _) = self.sd.tokenize(&p.pair.prompt)?;
