@@ -30,6 +30,14 @@ pub struct Args {
     /// of kernels: time per step and peak GPU buffer bytes of a step.
     #[arg(long)]
     pub train: bool,
+    #[command(subcommand)]
+    pub what: Option<BenchWhat>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchWhat {
+    /// An SD1.5-shaped UNet (real config, random weights): forward, and a LoRA Poly-DPO step.
+    Model(crate::cli::bench_model::ModelArgs),
 }
 
 /// One benchmark: inputs are built once, `run` is timed.
@@ -221,6 +229,9 @@ fn devices(device_arg: &str) -> Result<Vec<Device>> {
 }
 
 pub fn run(args: &Args, device_arg: &str) -> Result<()> {
+    if let Some(BenchWhat::Model(m)) = &args.what {
+        return crate::cli::bench_model::run(m);
+    }
     let peer: HashMap<String, f64> = match &args.peer {
         None => HashMap::new(),
         Some(p) => {

@@ -12,9 +12,9 @@ use crate::world::prefs::Regime;
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// The base pipeline (made by `vipo world pretrain`).
-    #[arg(long, default_value = "models/world")]
-    pub model: PathBuf,
+    /// The base pipeline (default: the shipped `models/world`, made by `vipo world pretrain`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Where the report, grid, curves, data and checkpoint go.
     #[arg(long, default_value = "vipo-demo")]
     pub out: PathBuf,
@@ -71,14 +71,12 @@ macro_rules! set {
     ($o:ident, $a:ident, $($f:ident),*) => { $( if let Some(v) = $a.$f { $o.$f = v; } )* };
 }
 
-pub fn options(a: &Args, device_arg: &str) -> DemoOptions {
-    let mut o = DemoOptions {
-        model: a.model.clone(),
-        out: a.out.clone(),
-        regime: a.regime,
-        seed: a.seed,
-        ..DemoOptions::default()
+pub fn options(a: &Args, device_arg: &str) -> Result<DemoOptions> {
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => crate::world::model::shipped_dir()?,
     };
+    let mut o = DemoOptions { model, out: a.out.clone(), regime: a.regime, seed: a.seed, ..DemoOptions::default() };
     if a.quick {
         o = o.quick();
     }
@@ -90,13 +88,13 @@ pub fn options(a: &Args, device_arg: &str) -> DemoOptions {
         o.sample.guidance = g;
     }
     o.device_name = device_arg.to_string();
-    o
+    Ok(o)
 }
 
 pub fn run(a: &Args, device_arg: &str) -> Result<()> {
     let sel = Device::select(device_arg.parse()?)?;
     eprintln!("device: {}", sel.reason);
-    let o = options(a, device_arg);
+    let o = options(a, device_arg)?;
     let t0 = std::time::Instant::now();
     if a.sweep {
         let r = crate::world::demo::run_sweep(&o, &a.regimes, &a.alphas, &a.seeds, &sel.device, &mut Bars::new(3))?;

@@ -1,6 +1,7 @@
 //! Command-line front end: one file per subcommand; `main.rs` only parses and dispatches.
 
 pub mod bench;
+pub mod bench_model;
 pub mod data;
 pub mod demo;
 pub mod devices;

@@ -69,6 +69,9 @@ pub struct Args {
     pub lora_targets: Option<Vec<String>>,
     #[arg(long)]
     pub offload_reference: Option<bool>,
+    /// Recompute activations in the backward (less memory, about a third more compute).
+    #[arg(long)]
+    pub gradient_checkpointing: Option<bool>,
     #[arg(long)]
     pub resolution: Option<usize>,
     /// Pairs per micro-batch.
@@ -138,6 +141,7 @@ pub fn effective_config(a: &Args) -> Result<TrainConfig> {
         lora_dropout,
         lora_targets,
         offload_reference,
+        gradient_checkpointing,
         resolution,
         batch,
         grad_accum,

@@ -1,10 +1,54 @@
 //! The blocks of diffusers' `UNet2DConditionModel` (`unet_2d_blocks.py`, `transformer_2d.py`,
 //! `attention.py`, `resnet.py`), named after the checkpoint keys they load.
 
+use std::cell::Cell;
+
 use crate::error::{Error, Result};
 use crate::nn::{Attention, Conv2d, GroupNorm, LayerNorm, Linear, ResnetBlock2D};
 use crate::params::ParamPath;
 use crate::tensor::Tensor;
+
+thread_local! {
+    /// Set while a UNet with gradient checkpointing runs its forward on this thread.
+    static CHECKPOINTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Turns activation checkpointing of the blocks' resnets and transformers on for this thread
+/// until dropped (diffusers' `enable_gradient_checkpointing`: each module keeps only its inputs
+/// and recomputes its forward in the backward).
+pub struct CheckpointingGuard(bool);
+
+pub fn checkpointing(on: bool) -> CheckpointingGuard {
+    CheckpointingGuard(CHECKPOINTING.with(|c| c.replace(on)))
+}
+
+impl Drop for CheckpointingGuard {
+    fn drop(&mut self) {
+        CHECKPOINTING.with(|c| c.set(self.0));
+    }
+}
+
+fn checkpointed() -> bool {
+    CHECKPOINTING.with(|c| c.get()) && crate::autograd::is_grad_enabled()
+}
+
+/// `resnet(x, temb)`, recomputed in the backward when checkpointing.
+fn run_resnet(r: &ResnetBlock2D, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    if !checkpointed() {
+        return r.forward(x, Some(temb));
+    }
+    let r = r.clone();
+    crate::autograd::checkpoint(&[x, temb], move |t| r.forward(&t[0], Some(&t[1])))
+}
+
+/// `attn(x, context)`, recomputed in the backward when checkpointing.
+fn run_attn(a: &Transformer2DModel, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    if !checkpointed() {
+        return a.forward(x, context);
+    }
+    let a = a.clone();
+    crate::autograd::checkpoint(&[x, context], move |t| a.forward(&t[0], &t[1]))
+}
 
 /// What every block is built with (diffusers passes these to each block alike).
 #[derive(Clone, Copy, Debug)]
@@ -333,9 +377,9 @@ impl DownBlock {
         let mut skips = Vec::new();
         let attentions = self.attentions();
         for (i, resnet) in self.resnets().iter().enumerate() {
-            h = resnet.forward(&h, Some(temb))?;
+            h = run_resnet(resnet, &h, temb)?;
             if let Some(attn) = attentions.get(i) {
-                h = attn.forward(&h, context)?;
+                h = run_attn(attn, &h, context)?;
             }
             skips.push(h.clone());
         }
@@ -371,10 +415,10 @@ impl UNetMidBlock2DCrossAttn {
 
     /// x (B, C, H, W), temb (B, T), context (B, Lc, Cc) -> (B, C, H, W).
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(x, Some(temb))?;
+        let mut h = run_resnet(&self.resnets[0], x, temb)?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = attn.forward(&h, context)?;
-            h = resnet.forward(&h, Some(temb))?;
+            h = run_attn(attn, &h, context)?;
+            h = run_resnet(resnet, &h, temb)?;
         }
         Ok(h)
     }
@@ -474,9 +518,9 @@ impl UpBlock {
         let mut h = x.clone();
         for (i, (resnet, skip)) in resnets.iter().zip(skips.iter().rev()).enumerate() {
             h = Tensor::concat(&[&h, skip], 1)?;
-            h = resnet.forward(&h, Some(temb))?;
+            h = run_resnet(resnet, &h, temb)?;
             if let Some(attn) = attentions.get(i) {
-                h = attn.forward(&h, context)?;
+                h = run_attn(attn, &h, context)?;
             }
         }
         match self.upsamplers() {

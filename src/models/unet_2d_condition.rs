@@ -399,6 +399,9 @@ pub struct UNet2DConditionModel {
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
     pub conv_out: Conv2d,
+    /// Activation checkpointing of every resnet and transformer in training forwards (shared
+    /// by clones of the model).
+    pub gradient_checkpointing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Outputs of the top-level modules, named as diffusers names them (`conv_in`,
@@ -478,6 +481,7 @@ impl UNet2DConditionModel {
             config.conv_out_kernel / 2,
         )?;
         Ok(UNet2DConditionModel {
+            gradient_checkpointing: Default::default(),
             config: config.clone(),
             time_proj: Timesteps {
                 num_channels: ch[0],
@@ -614,6 +618,12 @@ impl UNet2DConditionModel {
         Ok(b)
     }
 
+    /// Recompute each resnet's and transformer's forward in the backward instead of keeping
+    /// their activations (less memory, about one more forward of compute per step).
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.gradient_checkpointing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn run(
         &self,
         sample: &Tensor,
@@ -622,6 +632,9 @@ impl UNet2DConditionModel {
         mut inter: Option<&mut Intermediates>,
     ) -> Result<Tensor> {
         let b = self.check_inputs(sample, timesteps, ehs)?;
+        let _ckpt = crate::models::unet_2d_blocks::checkpointing(
+            self.gradient_checkpointing.load(std::sync::atomic::Ordering::Relaxed),
+        );
         let mut keep = |name: &str, t: &Tensor| {
             if let Some(v) = inter.as_deref_mut() {
                 v.push((name.to_string(), t.clone()));

@@ -92,6 +92,9 @@ pub struct TrainConfig {
     pub lora_targets: Vec<String>,
     /// Full fine-tuning: keep the frozen reference UNet on the CPU (saves device memory).
     pub offload_reference: bool,
+    /// Recompute each resnet's and transformer's activations in the backward instead of
+    /// keeping them (diffusers' `--gradient_checkpointing`): less memory, more compute.
+    pub gradient_checkpointing: bool,
 
     /// Training image side in pixels (center crop).
     pub resolution: usize,
@@ -151,6 +154,7 @@ impl Default for TrainConfig {
             lora_dropout: 0.0,
             lora_targets: ["to_q", "to_k", "to_v", "to_out.0"].iter().map(|s| s.to_string()).collect(),
             offload_reference: false,
+            gradient_checkpointing: false,
             resolution: 512,
             batch: 1,
             grad_accum: 1,

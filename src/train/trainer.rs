@@ -197,6 +197,7 @@ impl Trainer {
         if let Some(vae) = &sd.vae {
             vae.store().freeze_all();
         }
+        sd.unet.set_gradient_checkpointing(cfg.gradient_checkpointing);
         let process = ForwardProcess::from_config(&sd.scheduler_config)?;
         let objective = cfg.objective_config();
         let (lora, reference, params) = match cfg.finetune {

@@ -53,10 +53,10 @@ impl Default for DemoOptions {
             out: PathBuf::from("vipo-demo"),
             regime: Regime::Clean,
             alpha: 0.0,
-            beta: 2000.0,
+            beta: 5000.0,
             finetune: FinetuneKind::Full,
             lora_rank: 8,
-            lr: 2e-4,
+            lr: 3e-5,
             steps: 150,
             batch: 8,
             train_prompts: 96,
@@ -74,8 +74,8 @@ impl DemoOptions {
     pub fn quick(mut self) -> DemoOptions {
         self.steps = 4;
         self.batch = 2;
-        self.train_prompts = 6;
-        self.per_prompt = 3;
+        self.train_prompts = 8;
+        self.per_prompt = 4;
         self.eval_seeds = 1;
         self.sample.steps = 4;
         self
@@ -576,6 +576,8 @@ pub struct SweepReport {
     pub runs: Vec<SweepRun>,
     pub cells: Vec<SweepCell>,
     pub pairs: Vec<(Regime, usize)>,
+    /// Of the noisy pairs: the fraction on which every scorer agrees with the label.
+    pub noisy_agreement: Option<f64>,
     pub seconds: f64,
 }
 
@@ -674,7 +676,8 @@ pub fn run_sweep(
             });
         }
     }
-    let report = SweepReport { base, runs, cells, pairs, seconds: t0.elapsed().as_secs_f64() };
+    let noisy_agreement = agreement_of_noisy(&cands, o.seed);
+    let report = SweepReport { base, runs, cells, pairs, noisy_agreement, seconds: t0.elapsed().as_secs_f64() };
     write_text(
         &out.join("sweep.json"),
         &serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(format!("sweep: {e}")))?,
@@ -756,6 +759,13 @@ fn sweep_markdown(o: &DemoOptions, r: &SweepReport, regimes: &[Regime], alphas: 
     }
     if let Some(b) = r.base.iter().find(|x| x.metric == "task") {
         s += &format!("\nBase model task score: {:.3} ± {:.3}.\n", b.before.mean, b.before.ci95);
+    }
+    if let Some(a) = r.noisy_agreement {
+        s += &format!(
+            "\nNoisy pairs on which every scorer agrees with the label: {:.1}% (ViPO reports 20.79% for \
+             Pick-a-Pic).\n",
+            100.0 * a
+        );
     }
     s += &format!("\nWall time: {:.0} s. Plot: `sweep.svg`; every run: `sweep.json`.\n", r.seconds);
     s

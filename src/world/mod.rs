@@ -100,7 +100,7 @@ impl Position {
 /// One prompt of the world's grammar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Prompt {
-    /// 1 to 4.
+    /// 1 to 4 (others are drawn and named as the nearest of those).
     pub count: u8,
     pub colour: Colour,
     pub shape: Shape,
@@ -140,7 +140,7 @@ impl Prompt {
     pub fn text(&self) -> String {
         let mut s = format!(
             "{} {} {}",
-            NUMBERS[(self.count as usize - 1) % 4],
+            NUMBERS[(self.count.clamp(1, 4) - 1) as usize],
             self.colour.name(),
             self.shape.name(self.count > 1)
         );
@@ -183,7 +183,7 @@ impl Prompt {
     /// Held-out prompts (one in five, spread over every count, colour, shape and placement):
     /// the demo scores on these and never trains on them.
     pub fn is_held_out(&self) -> bool {
-        let (c, col, sh) = (self.count as usize - 1, self.colour as usize, self.shape as usize);
+        let (c, col, sh) = (self.count.saturating_sub(1) as usize, self.colour as usize, self.shape as usize);
         let pos = self.position.map(|p| p as usize + 1).unwrap_or(0);
         (c + col * 2 + sh * 3 + pos).is_multiple_of(5)
     }

@@ -1,5 +1,6 @@
 //! Preference sets made from the base model's own samples, in the trainer's JSONL format,
-//! in three regimes: *clean* (every scorer agrees on the winner), *noisy* (each pair labelled
+//! in three regimes: *clean* (the four task scorers agree on the winner: none prefers the
+//! rejected image, at least one the chosen), *noisy* (each pair labelled
 //! by one scorer drawn at random, the contrarian included, so labels conflict as in
 //! Pick-a-Pic) and *trivial* (a rendered ground truth against a badly corrupted sample).
 
@@ -7,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::render::render;
-use super::score::{score, Scores, SCORERS};
+use super::score::{score, Scores, SCORERS, TASK_SCORERS};
 use super::{Prompt, SIZE};
 use crate::autograd::no_grad;
 use crate::error::{Error, Result};
@@ -51,9 +52,10 @@ impl Default for SampleSettings {
     }
 }
 
-/// Samples one image per (prompt, seed) with DDIM and classifier-free guidance, batching
-/// different prompts together; each image's start noise depends only on its seed, so the same
-/// job gives the same image whatever else is in its batch.
+/// Samples one image per (prompt, seed) with DDIM (eta 0: no noise after the start) and
+/// classifier-free guidance, batching different prompts together. Each image's start noise
+/// depends only on its seed, so a job gives the same image whatever else is in its batch, up to
+/// float rounding (CPU kernels split batches differently: at most one level per channel).
 pub fn sample_images(
     sd: &StableDiffusion,
     jobs: &[(Prompt, u64)],
@@ -207,8 +209,11 @@ pub fn build(candidates: &[Candidate], regime: Regime, seed: u64) -> PrefSet {
                         let votes: Vec<i8> =
                             names.iter().map(|n| vote(sa.get(n).unwrap_or(0.0), sb.get(n).unwrap_or(0.0))).collect();
                         let (win, category) = if regime == Regime::Clean {
-                            let pos = votes.iter().any(|&v| v > 0);
-                            let neg = votes.iter().any(|&v| v < 0);
+                            // The task scorers decide; the contrarian is not asked (with it, the
+                            // agreed pairs are mostly "bigger blob wins" and DPO learns that).
+                            let task = names.iter().zip(&votes).filter(|(n, _)| TASK_SCORERS.contains(n));
+                            let pos = task.clone().any(|(_, &v)| v > 0);
+                            let neg = task.clone().any(|(_, &v)| v < 0);
                             match (pos, neg) {
                                 (true, false) => (Some(true), "clean".to_string()),
                                 (false, true) => (Some(false), "clean".to_string()),

@@ -1,0 +1,228 @@
+//! `vipo bench model`: an SD1.5-shaped UNet (the real config, random weights) at 64x64
+//! latents — the forward pass, and a LoRA Poly-DPO training step (policy forward + backward,
+//! reference forward with the adapters off, AdamW) — per device, with peak memory.
+//! `benches/pytorch_unet.py` runs the same work in PyTorch under the same case names.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::autograd::no_grad;
+use crate::device::{Device, DeviceRequest};
+use crate::error::{Error, Result};
+use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use crate::train::lora::{Lora, LoraConfig};
+use crate::train::objective::{
+    unet_step, ForwardProcess, NoiseLevel, Objective, ObjectiveConfig, PreferenceBatch, Reference,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// A UNet `config.json` (default: SD1.5's, from models/sd15).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Latent side (64 = 512x512 images).
+    #[arg(long, default_value_t = 64)]
+    pub latent: usize,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Preference pairs per training step (each pair: winner and loser, so 2x images).
+    #[arg(long, default_value_t = 2)]
+    pub pairs: usize,
+    #[arg(long, default_value_t = 4)]
+    pub lora_rank: usize,
+    /// Timed runs of each case after one warm-up run.
+    #[arg(long, default_value_t = 2)]
+    pub repeats: usize,
+    /// Activation checkpointing in the training step (resnets and transformers recomputed).
+    #[arg(long)]
+    pub checkpointing: bool,
+    /// Forward only (no training step).
+    #[arg(long)]
+    pub forward_only: bool,
+    /// Devices to run on: `cpu`, `gpu`, `gpu:N`; default: the CPU and every hardware GPU.
+    #[arg(long = "on", value_delimiter = ',')]
+    pub on: Option<Vec<String>>,
+    /// JSON from `benches/pytorch_unet.py --json`: adds its times and the ratio vipo/peer.
+    #[arg(long)]
+    pub peer: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One measured case.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelResult {
+    pub case: String,
+    pub device: String,
+    /// Median seconds per run.
+    pub seconds: f64,
+    /// Pairs per second (training cases).
+    pub pairs_per_s: Option<f64>,
+    /// Peak bytes: the GPU pool's live peak during the case, or the process's peak resident
+    /// set on the CPU (weights included).
+    pub peak_bytes: Option<u64>,
+    pub peer_seconds: Option<f64>,
+}
+
+/// The process's peak resident set (Linux `VmHWM`), bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn time_runs(repeats: usize, dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up: pipelines, pool buffers
+    if let Some(g) = dev.gpu() {
+        g.sync()?;
+        g.reset_peak();
+    }
+    let mut t = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        if let Some(g) = dev.gpu() {
+            g.sync()?;
+        }
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
+}
+
+fn peak(dev: &Device) -> Option<u64> {
+    match dev.gpu() {
+        Some(g) => Some(g.pool_stats().peak_live_bytes),
+        None => peak_rss(),
+    }
+}
+
+/// Runs the cases on one device.
+pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, name: &str) -> Result<Vec<ModelResult>> {
+    let (unet, _store) = UNet2DConditionModel::init_params(cfg, 0, dev)?;
+    let ctx_dim =
+        cfg.cross_attention_dim.expand("cross_attention_dim", 1).ok().and_then(|v| v.first().copied()).unwrap_or(768);
+    let (c, s) = (cfg.in_channels, a.latent);
+    let mut out = Vec::new();
+    let fwd = {
+        let x = Tensor::randn(&[a.batch, c, s, s], 1, dev)?;
+        let t = Tensor::full(500.0, &[a.batch], dev)?;
+        let ctx = Tensor::randn(&[a.batch, 77, ctx_dim], 2, dev)?;
+        time_runs(a.repeats, dev, || {
+            let _g = no_grad();
+            let y = unet.forward(&x, &t, &ctx)?;
+            y.to_vec().map(|_| ())
+        })?
+    };
+    out.push(ModelResult {
+        case: format!("unet forward b{} {s}x{s}", a.batch),
+        device: name.to_string(),
+        seconds: fwd,
+        pairs_per_s: None,
+        peak_bytes: peak(dev),
+        peer_seconds: None,
+    });
+    if a.forward_only {
+        return Ok(out);
+    }
+    unet.set_gradient_checkpointing(a.checkpointing);
+    let lora = Lora::new(&unet, &LoraConfig { rank: a.lora_rank, alpha: a.lora_rank as f32, ..LoraConfig::default() })?;
+    let params = lora.params();
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-5, ..AdamWConfig::default() })?;
+    let objective = ObjectiveConfig { objective: Objective::PolyDpo { alpha: 1.0 }, ..ObjectiveConfig::default() };
+    let sched = crate::schedulers::SchedulerConfig::from_json_str(
+        r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}"#,
+    )?;
+    let process = ForwardProcess::from_config(&sched)?;
+    let n = a.pairs;
+    let mut rng = Rng::new(3);
+    let batch = PreferenceBatch {
+        latents_w: Tensor::randn(&[n, c, s, s], 4, dev)?,
+        latents_l: Tensor::randn(&[n, c, s, s], 5, dev)?,
+        noise: Tensor::randn(&[n, c, s, s], 6, dev)?,
+        level: NoiseLevel::Timesteps((0..n).map(|_| rng.below(1000)).collect()),
+        encoder_hidden_states: Tensor::randn(&[n, 77, ctx_dim], 7, dev)?,
+    };
+    let step = time_runs(a.repeats, dev, || {
+        crate::optim::zero_grad(&params);
+        let o = unet_step(&objective, &process, &batch, &unet, Reference::AdaptersOff)?;
+        o.loss.backward()?;
+        opt.step(&params, 1e-5)?;
+        Ok(())
+    })?;
+    out.push(ModelResult {
+        case: format!("lora poly-dpo step {n} pairs {s}x{s}{}", if a.checkpointing { " ckpt" } else { "" }),
+        device: name.to_string(),
+        seconds: step,
+        pairs_per_s: Some(n as f64 / step),
+        peak_bytes: peak(dev),
+        peer_seconds: None,
+    });
+    Ok(out)
+}
+
+pub fn run(a: &ModelArgs) -> Result<()> {
+    let path = match &a.config {
+        Some(p) => p.clone(),
+        None => crate::models::ldm_convert::sd15_config_dir()?.join("unet").join("config.json"),
+    };
+    let cfg = UNet2DConditionConfig::from_file(&path)?;
+    let names: Vec<String> = match &a.on {
+        Some(v) => v.clone(),
+        None => {
+            let mut v = vec!["cpu".to_string()];
+            if Device::select(DeviceRequest::Gpu).is_ok() {
+                v.push("gpu".into());
+            }
+            v
+        }
+    };
+    let peer: std::collections::HashMap<String, f64> = match &a.peer {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            let v: Vec<serde_json::Value> = serde_json::from_str(&text)
+                .map_err(|e| Error::File { path: p.clone(), msg: format!("not the peer's JSON list: {e}") })?;
+            v.iter().filter_map(|o| Some((o.get("case")?.as_str()?.to_string(), o.get("seconds")?.as_f64()?))).collect()
+        }
+        None => Default::default(),
+    };
+    let mut all = Vec::new();
+    for name in &names {
+        let sel = Device::select(name.parse()?)?;
+        eprintln!("{}: {}", name, sel.reason);
+        let mut rs = bench_device(a, &cfg, &sel.device, name)?;
+        for r in &mut rs {
+            r.peer_seconds = peer.get(&r.case).copied();
+            if !a.json {
+                let ratio = r.peer_seconds.map(|p| format!("  vipo/peer {:.2}", r.seconds / p)).unwrap_or_default();
+                println!(
+                    "{:<36} {:<8} {:>9.3} s{}{}{}",
+                    r.case,
+                    r.device,
+                    r.seconds,
+                    r.pairs_per_s.map(|p| format!("  {p:.3} pairs/s")).unwrap_or_default(),
+                    r.peak_bytes
+                        .map(|b| format!("  peak {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                        .unwrap_or_default(),
+                    ratio
+                );
+            }
+        }
+        all.extend(rs);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&all).map_err(|e| Error::Invalid(e.to_string()))?);
+    }
+    Ok(())
+}
