@@ -612,8 +612,10 @@ fn check_written(set: &prefs::PrefSet, regime: Regime, dir: &Path) -> Vec<Value>
         match regime {
             Regime::Clean => {
                 assert_eq!(category, "clean");
-                assert!(c.keys().all(|n| pref(n) >= -1e-6), "a scorer prefers the rejected image: {line}");
-                assert!(c.keys().any(|n| pref(n) > 1e-6), "no scorer prefers the chosen image: {line}");
+                // The task scorers decide; the contrarian is not asked.
+                let task = || c.keys().filter(|n| TASK_SCORERS.contains(&n.as_str()));
+                assert!(task().all(|n| pref(n) >= -1e-6), "a task scorer prefers the rejected image: {line}");
+                assert!(task().any(|n| pref(n) > 1e-6), "no task scorer prefers the chosen image: {line}");
             }
             Regime::Noisy => {
                 assert!(SCORERS.contains(&category), "{line}");
@@ -645,8 +647,8 @@ fn check_written(set: &prefs::PrefSet, regime: Regime, dir: &Path) -> Vec<Value>
     lines
 }
 
-/// All pairs within a prompt on which every scorer votes the same way (or abstains), at least
-/// one not abstaining: what the clean regime must keep, worked out independently.
+/// All pairs within a prompt on which every task scorer votes the same way (or abstains), at
+/// least one not abstaining: what the clean regime must keep, worked out independently.
 fn unanimous_pairs(cands: &[Candidate]) -> usize {
     let mut n = 0;
     for (i, a) in cands.iter().enumerate() {
@@ -654,7 +656,7 @@ fn unanimous_pairs(cands: &[Candidate]) -> usize {
             if a.prompt != b.prompt {
                 continue;
             }
-            let d: Vec<f64> = SCORERS.iter().filter_map(|s| Some(a.scores.get(s)? - b.scores.get(s)?)).collect();
+            let d: Vec<f64> = TASK_SCORERS.iter().filter_map(|s| Some(a.scores.get(s)? - b.scores.get(s)?)).collect();
             let pos = d.iter().any(|&x| x > 1e-6);
             let neg = d.iter().any(|&x| x < -1e-6);
             n += (pos != neg) as usize;
@@ -698,7 +700,8 @@ fn preference_sets_follow_their_regimes() {
     assert_eq!(trivial.pairs.len(), groups);
     check_written(&trivial, Regime::Trivial, &dir.join("trivial"));
 
-    // `vipo data agree`: all of the clean set agrees, the noisy set does not.
+    // `vipo data agree`: no task scorer disagrees with a clean label (the contrarian may), and
+    // the noisy set has conflicts.
     for (name, want_all) in [("clean", true), ("noisy", false)] {
         let path = dir.join(name).join("pairs.jsonl");
         let (ok, out, err) = vipo(&["data", "agree", path.to_str().unwrap(), "--json"]);
@@ -707,7 +710,13 @@ fn preference_sets_follow_their_regimes() {
         let rate = j["agreement_rate"].as_f64().unwrap();
         assert_eq!(j["several_scores"].as_u64().unwrap() as usize, jsonl(&path).len(), "{out}");
         if want_all {
-            assert_eq!(rate, 1.0, "{out}");
+            assert!(rate <= 1.0, "{out}");
+            for n in TASK_SCORERS {
+                if let Some(d) = j["per_scorer"][n]["disagree"].as_u64() {
+                    assert_eq!(d, 0, "{n} disagrees with a clean label: {out}");
+                }
+            }
+            assert!(j["per_scorer"]["count"]["disagree"].is_u64(), "{out}");
         } else {
             assert!(rate < 1.0, "{out}");
             let a = agreement(&path, DEFAULT_TIE_TOL).unwrap();

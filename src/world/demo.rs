@@ -628,7 +628,7 @@ pub fn run_sweep(
         pairs.push((regime, set.pairs.len()));
         for &alpha in alphas {
             for &seed in seeds {
-                let run_dir = out.join("runs").join(format!("{}-alpha{alpha}-seed{seed}", regime.name()));
+                let run_dir = out.join("runs").join(format!("{}-alpha{alpha:+}-seed{seed}", regime.name()));
                 let (trainer, metrics) = train(o, device, &data, &run_dir, alpha, seed, false, &mut Silent)?;
                 let after = evaluate(&trainer.sd, &jobs, &o.sample, &mut |_| {})?;
                 let rows = compare(&before, &after);
