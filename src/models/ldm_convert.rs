@@ -300,23 +300,14 @@ impl SingleFileConfigs {
 }
 
 /// The `models/sd15` folder on disk (for what is not embedded: the tokenizer files,
-/// `scheduler/`). Looked up next to the executable and in each folder above it (an install
-/// prefix, or the checkout above `target/debug`), then in the source checkout this was built
-/// from.
+/// `scheduler/`); see [`super::shipped_dir`] for where it is looked up.
 pub fn sd15_config_dir() -> Result<PathBuf> {
-    let mut tried = Vec::new();
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
-        tried.extend(exe_dir.ancestors().map(|a| a.join("models").join("sd15")));
-    }
-    tried.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("sd15"));
-    if let Some(found) = tried.iter().find(|d| d.join("unet").join("config.json").is_file()) {
-        return Ok(found.clone());
-    }
-    let list: Vec<String> = tried.iter().map(|d| format!("  {}", d.display())).collect();
-    Err(Error::Invalid(format!(
-        "models/sd15 (the SD1.5 configs and tokenizer) not found; looked in:\n{}\npass the config folder explicitly",
-        list.join("\n")
-    )))
+    super::shipped_dir(
+        "sd15",
+        "unet/config.json",
+        "the SD1.5 configs and tokenizer",
+        "pass the config folder explicitly",
+    )
 }
 
 fn parse_config<T: for<'de> Deserialize<'de>>(text: &str, origin: &str) -> Result<T> {

@@ -348,21 +348,12 @@ pub fn pretrain(opts: &PretrainOptions, device: &Device, on_step: &mut dyn FnMut
     Ok(())
 }
 
-/// The shipped base model: `models/world` under the working directory, next to the executable
-/// (or any folder above it), or in this checkout.
+/// The shipped base model `models/world` (see [`crate::models::shipped_dir`] for where).
 pub fn shipped_dir() -> Result<PathBuf> {
-    let mut tried = vec![PathBuf::from("models").join("world")];
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
-        tried.extend(exe_dir.ancestors().map(|a| a.join("models").join("world")));
-    }
-    tried.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("world"));
-    if let Some(found) = tried.iter().find(|d| d.join("unet").join("diffusion_pytorch_model.safetensors").is_file()) {
-        return Ok(found.clone());
-    }
-    let list: Vec<String> = tried.iter().map(|d| format!("  {}", d.display())).collect();
-    Err(Error::Invalid(format!(
-        "the built-in world model (models/world) was not found; looked in:\n{}\npass --model, or make one with \
-         `vipo world pretrain`",
-        list.join("\n")
-    )))
+    crate::models::shipped_dir(
+        "world",
+        "unet/diffusion_pytorch_model.safetensors",
+        "the built-in world's base model",
+        "pass --model, or make one with `vipo world pretrain`",
+    )
 }

@@ -55,6 +55,9 @@ pub struct Series {
     pub markers: bool,
 }
 
+/// SVG's XML namespace name: it identifies the vocabulary to viewers and is never fetched.
+const SVG_NS: &str = "http://www.w3.org/2000/svg";
+
 const PALETTE: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
 
 /// A colour of a small fixed palette.
@@ -116,7 +119,7 @@ pub fn line_chart(
     let sx = |x: f64| ml + (x - x0) / (x1 - x0) * pw;
     let sy = |y: f64| mt + (1.0 - (y - y0) / (y1 - y0)) * ph;
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" \
+        "<svg xmlns=\"{SVG_NS}\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" \
          font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
     s += &format!(
@@ -199,7 +202,7 @@ pub fn stack(top: &str, bottom: &str, height_each: f64, width: f64) -> String {
         body.trim_end().trim_end_matches("</svg>").to_string()
     };
     format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<g>{}</g>\n\
+        "<svg xmlns=\"{SVG_NS}\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<g>{}</g>\n\
          <g transform=\"translate(0 {height_each})\">{}</g>\n</svg>\n",
         2.0 * height_each,
         strip(top),

@@ -161,15 +161,9 @@ fn named_scores(a: &Scores, b: &Scores) -> BTreeMap<String, [f64; 2]> {
     SCORERS.iter().filter_map(|n| Some((n.to_string(), [a.get(n)?, b.get(n)?]))).collect()
 }
 
-/// Sign of a scorer's preference of `a` over `b` (ties within 1e-6 abstain).
+/// Sign of a scorer's preference of `a` over `b`, as `vipo data agree` votes (ties abstain).
 fn vote(a: f64, b: f64) -> i8 {
-    if a - b > 1e-6 {
-        1
-    } else if b - a > 1e-6 {
-        -1
-    } else {
-        0
-    }
+    crate::data::agree::vote(&crate::data::Scores { chosen: a, rejected: b }, crate::data::agree::DEFAULT_TIE_TOL)
 }
 
 /// Builds a regime's pairs from candidates (grouped by prompt, all pairs within a prompt).
