@@ -77,6 +77,45 @@ fn other<T: Copy + PartialEq>(all: &[T], v: T, rng: &mut Rng) -> T {
 // ---------------------------------------------------------------------------------------------
 // 1. Grammar
 
+/// The careless captions of `world pretrain --caption-noise`: each attribute is wrong at the
+/// asked rate, independently, and a wrong one is never the true value; every replacement value
+/// occurs (no attribute is stuck on one wrong value).
+#[test]
+fn miscaptions_are_wrong_at_their_rate() {
+    let mut rng = Rng::new(11);
+    for rate in [0.0f32, 0.3, 1.0] {
+        let n = 20_000;
+        let mut wrong = [0usize; 4];
+        let mut seen: [BTreeSet<String>; 4] = Default::default();
+        let mut all_four = 0;
+        for _ in 0..n {
+            let p = Prompt::random(&mut rng);
+            let c = p.miscaption(&mut rng, rate);
+            let w = [c.count != p.count, c.colour != p.colour, c.shape != p.shape, c.position != p.position];
+            for (k, &x) in w.iter().enumerate() {
+                wrong[k] += x as usize;
+            }
+            all_four += w.iter().all(|&x| x) as usize;
+            seen[0].insert(c.count.to_string());
+            seen[1].insert(format!("{:?}", c.colour));
+            seen[2].insert(format!("{:?}", c.shape));
+            seen[3].insert(format!("{:?}", c.position));
+            assert!((1..=4).contains(&c.count));
+            assert_eq!(Prompt::parse(&c.text()).unwrap(), c);
+        }
+        for (k, w) in wrong.iter().enumerate() {
+            let f = *w as f64 / n as f64;
+            // 4.5 standard errors of a binomial proportion at n = 20000 is below 0.016.
+            assert!((f - rate as f64).abs() < 0.016, "rate {rate}: attribute {k} wrong in {f:.3} of captions");
+        }
+        let all_f = all_four as f64 / n as f64;
+        assert!((all_f - (rate as f64).powi(4)).abs() < 0.016, "rate {rate}: all four wrong in {all_f:.3}");
+        if rate > 0.0 {
+            assert_eq!(seen.iter().map(BTreeSet::len).collect::<Vec<_>>(), vec![4, 4, 3, 5], "rate {rate}");
+        }
+    }
+}
+
 #[test]
 fn grammar_round_trips_and_names_bad_parts() {
     let all = Prompt::all();
@@ -649,7 +688,7 @@ fn check_written(set: &prefs::PrefSet, regime: Regime, dir: &Path) -> Vec<Value>
 
 /// All pairs within a prompt on which every task scorer votes the same way (or abstains), at
 /// least one not abstaining: what the clean regime must keep, worked out independently.
-fn unanimous_pairs(cands: &[Candidate]) -> usize {
+fn unanimous_pairs(cands: &[Candidate], min_gap: f64) -> usize {
     let mut n = 0;
     for (i, a) in cands.iter().enumerate() {
         for b in &cands[i + 1..] {
@@ -659,7 +698,8 @@ fn unanimous_pairs(cands: &[Candidate]) -> usize {
             let d: Vec<f64> = TASK_SCORERS.iter().filter_map(|s| Some(a.scores.get(s)? - b.scores.get(s)?)).collect();
             let pos = d.iter().any(|&x| x > 1e-6);
             let neg = d.iter().any(|&x| x < -1e-6);
-            n += (pos != neg) as usize;
+            let widest = d.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            n += (pos != neg && widest >= min_gap) as usize;
         }
     }
     n
@@ -676,12 +716,32 @@ fn preference_sets_follow_their_regimes() {
     let per = cands.len() / groups;
     let all_pairs = groups * per * (per - 1) / 2;
 
-    let clean = build(&cands, Regime::Clean, 0);
+    let clean = build(&cands, Regime::Clean, 0, 0.0);
     assert_eq!(clean.considered, all_pairs);
-    assert_eq!(clean.pairs.len(), unanimous_pairs(&cands));
+    assert_eq!(clean.pairs.len(), unanimous_pairs(&cands, 0.0));
     check_written(&clean, Regime::Clean, &dir.join("clean"));
 
-    let noisy = build(&cands, Regime::Noisy, 0);
+    // A minimum gap keeps the decisive pairs only: fewer, but not none, and each one has a
+    // task scorer preferring its winner by the gap (the noisy ones: the scorer that labelled it).
+    let mut kept = vec![];
+    for gap in [0.5, 0.75, 1.0] {
+        let decisive = build(&cands, Regime::Clean, 0, gap);
+        assert_eq!(decisive.pairs.len(), unanimous_pairs(&cands, gap), "gap {gap}");
+        kept.push(decisive.pairs.len());
+        for p in &decisive.pairs {
+            let widest =
+                TASK_SCORERS.iter().filter_map(|n| p.scores.get(*n)).map(|s| s[0] - s[1]).fold(f64::MIN, f64::max);
+            assert!(widest >= gap, "{:?}", p.scores);
+        }
+        for p in &build(&cands, Regime::Noisy, 0, gap).pairs {
+            let s = p.scores[&p.category];
+            assert!(s[0] - s[1] >= gap, "{} labelled {:?}", p.category, s);
+        }
+    }
+    assert!(kept.windows(2).all(|w| w[0] >= w[1]), "{kept:?}");
+    assert!(kept[2] > 0 && kept[2] < clean.pairs.len(), "{kept:?} of {} clean pairs", clean.pairs.len());
+
+    let noisy = build(&cands, Regime::Noisy, 0, 0.0);
     assert_eq!(noisy.considered, all_pairs);
     let noisy_lines = check_written(&noisy, Regime::Noisy, &dir.join("noisy"));
     // Conflicts: some noisy pairs have a scorer preferring the rejected image.
@@ -696,7 +756,7 @@ fn preference_sets_follow_their_regimes() {
     let categories: BTreeSet<&str> = noisy_lines.iter().map(|l| l["category"].as_str().unwrap()).collect();
     assert!(categories.len() >= 3, "noisy labels come from few scorers: {categories:?}");
 
-    let trivial = build(&cands, Regime::Trivial, 0);
+    let trivial = build(&cands, Regime::Trivial, 0, 0.0);
     assert_eq!(trivial.pairs.len(), groups);
     check_written(&trivial, Regime::Trivial, &dir.join("trivial"));
 
@@ -746,9 +806,9 @@ fn preference_sets_from_shipped_model_samples() {
     let seeds: BTreeSet<u64> = cands.iter().map(|c| c.seed).collect();
     assert_eq!(seeds.len(), cands.len(), "job seeds repeat");
     for regime in [Regime::Clean, Regime::Noisy, Regime::Trivial] {
-        let set = build(&cands, regime, 0);
+        let set = build(&cands, regime, 0, 0.0);
         if regime == Regime::Clean {
-            assert_eq!(set.pairs.len(), unanimous_pairs(&cands));
+            assert_eq!(set.pairs.len(), unanimous_pairs(&cands, 0.0));
         }
         if regime != Regime::Trivial && set.pairs.is_empty() {
             eprintln!("{regime:?}: the model's samples gave no pair (scores all tied)");
@@ -1126,4 +1186,44 @@ fn compose_places_cells_from_its_inputs() {
             assert_eq!(at(i % out.width, i / out.width), &bg[..], "pixel {i}");
         }
     }
+}
+
+/// `world pretrain` (what made the shipped model) on a few tiny steps: finite losses, a folder
+/// that loads as a pipeline, `--resume` starting from the written weights and moving them, and
+/// a caption-noise rate out of 0..1 refused by name.
+#[test]
+fn pretrain_writes_a_loadable_pipeline_and_resumes() {
+    let dir = tmp("pretrain");
+    let out = dir.join("world");
+    let opts = wmodel::PretrainOptions {
+        out: out.clone(),
+        steps: 2,
+        batch: 2,
+        save_every: 1,
+        caption_noise: 0.5,
+        ..Default::default()
+    };
+    let mut losses = vec![];
+    wmodel::pretrain(&opts, &Device::Cpu, &mut |s| losses.push((s.step, s.loss))).unwrap();
+    assert_eq!(losses.iter().map(|l| l.0).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(losses.iter().all(|l| l.1.is_finite() && l.1 > 0.0), "{losses:?}");
+    let unet_file = out.join("unet/diffusion_pytorch_model.safetensors");
+    let first = std::fs::read(&unet_file).unwrap();
+    let sd = StableDiffusion::from_dir(&out, &Device::Cpu, None).unwrap();
+    assert!(sd.vae.is_none());
+
+    // Resume: loads the written folder and writes new weights over it.
+    let mut resumed = vec![];
+    let again = wmodel::PretrainOptions { steps: 1, resume: true, caption_noise: 0.0, ..opts.clone() };
+    wmodel::pretrain(&again, &Device::Cpu, &mut |s| resumed.push(s.loss)).unwrap();
+    assert_eq!(resumed.len(), 1);
+    assert_ne!(std::fs::read(&unet_file).unwrap(), first, "resume did not write new weights");
+    assert!(resumed[0].is_finite());
+
+    for bad in [-0.1f32, 1.5] {
+        let o = wmodel::PretrainOptions { caption_noise: bad, ..opts.clone() };
+        let err = wmodel::pretrain(&o, &Device::Cpu, &mut |_| {}).expect_err("bad caption noise").to_string();
+        assert!(err.contains("--caption-noise"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

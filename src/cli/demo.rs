@@ -43,6 +43,10 @@ pub struct Args {
     /// Seeds per held-out prompt in the before/after scores.
     #[arg(long)]
     pub eval_seeds: Option<usize>,
+    /// Keep a pair only when its deciding scorer prefers the winner by at least this much
+    /// (clean: the widest task-scorer gap; noisy: the drawn scorer's); 0 keeps all.
+    #[arg(long)]
+    pub min_gap: Option<f64>,
     /// Denoising steps per sample.
     #[arg(long)]
     pub sample_steps: Option<usize>,
@@ -80,7 +84,7 @@ pub fn options(a: &Args, device_arg: &str) -> Result<DemoOptions> {
     if a.quick {
         o = o.quick();
     }
-    set!(o, a, alpha, beta, finetune, lr, steps, batch, train_prompts, per_prompt, eval_seeds);
+    set!(o, a, alpha, beta, finetune, lr, steps, batch, train_prompts, per_prompt, eval_seeds, min_gap);
     if let Some(s) = a.sample_steps {
         o.sample.steps = s;
     }

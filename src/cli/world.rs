@@ -53,6 +53,10 @@ pub struct PretrainArgs {
     /// Start from the weights already in --out (new optimizer state).
     #[arg(long)]
     pub resume: bool,
+    /// Probability that each attribute of a training caption (count, colour, shape, place) is
+    /// wrong, as in web-scraped captions; 0 = exact captions.
+    #[arg(long, default_value_t = 0.0)]
+    pub caption_noise: f32,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -121,6 +125,7 @@ fn run_pretrain(a: &PretrainArgs, device_arg: &str) -> Result<()> {
         uncond_prob: a.uncond_prob,
         save_every: a.save_every,
         resume: a.resume,
+        caption_noise: a.caption_noise,
     };
     let pb = indicatif::ProgressBar::new(a.steps);
     pb.set_style(

@@ -40,6 +40,8 @@ pub struct DemoOptions {
     pub per_prompt: usize,
     /// Seeds per held-out prompt for the before/after scores.
     pub eval_seeds: usize,
+    /// Keep pairs whose deciding scorer prefers the winner by at least this (see [`build`]).
+    pub min_gap: f64,
     pub sample: SampleSettings,
     pub seed: u64,
     /// `auto`/`cpu`/`gpu`/`gpu:N` for the trainer's config (the device is passed separately).
@@ -54,14 +56,15 @@ impl Default for DemoOptions {
             regime: Regime::Clean,
             alpha: 0.0,
             beta: 5000.0,
-            finetune: FinetuneKind::Full,
+            finetune: FinetuneKind::Lora,
             lora_rank: 8,
-            lr: 3e-5,
-            steps: 150,
+            lr: 3e-3,
+            steps: 250,
             batch: 8,
             train_prompts: 96,
             per_prompt: 4,
             eval_seeds: 3,
+            min_gap: 0.5,
             sample: SampleSettings::default(),
             seed: 0,
             device_name: "cpu".into(),
@@ -321,6 +324,10 @@ pub struct DemoReport {
     pub regime: Regime,
     pub alpha: f64,
     pub beta: f64,
+    /// "full" or "lora".
+    pub finetune: String,
+    pub lr: f32,
+    pub min_gap: f64,
     pub steps: u64,
     pub candidates: usize,
     pub pairs_considered: usize,
@@ -334,7 +341,8 @@ pub struct DemoReport {
 }
 
 fn agreement_of_noisy(cands: &[Candidate], seed: u64) -> Option<f64> {
-    let noisy = build(cands, Regime::Noisy, seed);
+    // Every noisy pair (no minimum gap), as the paper counts its whole dataset.
+    let noisy = build(cands, Regime::Noisy, seed, 0.0);
     if noisy.pairs.is_empty() {
         return None;
     }
@@ -457,7 +465,7 @@ pub fn run_demo(o: &DemoOptions, device: &Device, progress: &mut dyn Progress) -
     progress.phase("sampling preference data", n_cand as u64);
     let cands = candidates(&sd, &prompts, o.per_prompt, o.seed, &o.sample, &mut |n| progress.set(n as u64, None))?;
     progress.done();
-    let set = build(&cands, o.regime, o.seed);
+    let set = build(&cands, o.regime, o.seed, o.min_gap);
     if set.pairs.is_empty() {
         return Err(Error::Invalid(format!(
             "demo: the {} regime kept no pair of {} candidates; sample more (--train-prompts, --per-prompt)",
@@ -497,6 +505,9 @@ pub fn run_demo(o: &DemoOptions, device: &Device, progress: &mut dyn Progress) -
         regime: o.regime,
         alpha: o.alpha,
         beta: o.beta,
+        finetune: format!("{:?}", o.finetune).to_lowercase(),
+        lr: o.lr,
+        min_gap: o.min_gap,
         steps: o.steps,
         candidates: cands.len(),
         pairs_considered: set.considered,
@@ -524,16 +535,19 @@ pub fn run_demo(o: &DemoOptions, device: &Device, progress: &mut dyn Progress) -
 
 pub fn report_markdown(r: &DemoReport) -> String {
     let mut s = format!(
-        "# vipo demo\n\nBase model `{}`; {} preference pairs ({} regime, kept of {} candidate pairs from {} samples), \
-         Poly-DPO alpha {} beta {} for {} steps. Held-out prompts: {} images (the same prompts and seeds before and \
-         after).\n\n",
+        "# vipo demo\n\nBase model `{}`; {} preference pairs ({} regime, deciding gap at least {}, kept of {} candidate \
+         pairs from {} samples), Poly-DPO alpha {} beta {}, {} fine-tuning at lr {} for {} steps. Held-out prompts: {} \
+         images (the same prompts and seeds before and after).\n\n",
         r.model.display(),
         r.pairs,
         r.regime.name(),
+        r.min_gap,
         r.pairs_considered,
         r.candidates,
         r.alpha,
         r.beta,
+        r.finetune,
+        r.lr,
         r.steps,
         r.eval_images
     );
@@ -620,7 +634,7 @@ pub fn run_sweep(
     progress.phase("training and scoring runs", total);
     let mut done = 0;
     for &regime in regimes {
-        let set = build(&cands, regime, o.seed);
+        let set = build(&cands, regime, o.seed, o.min_gap);
         if set.pairs.is_empty() {
             return Err(Error::Invalid(format!("sweep: the {} regime kept no pair", regime.name())));
         }
@@ -711,7 +725,7 @@ fn sweep_svg(r: &SweepReport, regimes: &[Regime]) -> String {
 fn sweep_markdown(o: &DemoOptions, r: &SweepReport, regimes: &[Regime], alphas: &[f64], seeds: &[u64]) -> String {
     let mut s = format!(
         "# Poly-DPO alpha sweep on the built-in world\n\nBase `{}`; {} training prompts x {} samples; {} steps of \
-         batch {} ({:?} fine-tuning, lr {}, beta {}); seeds {:?}; held-out task score over {} images per run \
+         batch {} ({:?} fine-tuning, lr {}, beta {}, deciding gap at least {}); seeds {:?}; held-out task score over {} images per run \
          (same prompts and seeds as the base). Cells: paired change of the task score (after - before), mean over \
          seeds ± 95% CI; **bold**: the best alpha of the regime.\n\n",
         o.model.display(),
@@ -722,6 +736,7 @@ fn sweep_markdown(o: &DemoOptions, r: &SweepReport, regimes: &[Regime], alphas: 
         o.finetune,
         o.lr,
         o.beta,
+        o.min_gap,
         seeds,
         r.base.first().map(|b| b.before.n).unwrap_or(0)
     );

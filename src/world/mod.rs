@@ -136,6 +136,33 @@ impl Prompt {
         Prompt { count, colour, shape, position }
     }
 
+    /// The caption a careless annotator writes for an image of `self`: each attribute (count,
+    /// colour, shape, placement) is independently replaced by a different value with
+    /// probability `rate`. Pretraining on such captions gives a base model that follows prompts
+    /// only partly because its data did — as web-captioned models do — so that preferences
+    /// from the scorers have something to teach it.
+    pub fn miscaption(&self, rng: &mut crate::rng::Rng, rate: f32) -> Prompt {
+        let mut c = *self;
+        if rng.uniform() < rate {
+            c.count = 1 + ((self.count.clamp(1, 4) as usize - 1 + 1 + rng.below(3)) % 4) as u8;
+        }
+        if rng.uniform() < rate {
+            c.colour = COLOURS[(self.colour as usize + 1 + rng.below(3)) % 4];
+        }
+        if rng.uniform() < rate {
+            c.shape = SHAPES[(self.shape as usize + 1 + rng.below(2)) % 3];
+        }
+        if rng.uniform() < rate {
+            // Five placements: none, left, right, top, bottom.
+            let now = self.position.map_or(0, |p| p as usize + 1);
+            c.position = match (now + 1 + rng.below(4)) % 5 {
+                0 => None,
+                i => Some(POSITIONS[i - 1]),
+            };
+        }
+        c
+    }
+
     /// "three red circles on the left"
     pub fn text(&self) -> String {
         let mut s = format!(

@@ -240,6 +240,9 @@ pub struct PretrainOptions {
     pub save_every: u64,
     /// Continue from the weights already in `out` (fresh optimizer state).
     pub resume: bool,
+    /// Probability that each attribute of a training caption is wrong (see
+    /// [`Prompt::miscaption`]); 0 trains on exact captions.
+    pub caption_noise: f32,
 }
 
 impl Default for PretrainOptions {
@@ -254,6 +257,7 @@ impl Default for PretrainOptions {
             uncond_prob: 0.1,
             save_every: 500,
             resume: false,
+            caption_noise: 0.0,
         }
     }
 }
@@ -278,6 +282,12 @@ fn save_weights(dir: &Path, unet: &crate::params::ParamStore, te: &crate::params
 pub fn pretrain(opts: &PretrainOptions, device: &Device, on_step: &mut dyn FnMut(PretrainStep)) -> Result<()> {
     if opts.batch == 0 || opts.steps == 0 {
         return Err(Error::Invalid("world pretrain: --batch and --steps must be at least 1".into()));
+    }
+    if !(0.0..=1.0).contains(&opts.caption_noise) {
+        return Err(Error::Invalid(format!(
+            "world pretrain: --caption-noise must be within 0..1, got {}",
+            opts.caption_noise
+        )));
     }
     let dir = &opts.out;
     write_skeleton(dir)?;
@@ -311,10 +321,12 @@ pub fn pretrain(opts: &PretrainOptions, device: &Device, on_step: &mut dyn FnMut
         for _ in 0..n {
             let p = Prompt::random(&mut rng);
             images.push(render(&p, rng.next_u64()));
+            // No draws when the captions are exact, so runs without noise repeat older ones.
+            let caption = if opts.caption_noise > 0.0 { p.miscaption(&mut rng, opts.caption_noise) } else { p };
             ids.push(if rng.uniform() < opts.uncond_prob {
                 uncond.clone()
             } else {
-                tokenizer.encode_prompt(&p.text())?.ids
+                tokenizer.encode_prompt(&caption.text())?.ids
             });
         }
         let x0 = Tensor::from_vec(to_pixels(&images), &[n, 3, SIZE, SIZE], device)?; // (N, 3, 32, 32)
