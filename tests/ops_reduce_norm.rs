@@ -5,10 +5,11 @@ use common::*;
 use vipo::ops::reduce::ReduceOp;
 use vipo::{Device, Tensor};
 
-// GPU vs CPU: the GPU sums in f32 (tree order) and uses f32 exp / inverseSqrt, the CPU twin
-// accumulates in f64; a few ulp of the largest output.
+// GPU vs CPU: the GPU sums in f32 (tree order) and uses f32 exp / inverseSqrt, the CPU twins
+// accumulate in f64 (the norms: f32 lanes in blocks of 64, blocks in f64); a few ulp of the
+// largest output.
 const TOL: f64 = 1e-5;
-// CPU twin vs an f64 loop: both f64 inside, so only the final rounding to f32 differs.
+// CPU twin vs an f64 loop: f64 (or f64-accurate) sums, a few f32 roundings per element.
 const TOL_F64: f64 = 1e-6;
 
 fn cpu_t(v: &[f32], shape: &[usize]) -> Tensor {

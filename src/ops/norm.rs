@@ -50,26 +50,105 @@ fn check_affine(op: &'static str, what: &str, x: &Tensor, t: Option<&Tensor>, ch
     Ok(())
 }
 
-/// CPU twin for one row, in f64: mean, then the mean of squared deviations.
-fn norm_row(x: &[f32], y: &mut [f32], c0: usize, spatial: usize, w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let rstd = 1.0 / (var + eps as f64).sqrt();
-    for (j, (o, &v)) in y.iter_mut().zip(x).enumerate() {
-        let c = c0 + j / spatial;
-        let mut t = (v as f64 - mean) * rstd;
-        if let Some(w) = w {
-            t *= w[c] as f64;
+/// Sum of `f(v)` over `x`: 8 f32 lanes within blocks of 64 (so the loop vectorises), blocks
+/// added in f64, so the error stays near f64 summation's for any row length.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0.0f64;
+    for block in x.chunks(64) {
+        let mut acc = [0.0f32; 8];
+        let mut it = block.chunks_exact(8);
+        for c in &mut it {
+            for k in 0..8 {
+                acc[k] += f(c[k]);
+            }
         }
-        if let Some(b) = b {
-            t += b[c] as f64;
+        let mut s: f32 = acc.iter().sum();
+        for &v in it.remainder() {
+            s += f(v);
         }
-        *o = t as f32;
+        total += s as f64;
+    }
+    total
+}
+
+/// [`lane_sum`] of `f(a, b)` over two equal-length slices.
+#[inline(always)]
+fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let mut total = 0.0f64;
+    for (ba, bb) in a.chunks(64).zip(b.chunks(64)) {
+        let mut acc = [0.0f32; 8];
+        let (mut ia, mut ib) = (ba.chunks_exact(8), bb.chunks_exact(8));
+        for (ca, cb) in (&mut ia).zip(&mut ib) {
+            for k in 0..8 {
+                acc[k] += f(ca[k], cb[k]);
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for (&u, &v) in ia.remainder().iter().zip(ib.remainder()) {
+            s += f(u, v);
+        }
+        total += s as f64;
+    }
+    total
+}
+
+/// A row's mean as an f32 pair (hi + lo, hi = the mean rounded) and 1/sqrt(var + eps).
+/// `dev` subtracts both halves: `v - hi` is exact for v near the mean, so deviations keep f64
+/// accuracy even under a large common offset, at the cost of one more subtraction.
+#[derive(Clone, Copy)]
+struct RowStats {
+    hi: f32,
+    lo: f32,
+    rstd: f64,
+}
+
+impl RowStats {
+    fn of(x: &[f32], eps: f32) -> RowStats {
+        let n = x.len() as f64;
+        // Summed relative to the first value: f32 block sums of raw values lose the digits
+        // under a large common offset (rows near 1000 sum to 64000 per block).
+        let k = x.first().copied().unwrap_or(0.0);
+        let mean = k as f64 + lane_sum(x, |v| v - k) / n;
+        let hi = mean as f32;
+        let lo = (mean - hi as f64) as f32;
+        let var = lane_sum(x, |v| {
+            let d = (v - hi) - lo;
+            d * d
+        }) / n;
+        RowStats { hi, lo, rstd: 1.0 / (var + eps as f64).sqrt() }
+    }
+    #[inline(always)]
+    fn dev(&self, v: f32) -> f32 {
+        (v - self.hi) - self.lo
     }
 }
 
-/// CPU twin of the shader's `backward` for one row, in f64: dx, and `dy * xhat` into `g` if given.
+/// CPU twin of the shader's `forward` for one row of `cpg` channels x `spatial`: statistics as
+/// [`RowStats`], then per channel one scale and shift in f32 (the shader's precision).
+fn norm_row(x: &[f32], y: &mut [f32], c0: usize, spatial: usize, w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) {
+    let st = RowStats::of(x, eps);
+    let rstd = st.rstd;
+    if spatial == 1 {
+        // Layer norm: one channel per element.
+        let r = rstd as f32;
+        for (j, (o, &v)) in y.iter_mut().zip(x).enumerate() {
+            *o = st.dev(v) * (r * w.map_or(1.0, |w| w[c0 + j])) + b.map_or(0.0, |b| b[c0 + j]);
+        }
+        return;
+    }
+    for (ci, (yc, xc)) in y.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
+        let c = c0 + ci;
+        let scale = (rstd * w.map_or(1.0, |w| w[c] as f64)) as f32;
+        let shift = b.map_or(0.0, |b| b[c]);
+        for (o, &v) in yc.iter_mut().zip(xc) {
+            *o = st.dev(v) * scale + shift;
+        }
+    }
+}
+
+/// CPU twin of the shader's `backward` for one row: dx, and `dy * xhat` into `g` if given.
+/// Sums as [`lane_sum`]; elementwise work in f32, per channel.
 #[allow(clippy::too_many_arguments)]
 fn norm_backward_row(
     x: &[f32],
@@ -82,23 +161,51 @@ fn norm_backward_row(
     eps: f32,
 ) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let rstd = 1.0 / (var + eps as f64).sqrt();
-    let xh = |j: usize| (x[j] as f64 - mean) * rstd;
-    let dxh = |j: usize| dy[j] as f64 * w.map_or(1.0, |w| w[c0 + j / spatial] as f64);
-    let (mut s1, mut s2) = (0.0f64, 0.0f64);
-    for j in 0..x.len() {
-        s1 += dxh(j);
-        s2 += dxh(j) * xh(j);
-    }
-    let (m1, m2) = (s1 / n, s2 / n);
-    for (j, o) in dx.iter_mut().enumerate() {
-        *o = (rstd * (dxh(j) - m1 - xh(j) * m2)) as f32;
+    let st = RowStats::of(x, eps);
+    let rstd = st.rstd;
+    let wc = |ci: usize| w.map_or(1.0, |w| w[c0 + ci]);
+    // s1 = sum(dy * w), s2 = sum(dy * w * xhat) = rstd * sum(w * dy * (x - mean)).
+    let (s1, s2) = match (spatial, w) {
+        (1, Some(w)) => {
+            let w = &w[c0..c0 + x.len()];
+            let mut s2 = 0.0f64;
+            for ((d, w), v) in dy.chunks(64).zip(w.chunks(64)).zip(x.chunks(64)) {
+                let mut acc = 0.0f32;
+                for k in 0..d.len() {
+                    acc += d[k] * w[k] * st.dev(v[k]);
+                }
+                s2 += acc as f64;
+            }
+            (lane_sum2(dy, w, |d, w| d * w), s2)
+        }
+        _ => {
+            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            for (ci, (dyc, xc)) in dy.chunks(spatial).zip(x.chunks(spatial)).enumerate() {
+                let w = wc(ci) as f64;
+                s1 += w * lane_sum(dyc, |d| d);
+                s2 += w * lane_sum2(dyc, xc, |d, v| d * st.dev(v));
+            }
+            (s1, s2)
+        }
+    };
+    let (m1, m2) = ((s1 / n) as f32, (s2 * rstd / n) as f32);
+    let r = rstd as f32;
+    if spatial == 1 {
+        for (j, (o, (&d, &v))) in dx.iter_mut().zip(dy.iter().zip(x)).enumerate() {
+            *o = r * (d * wc(j) - m1 - st.dev(v) * r * m2);
+        }
+    } else {
+        for (ci, (dxc, (dyc, xc))) in dx.chunks_mut(spatial).zip(dy.chunks(spatial).zip(x.chunks(spatial))).enumerate()
+        {
+            let w = wc(ci);
+            for (o, (&d, &v)) in dxc.iter_mut().zip(dyc.iter().zip(xc)) {
+                *o = r * (d * w - m1 - st.dev(v) * r * m2);
+            }
+        }
     }
     if let Some(g) = g {
-        for (j, o) in g.iter_mut().enumerate() {
-            *o = (dy[j] as f64 * xh(j)) as f32;
+        for (o, (&d, &v)) in g.iter_mut().zip(dy.iter().zip(x)) {
+            *o = d * st.dev(v) * r;
         }
     }
 }
