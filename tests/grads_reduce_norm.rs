@@ -306,6 +306,8 @@ fn norm_cpu_grads_vs_f64_differences() {
         ([2, 6, 15], 2, true, 0.0),   // group norm (2, 6, 5, 3)
         ([1, 8, 9], 4, true, 0.0),    // group norm (1, 8, 9)
         ([2, 6, 15], 3, true, 100.0), // large common offset
+        ([2, 6, 23], 2, true, 0.0),   // rows of 69: a full block of 64 and a ragged tail
+        ([2, 130, 1], 1, false, 0.0), // layer norm (2, 130): the same for one channel per element
     ];
     let eps = 1e-5f32;
     for (k, &(shape, groups, is_gn, off)) in cases.iter().enumerate() {

@@ -114,6 +114,31 @@ fn miscaptions_are_wrong_at_their_rate() {
             assert_eq!(seen.iter().map(BTreeSet::len).collect::<Vec<_>>(), vec![4, 4, 3, 5], "rate {rate}");
         }
     }
+    // At rate 1 every wrong value is equally likely for each true value: 1/(k-1) of the cases.
+    let mut pairs: [BTreeMap<(String, String), usize>; 4] = Default::default();
+    let mut truths: [BTreeMap<String, usize>; 4] = Default::default();
+    for _ in 0..40_000 {
+        let p = Prompt::random(&mut rng);
+        let c = p.miscaption(&mut rng, 1.0);
+        let kv = [
+            (p.count.to_string(), c.count.to_string()),
+            (format!("{:?}", p.colour), format!("{:?}", c.colour)),
+            (format!("{:?}", p.shape), format!("{:?}", c.shape)),
+            (format!("{:?}", p.position), format!("{:?}", c.position)),
+        ];
+        for (k, (t, v)) in kv.into_iter().enumerate() {
+            *truths[k].entry(t.clone()).or_default() += 1;
+            *pairs[k].entry((t, v)).or_default() += 1;
+        }
+    }
+    for (k, values) in [4usize, 4, 3, 5].into_iter().enumerate() {
+        assert_eq!(pairs[k].len(), values * (values - 1), "attribute {k}: {:?}", pairs[k]);
+        for ((t, v), &n) in &pairs[k] {
+            let f = n as f64 / truths[k][t] as f64;
+            let want = 1.0 / (values - 1) as f64;
+            assert!((f - want).abs() < 0.05, "attribute {k}: {t} captioned {v} in {f:.3} of cases, want {want:.3}");
+        }
+    }
 }
 
 #[test]
@@ -733,10 +758,17 @@ fn preference_sets_follow_their_regimes() {
                 TASK_SCORERS.iter().filter_map(|n| p.scores.get(*n)).map(|s| s[0] - s[1]).fold(f64::MIN, f64::max);
             assert!(widest >= gap, "{:?}", p.scores);
         }
-        for p in &build(&cands, Regime::Noisy, 0, gap).pairs {
-            let s = p.scores[&p.category];
-            assert!(s[0] - s[1] >= gap, "{} labelled {:?}", p.category, s);
-        }
+        // Noisy: exactly the ungapped noisy pairs whose labelling scorer's gap is wide enough
+        // (the scorer drawn for a pair does not depend on the gap).
+        let noisy_gap = build(&cands, Regime::Noisy, 0, gap);
+        let want: Vec<(usize, usize)> = build(&cands, Regime::Noisy, 0, 0.0)
+            .pairs
+            .iter()
+            .filter(|p| p.scores[&p.category][0] - p.scores[&p.category][1] >= gap)
+            .map(|p| (p.chosen, p.rejected))
+            .collect();
+        assert!(!want.is_empty(), "gap {gap}: no noisy pair is wide enough to test");
+        assert_eq!(noisy_gap.pairs.iter().map(|p| (p.chosen, p.rejected)).collect::<Vec<_>>(), want, "gap {gap}");
     }
     assert!(kept.windows(2).all(|w| w[0] >= w[1]), "{kept:?}");
     assert!(kept[2] > 0 && kept[2] < clean.pairs.len(), "{kept:?} of {} clean pairs", clean.pairs.len());
@@ -887,6 +919,10 @@ fn quick_demo_end_to_end() {
     assert_eq!(report["candidates"].as_u64().unwrap() as usize, quick.train_prompts * quick.per_prompt);
     assert_eq!(report["steps"].as_u64().unwrap(), quick.steps);
     assert_eq!(report["regime"], "clean");
+    assert_eq!(report["finetune"], "lora");
+    assert_eq!(report["min_gap"].as_f64(), Some(quick.min_gap));
+    // serde writes the f32 by its shortest decimal ("0.003").
+    assert_eq!(report["lr"].as_f64().map(|v| v as f32), Some(quick.lr));
     let rows = report["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["metric"].as_str().unwrap()).collect();
     assert_eq!(names, ["task", "all_correct", "count", "colour", "shape", "position", "aesthetic"]);

@@ -20,36 +20,42 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value = "clean")]
     pub regime: Regime,
-    #[arg(long)]
+    /// Poly-DPO's alpha (0 = Diffusion-DPO) [default: 0].
+    #[arg(long, allow_hyphen_values = true)]
     pub alpha: Option<f64>,
+    /// The DPO beta [default: 5000].
     #[arg(long)]
     pub beta: Option<f64>,
+    /// What is trained [default: lora (rank 8 on attention and feed-forward)].
     #[arg(long, value_enum)]
     pub finetune: Option<FinetuneKind>,
+    /// Learning rate [default: 3e-3].
     #[arg(long)]
     pub lr: Option<f32>,
-    /// Optimizer steps.
+    /// Optimizer steps [default: 250; --quick: 4].
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Pairs per step.
+    /// Pairs per step [default: 8; --quick: 2].
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Training prompts sampled for the preference set.
+    /// Training prompts sampled for the preference set [default: 96; --quick: 8].
     #[arg(long)]
     pub train_prompts: Option<usize>,
-    /// Samples per training prompt.
+    /// Samples per training prompt [default: 4].
     #[arg(long)]
     pub per_prompt: Option<usize>,
-    /// Seeds per held-out prompt in the before/after scores.
+    /// Seeds per held-out prompt in the before/after scores [default: 3; --quick: 1].
     #[arg(long)]
     pub eval_seeds: Option<usize>,
     /// Keep a pair only when its deciding scorer prefers the winner by at least this much
-    /// (clean: the widest task-scorer gap; noisy: the drawn scorer's); 0 keeps all.
+    /// (clean: the widest task-scorer gap; noisy: the drawn scorer's); 0: no gap filter (clean
+    /// pairs still need the task scorers to agree) [default: 0.5].
     #[arg(long)]
     pub min_gap: Option<f64>,
-    /// Denoising steps per sample.
+    /// Denoising steps per sample [default: 10; --quick: 4].
     #[arg(long)]
     pub sample_steps: Option<usize>,
+    /// Classifier-free guidance scale [default: 3].
     #[arg(long)]
     pub guidance: Option<f32>,
     #[arg(long, default_value_t = 0)]
@@ -85,6 +91,12 @@ pub fn options(a: &Args, device_arg: &str) -> Result<DemoOptions> {
         o = o.quick();
     }
     set!(o, a, alpha, beta, finetune, lr, steps, batch, train_prompts, per_prompt, eval_seeds, min_gap);
+    if !o.min_gap.is_finite() || o.min_gap < 0.0 {
+        return Err(crate::error::Error::Invalid(format!(
+            "demo: --min-gap must be finite and at least 0, got {}",
+            o.min_gap
+        )));
+    }
     if let Some(s) = a.sample_steps {
         o.sample.steps = s;
     }

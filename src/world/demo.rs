@@ -324,8 +324,7 @@ pub struct DemoReport {
     pub regime: Regime,
     pub alpha: f64,
     pub beta: f64,
-    /// "full" or "lora".
-    pub finetune: String,
+    pub finetune: FinetuneKind,
     pub lr: f32,
     pub min_gap: f64,
     pub steps: u64,
@@ -468,9 +467,11 @@ pub fn run_demo(o: &DemoOptions, device: &Device, progress: &mut dyn Progress) -
     let set = build(&cands, o.regime, o.seed, o.min_gap);
     if set.pairs.is_empty() {
         return Err(Error::Invalid(format!(
-            "demo: the {} regime kept no pair of {} candidates; sample more (--train-prompts, --per-prompt)",
+            "demo: the {} regime kept no pair of {} candidate pairs (minimum gap {}); lower --min-gap or sample \
+             more (--train-prompts, --per-prompt)",
             o.regime.name(),
-            set.considered
+            set.considered,
+            o.min_gap
         )));
     }
     let data = write(&set, &out.join("data"))?;
@@ -505,7 +506,7 @@ pub fn run_demo(o: &DemoOptions, device: &Device, progress: &mut dyn Progress) -
         regime: o.regime,
         alpha: o.alpha,
         beta: o.beta,
-        finetune: format!("{:?}", o.finetune).to_lowercase(),
+        finetune: o.finetune,
         lr: o.lr,
         min_gap: o.min_gap,
         steps: o.steps,
@@ -533,20 +534,35 @@ pub fn run_demo(o: &DemoOptions, device: &Device, progress: &mut dyn Progress) -
     Ok(report)
 }
 
+/// ", deciding gap at least G" where the regime has a deciding scorer (not trivial).
+fn gap_phrase(regime: Regime, min_gap: f64) -> String {
+    match regime {
+        Regime::Trivial => String::new(),
+        _ => format!(", deciding gap at least {min_gap}"),
+    }
+}
+
+fn finetune_name(f: FinetuneKind) -> &'static str {
+    match f {
+        FinetuneKind::Full => "full",
+        FinetuneKind::Lora => "lora",
+    }
+}
+
 pub fn report_markdown(r: &DemoReport) -> String {
     let mut s = format!(
-        "# vipo demo\n\nBase model `{}`; {} preference pairs ({} regime, deciding gap at least {}, kept of {} candidate \
-         pairs from {} samples), Poly-DPO alpha {} beta {}, {} fine-tuning at lr {} for {} steps. Held-out prompts: {} \
-         images (the same prompts and seeds before and after).\n\n",
+        "# vipo demo\n\nBase model `{}`; {} preference pairs ({} regime{}, kept of {} candidate pairs from {} \
+         samples), Poly-DPO alpha {} beta {}, {} fine-tuning at lr {} for {} steps. Held-out prompts: {} images (the \
+         same prompts and seeds before and after).\n\n",
         r.model.display(),
         r.pairs,
         r.regime.name(),
-        r.min_gap,
+        gap_phrase(r.regime, r.min_gap),
         r.pairs_considered,
         r.candidates,
         r.alpha,
         r.beta,
-        r.finetune,
+        finetune_name(r.finetune),
         r.lr,
         r.steps,
         r.eval_images
@@ -636,7 +652,13 @@ pub fn run_sweep(
     for &regime in regimes {
         let set = build(&cands, regime, o.seed, o.min_gap);
         if set.pairs.is_empty() {
-            return Err(Error::Invalid(format!("sweep: the {} regime kept no pair", regime.name())));
+            return Err(Error::Invalid(format!(
+                "sweep: the {} regime kept no pair of {} candidate pairs (minimum gap {}); lower --min-gap or \
+                 sample more (--train-prompts, --per-prompt)",
+                regime.name(),
+                set.considered,
+                o.min_gap
+            )));
         }
         let data = write(&set, &out.join(format!("data-{}", regime.name())))?;
         pairs.push((regime, set.pairs.len()));
@@ -725,7 +747,7 @@ fn sweep_svg(r: &SweepReport, regimes: &[Regime]) -> String {
 fn sweep_markdown(o: &DemoOptions, r: &SweepReport, regimes: &[Regime], alphas: &[f64], seeds: &[u64]) -> String {
     let mut s = format!(
         "# Poly-DPO alpha sweep on the built-in world\n\nBase `{}`; {} training prompts x {} samples; {} steps of \
-         batch {} ({:?} fine-tuning, lr {}, beta {}, deciding gap at least {}); seeds {:?}; held-out task score over {} images per run \
+         batch {} ({} fine-tuning, lr {}, beta {}; clean and noisy pairs: deciding gap at least {}); seeds {:?}; held-out task score over {} images per run \
          (same prompts and seeds as the base). Cells: paired change of the task score (after - before), mean over \
          seeds ± 95% CI; **bold**: the best alpha of the regime.\n\n",
         o.model.display(),
@@ -733,7 +755,7 @@ fn sweep_markdown(o: &DemoOptions, r: &SweepReport, regimes: &[Regime], alphas: 
         o.per_prompt,
         o.steps,
         o.batch,
-        o.finetune,
+        finetune_name(o.finetune),
         o.lr,
         o.beta,
         o.min_gap,

@@ -1,8 +1,9 @@
 //! Preference sets made from the base model's own samples, in the trainer's JSONL format,
 //! in three regimes: *clean* (the four task scorers agree on the winner: none prefers the
-//! rejected image, at least one the chosen), *noisy* (each pair labelled
-//! by one scorer drawn at random, the contrarian included, so labels conflict as in
-//! Pick-a-Pic) and *trivial* (a rendered ground truth against a badly corrupted sample).
+//! rejected image, at least one the chosen, by at least a minimum gap), *noisy* (each pair
+//! labelled by one scorer drawn at random, the contrarian included, so labels conflict as in
+//! Pick-a-Pic; the drawn scorer's gap must reach the same minimum) and *trivial* (a rendered
+//! ground truth against a badly corrupted sample).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
