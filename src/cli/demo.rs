@@ -47,9 +47,8 @@ pub struct Args {
     /// Seeds per held-out prompt in the before/after scores [default: 3; --quick: 1].
     #[arg(long)]
     pub eval_seeds: Option<usize>,
-    /// Keep a pair only when its deciding scorer prefers the winner by at least this much
-    /// (clean: the widest task-scorer gap; noisy: the drawn scorer's); 0: no gap filter (clean
-    /// pairs still need the task scorers to agree) [default: 0.5].
+    /// Keep a clean pair only when a task scorer prefers the winner by at least this much (and
+    /// none is against); 0: every agreed pair. Noisy labels are not filtered [default: 0.5].
     #[arg(long)]
     pub min_gap: Option<f64>,
     /// Denoising steps per sample [default: 10; --quick: 4].

@@ -40,7 +40,7 @@ pub struct DemoOptions {
     pub per_prompt: usize,
     /// Seeds per held-out prompt for the before/after scores.
     pub eval_seeds: usize,
-    /// Keep pairs whose deciding scorer prefers the winner by at least this (see [`build`]).
+    /// Keep clean pairs whose widest task-scorer gap is at least this (see [`build`]).
     pub min_gap: f64,
     pub sample: SampleSettings,
     pub seed: u64,
@@ -86,7 +86,7 @@ impl DemoOptions {
 }
 
 /// Mean and the half-width of its 95% interval (normal approximation, 1.96 standard errors).
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
 pub struct Estimate {
     pub mean: f64,
     pub ci95: f64,
@@ -104,7 +104,7 @@ pub fn estimate(v: &[f64]) -> Estimate {
 }
 
 /// One row of the before/after table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Row {
     pub metric: String,
     pub before: Estimate,
@@ -534,11 +534,11 @@ pub fn run_demo(o: &DemoOptions, device: &Device, progress: &mut dyn Progress) -
     Ok(report)
 }
 
-/// ", deciding gap at least G" where the regime has a deciding scorer (not trivial).
+/// ", deciding gap at least G" where the gap applies (the clean regime).
 fn gap_phrase(regime: Regime, min_gap: f64) -> String {
     match regime {
-        Regime::Trivial => String::new(),
-        _ => format!(", deciding gap at least {min_gap}"),
+        Regime::Clean => format!(", deciding gap at least {min_gap}"),
+        _ => String::new(),
     }
 }
 
@@ -587,8 +587,39 @@ pub fn report_markdown(r: &DemoReport) -> String {
     s
 }
 
+/// Where a finished sweep run keeps its result (`SweepRun` as JSON).
+const RUN_FILE: &str = "run.json";
+
+/// The result of a run an earlier sweep in the same folder finished, if any: same regime,
+/// alpha and seed (the folder name says so; the file must agree).
+fn finished_run(run_dir: &Path, regime: Regime, alpha: f64, seed: u64) -> Result<Option<SweepRun>> {
+    let path = run_dir.join(RUN_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let run: SweepRun = serde_json::from_str(&text).map_err(|e| Error::File {
+        path: path.clone(),
+        msg: format!("not a finished sweep run ({e}); delete it to train the run again"),
+    })?;
+    if run.regime != regime || run.alpha != alpha || run.seed != seed {
+        return Err(Error::File {
+            path,
+            msg: format!(
+                "holds {} alpha {} seed {}, not {} alpha {alpha} seed {seed}",
+                run.regime.name(),
+                run.alpha,
+                run.seed,
+                regime.name()
+            ),
+        });
+    }
+    Ok(Some(run))
+}
+
 /// One training run of the sweep.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SweepRun {
     pub regime: Regime,
     pub alpha: f64,
@@ -665,6 +696,13 @@ pub fn run_sweep(
         for &alpha in alphas {
             for &seed in seeds {
                 let run_dir = out.join("runs").join(format!("{}-alpha{alpha:+}-seed{seed}", regime.name()));
+                // A run an interrupted sweep finished is read back, not trained again.
+                if let Some(run) = finished_run(&run_dir, regime, alpha, seed)? {
+                    done += 1;
+                    progress.set(done, Some(format!("{} alpha {alpha} seed {seed}: done before", regime.name())));
+                    runs.push(run);
+                    continue;
+                }
                 let (trainer, metrics) = train(o, device, &data, &run_dir, alpha, seed, false, &mut Silent)?;
                 let after = evaluate(&trainer.sd, &jobs, &o.sample, &mut |_| {})?;
                 let rows = compare(&before, &after);
@@ -673,16 +711,20 @@ pub fn run_sweep(
                 progress.set(done, Some(format!("{} alpha {alpha} seed {seed}: task {task:+.3}", regime.name())));
                 let k = metrics.len().saturating_sub(10);
                 let accs: Vec<f64> = metrics[k..].iter().filter_map(|m| m.implicit_acc).collect();
-                runs.push(SweepRun {
+                let run = SweepRun {
                     regime,
                     alpha,
                     seed,
                     pairs: set.pairs.len(),
                     final_implicit_acc: (!accs.is_empty()).then(|| accs.iter().sum::<f64>() / accs.len() as f64),
-                    rows: rows.clone(),
-                });
+                    rows,
+                };
                 // Keep what a finished run gives, so an interrupted sweep is not lost.
-                write_text(&run_dir.join("rows.json"), &serde_json::to_string_pretty(&rows).unwrap_or_default())?;
+                write_text(
+                    &run_dir.join(RUN_FILE),
+                    &serde_json::to_string_pretty(&run).map_err(|e| Error::Invalid(format!("sweep: {e}")))?,
+                )?;
+                runs.push(run);
             }
         }
     }
@@ -747,7 +789,7 @@ fn sweep_svg(r: &SweepReport, regimes: &[Regime]) -> String {
 fn sweep_markdown(o: &DemoOptions, r: &SweepReport, regimes: &[Regime], alphas: &[f64], seeds: &[u64]) -> String {
     let mut s = format!(
         "# Poly-DPO alpha sweep on the built-in world\n\nBase `{}`; {} training prompts x {} samples; {} steps of \
-         batch {} ({} fine-tuning, lr {}, beta {}; clean and noisy pairs: deciding gap at least {}); seeds {:?}; held-out task score over {} images per run \
+         batch {} ({} fine-tuning, lr {}, beta {}; clean pairs: deciding gap at least {}); seeds {:?}; held-out task score over {} images per run \
          (same prompts and seeds as the base). Cells: paired change of the task score (after - before), mean over \
          seeds ± 95% CI; **bold**: the best alpha of the regime.\n\n",
         o.model.display(),

@@ -2,8 +2,7 @@
 //! in three regimes: *clean* (the four task scorers agree on the winner: none prefers the
 //! rejected image, at least one the chosen, by at least a minimum gap), *noisy* (each pair
 //! labelled by one scorer drawn at random, the contrarian included, so labels conflict as in
-//! Pick-a-Pic; the drawn scorer's gap must reach the same minimum) and *trivial* (a rendered
-//! ground truth against a badly corrupted sample).
+//! Pick-a-Pic) and *trivial* (a rendered ground truth against a badly corrupted sample).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +19,7 @@ use crate::schedulers::{NoiseScheduler, Scheduler};
 use crate::tensor::Tensor;
 
 /// Which preference regime (`--regime`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Regime {
     Clean,
@@ -168,10 +167,11 @@ fn vote(a: f64, b: f64) -> i8 {
 }
 
 /// Builds a regime's pairs from candidates (grouped by prompt, all pairs within a prompt).
-/// `min_gap`: a pair is kept only when a deciding scorer prefers its winner by at least this
-/// much (clean: the largest task-scorer gap, with no task scorer against; noisy: the drawn
-/// scorer's gap); 0 keeps every pair with a preference. Small gaps are mostly the scorers'
+/// `min_gap` (clean only): a pair is kept only when its widest task-scorer gap reaches it (and
+/// no task scorer is against); 0 keeps every agreed pair. Small gaps are mostly the scorers'
 /// own noise (an IoU of 0.71 against 0.69), and with a few hundred pairs they drown the rest.
+/// Noisy labels are taken as the drawn scorer gives them: a gap there would silence the
+/// contrarian, whose scores span less (1 of 173 noisy pairs at a gap of 0.5).
 pub fn build(candidates: &[Candidate], regime: Regime, seed: u64, min_gap: f64) -> PrefSet {
     let mut set = PrefSet { images: candidates.iter().map(|c| c.image.clone()).collect(), ..Default::default() };
     let mut by_prompt: BTreeMap<Prompt, Vec<usize>> = BTreeMap::new();
@@ -222,9 +222,9 @@ pub fn build(candidates: &[Candidate], regime: Regime, seed: u64, min_gap: f64) 
                             }
                         } else {
                             let k = rng.below(names.len());
-                            match (votes[k], gap(names[k]) >= min_gap) {
-                                (1, true) => (Some(true), names[k].to_string()),
-                                (-1, true) => (Some(false), names[k].to_string()),
+                            match votes[k] {
+                                1 => (Some(true), names[k].to_string()),
+                                -1 => (Some(false), names[k].to_string()),
                                 _ => (None, String::new()),
                             }
                         };
