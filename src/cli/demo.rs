@@ -44,7 +44,7 @@ pub struct Args {
     /// Samples per training prompt [default: 4].
     #[arg(long)]
     pub per_prompt: Option<usize>,
-    /// Seeds per held-out prompt in the before/after scores [default: 3; --quick: 1].
+    /// Seeds per held-out prompt in the before/after scores [default: 5; --quick: 1].
     #[arg(long)]
     pub eval_seeds: Option<usize>,
     /// Keep a clean pair only when a task scorer prefers the winner by at least this much (and

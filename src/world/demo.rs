@@ -63,7 +63,7 @@ impl Default for DemoOptions {
             batch: 8,
             train_prompts: 96,
             per_prompt: 4,
-            eval_seeds: 3,
+            eval_seeds: 5,
             min_gap: 0.5,
             sample: SampleSettings::default(),
             seed: 0,
