@@ -3,6 +3,11 @@
 // One thread owns one query row; a workgroup of 64 rows walks the keys in tiles of 8
 // shared through workgroup memory. Head dims up to MAX_D; larger ones take the chunked path.
 //
+// Variants (src/shaders.rs prepends `const MAX_D` and `const FIXED_D`): the generic one
+// (MAX_D 160, FIXED_D 0) loops over the head dims in the uniforms; a fixed one (FIXED_D =
+// MAX_D = 40, 64, 80, for D == Dv == FIXED_D) has them as constants, so the driver unrolls
+// every loop over a head and keeps the per-row arrays in registers instead of local memory.
+//
 // Backward (FlashAttention-2): with the row log-sum-exp `lse` saved by `main_lse` and
 // dsum[i] = sum_c dO[i, c] O[i, c], scores are recomputed: P = exp(scale q.k - lse),
 // dS = P (dO . v - dsum); `backward_dq` gives dQ = scale dS K one query row per thread,
@@ -30,14 +35,21 @@ struct Params {
 @group(0) @binding(7) var<storage, read> dsum: array<f32>;       // (BH, Lq)
 @group(0) @binding(8) var<storage, read_write> dvout: array<f32>; // dV (BH, Lk, Dv)
 
-const MAX_D: u32 = 160u;
 const ROWS: u32 = 64u;
 const TK: u32 = 8u;
 
-var<workgroup> tile_a: array<f32, 1280>;  // [TK][MAX_D]: keys (forward, dq) or queries (dkdv)
-var<workgroup> tile_b: array<f32, 1280>;  // [TK][MAX_D]: values (forward, dq) or dO (dkdv)
+var<workgroup> tile_a: array<f32, TK * MAX_D>;  // [TK][MAX_D]: keys (forward, dq) or queries (dkdv)
+var<workgroup> tile_b: array<f32, TK * MAX_D>;  // [TK][MAX_D]: values (forward, dq) or dO (dkdv)
 var<workgroup> tile_l: array<f32, 8>;     // [TK] lse of the queries in the tile (dkdv)
 var<workgroup> tile_s: array<f32, 8>;     // [TK] dsum of the queries in the tile (dkdv)
+
+// The head dims: constants in a fixed variant.
+fn hd() -> u32 {
+    return select(p.d, FIXED_D, FIXED_D != 0u);
+}
+fn hdv() -> u32 {
+    return select(p.dv, FIXED_D, FIXED_D != 0u);
+}
 
 // Up to TK key and value rows from `j0` of batch `b` into the tiles (zeros past `n`).
 // Separate loaders per pair, so each entry point statically uses only its own bindings.
@@ -49,8 +61,8 @@ fn load_kv(b: u32, j0: u32, n: u32, lid: u32) {
         var vb = 0.0;
         if jj < n {
             let j = b * p.lk + j0 + jj;
-            if c < p.d { va = k[j * p.d + c]; }
-            if c < p.dv { vb = v[j * p.dv + c]; }
+            if c < hd() { va = k[j * hd() + c]; }
+            if c < hdv() { vb = v[j * hdv() + c]; }
         }
         tile_a[e] = va;
         tile_b[e] = vb;
@@ -66,8 +78,8 @@ fn load_qdo(b: u32, i0: u32, n: u32, lid: u32) {
         var vb = 0.0;
         if ii < n {
             let i = b * p.lq + i0 + ii;
-            if c < p.d { va = q[i * p.d + c]; }
-            if c < p.dv { vb = dout[i * p.dv + c]; }
+            if c < hd() { va = q[i * hd() + c]; }
+            if c < hdv() { vb = dout[i * hdv() + c]; }
         }
         tile_a[e] = va;
         tile_b[e] = vb;
@@ -89,8 +101,8 @@ fn attend(b: u32, row: u32, lid: u32) -> f32 {
     let in_range = row < p.lq;
     var qr: array<f32, MAX_D>;
     var acc: array<f32, MAX_D>;
-    let q_off = (b * p.lq + min(row, p.lq - 1u)) * p.d;
-    for (var c = 0u; c < p.d; c++) {
+    let q_off = (b * p.lq + min(row, p.lq - 1u)) * hd();
+    for (var c = 0u; c < hd(); c++) {
         qr[c] = q[q_off + c] * p.scale;
     }
     var m = -3.0e38;
@@ -99,26 +111,27 @@ fn attend(b: u32, row: u32, lid: u32) -> f32 {
         let nk = min(TK, p.lk - j0);
         load_kv(b, j0, nk, lid);
         workgroupBarrier();
+        // The whole tile, keys past the end masked: a fixed trip count keeps `s` in registers.
         var s: array<f32, TK>;
         var tile_max = -3.0e38;
-        for (var jj = 0u; jj < nk; jj++) {
+        for (var jj = 0u; jj < TK; jj++) {
             var dot = 0.0;
-            for (var c = 0u; c < p.d; c++) {
+            for (var c = 0u; c < hd(); c++) {
                 dot = fma(qr[c], tile_a[jj * MAX_D + c], dot);
             }
-            s[jj] = dot;
-            tile_max = max(tile_max, dot);
+            s[jj] = select(-3.0e38, dot, jj < nk);
+            tile_max = max(tile_max, s[jj]);
         }
         let m_new = max(m, tile_max);
         let corr = exp(m - m_new);
         l = l * corr;
-        for (var c = 0u; c < p.dv; c++) {
+        for (var c = 0u; c < hdv(); c++) {
             acc[c] = acc[c] * corr;
         }
-        for (var jj = 0u; jj < nk; jj++) {
-            let pj = exp(s[jj] - m_new);
+        for (var jj = 0u; jj < TK; jj++) {
+            let pj = select(0.0, exp(s[jj] - m_new), jj < nk);
             l += pj;
-            for (var c = 0u; c < p.dv; c++) {
+            for (var c = 0u; c < hdv(); c++) {
                 acc[c] = fma(pj, tile_b[jj * MAX_D + c], acc[c]);
             }
         }
@@ -126,9 +139,9 @@ fn attend(b: u32, row: u32, lid: u32) -> f32 {
         workgroupBarrier();
     }
     if in_range {
-        let o_off = (b * p.lq + row) * p.dv;
+        let o_off = (b * p.lq + row) * hdv();
         let inv = 1.0 / l;
-        for (var c = 0u; c < p.dv; c++) {
+        for (var c = 0u; c < hdv(); c++) {
             o[o_off + c] = acc[c] * inv;
         }
     }
@@ -158,11 +171,11 @@ fn backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     var qr: array<f32, MAX_D>;
     var dor: array<f32, MAX_D>;
     var acc: array<f32, MAX_D>;
-    for (var c = 0u; c < p.d; c++) {
-        qr[c] = q[r * p.d + c] * p.scale;
+    for (var c = 0u; c < hd(); c++) {
+        qr[c] = q[r * hd() + c] * p.scale;
     }
-    for (var c = 0u; c < p.dv; c++) {
-        dor[c] = dout[r * p.dv + c];
+    for (var c = 0u; c < hdv(); c++) {
+        dor[c] = dout[r * hdv() + c];
     }
     let l = lse[r];
     let ds_row = dsum[r];
@@ -172,23 +185,23 @@ fn backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         workgroupBarrier();
         for (var jj = 0u; jj < nk; jj++) {
             var s = 0.0;
-            for (var c = 0u; c < p.d; c++) {
+            for (var c = 0u; c < hd(); c++) {
                 s = fma(qr[c], tile_a[jj * MAX_D + c], s);
             }
             var dp = 0.0;
-            for (var c = 0u; c < p.dv; c++) {
+            for (var c = 0u; c < hdv(); c++) {
                 dp = fma(dor[c], tile_b[jj * MAX_D + c], dp);
             }
             let ds = exp(s - l) * (dp - ds_row) * p.scale;
-            for (var c = 0u; c < p.d; c++) {
+            for (var c = 0u; c < hd(); c++) {
                 acc[c] = fma(ds, tile_a[jj * MAX_D + c], acc[c]);
             }
         }
         workgroupBarrier();
     }
     if row < p.lq {
-        for (var c = 0u; c < p.d; c++) {
-            o[r * p.d + c] = acc[c];
+        for (var c = 0u; c < hd(); c++) {
+            o[r * hd() + c] = acc[c];
         }
     }
 }
@@ -203,11 +216,11 @@ fn backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     var vr: array<f32, MAX_D>;
     var dk: array<f32, MAX_D>;
     var dvv: array<f32, MAX_D>;
-    for (var c = 0u; c < p.d; c++) {
-        kr[c] = k[r * p.d + c];
+    for (var c = 0u; c < hd(); c++) {
+        kr[c] = k[r * hd() + c];
     }
-    for (var c = 0u; c < p.dv; c++) {
-        vr[c] = v[r * p.dv + c];
+    for (var c = 0u; c < hdv(); c++) {
+        vr[c] = v[r * hdv() + c];
     }
     for (var i0 = 0u; i0 < p.lq; i0 += TK) {
         let nq = min(TK, p.lq - i0);
@@ -215,28 +228,28 @@ fn backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
         workgroupBarrier();
         for (var ii = 0u; ii < nq; ii++) {
             var s = 0.0;
-            for (var c = 0u; c < p.d; c++) {
+            for (var c = 0u; c < hd(); c++) {
                 s = fma(tile_a[ii * MAX_D + c], kr[c], s);
             }
             let pij = exp(s * p.scale - tile_l[ii]);
             var dp = 0.0;
-            for (var c = 0u; c < p.dv; c++) {
+            for (var c = 0u; c < hdv(); c++) {
                 dp = fma(tile_b[ii * MAX_D + c], vr[c], dp);
                 dvv[c] = fma(pij, tile_b[ii * MAX_D + c], dvv[c]);
             }
             let ds = pij * (dp - tile_s[ii]) * p.scale;
-            for (var c = 0u; c < p.d; c++) {
+            for (var c = 0u; c < hd(); c++) {
                 dk[c] = fma(ds, tile_a[ii * MAX_D + c], dk[c]);
             }
         }
         workgroupBarrier();
     }
     if row < p.lk {
-        for (var c = 0u; c < p.d; c++) {
-            o[r * p.d + c] = dk[c];
+        for (var c = 0u; c < hd(); c++) {
+            o[r * hd() + c] = dk[c];
         }
-        for (var c = 0u; c < p.dv; c++) {
-            dvout[r * p.dv + c] = dvv[c];
+        for (var c = 0u; c < hdv(); c++) {
+            dvout[r * hdv() + c] = dvv[c];
         }
     }
 }

@@ -1,12 +1,9 @@
-// 2D convolution (NCHW, zero padding, dilation 1, groups 1) and its two backward GEMMs, all
-// as implicit GEMMs on matmul.wgsl's tiling: a 64x64 output tile per workgroup of 16x16
-// threads, 4x4 outputs per thread, the reduction in steps of 16, and tiles built in
-// workgroup memory straight from the tensors (no im2col matrix is ever stored).
-// Workgroup storage: 2 * 16 * 64 * 4 = 8 KiB.
+// The two backward GEMMs of the 2D convolution (NCHW, zero padding, dilation 1, groups 1) as
+// implicit GEMMs: a 64x64 output tile per workgroup of 16x16 threads, 4x4 outputs per thread,
+// the reduction in steps of 16, and tiles built in workgroup memory straight from the tensors
+// (no im2col matrix is ever stored). Workgroup storage: 2 * 16 * 64 * 4 = 8 KiB.
+// (The forward: conv2d_fwd.wgsl, on register-blocked tiles.)
 //
-// main / main_nobias:  Y[n] (Cout, OH*OW) = W (Cout, K) x im2col(X[n]) (K, OH*OW), K = Cin*KH*KW,
-//                      image n = wid.z. Two entry points because each must use exactly the
-//                      buffers bound.
 // grad_input:          dX[n] (Cin, H*W) = W^T x cols(dY[n]): the transposed convolution,
 //                      gathering from dY. Pixels are split into stride phases (wid.z = image *
 //                      SH*SW + phase) so each workgroup only walks the kernel taps that reach
@@ -16,8 +13,6 @@
 //                      into its own (Cout, K) slice, which the host adds up when splits > 1.
 //
 // Buffers per entry point (binding 0 is Params):
-//   main, main_nobias: in1 = X (N, Cin, H, W), in2 = W (Cout, Cin, KH, KW), dst = Y (N, Cout, OH, OW),
-//                      bias (Cout), main only
 //   grad_input:        in1 = dY (N, Cout, OH, OW), in2 = W, dst = dX (N, Cin, H, W)
 //   grad_weight:       in1 = X, in2 = dY, dst = dW partials (splits, Cout, K)
 
@@ -44,7 +39,6 @@ struct Params {
 @group(0) @binding(1) var<storage, read> in1: array<f32>;
 @group(0) @binding(2) var<storage, read> in2: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dst: array<f32>;
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -66,89 +60,6 @@ fn tile_step(lid: vec3<u32>, acc: ptr<function, array<f32, 16>>) {
         for (var i = 0u; i < 4u; i++) {
             for (var j = 0u; j < 4u; j++) {
                 (*acc)[i * 4u + j] = fma(ar[i], br[j], (*acc)[i * 4u + j]);
-            }
-        }
-    }
-}
-
-fn conv_tile(wid: vec3<u32>, lid: vec3<u32>) -> array<f32, 16> {
-    let row0 = wid.y * TM;
-    let col0 = wid.x * TN;
-    let tid = lid.y * 16u + lid.x;
-    let x_base = wid.z * p.cin * p.h * p.w;
-    let khw = p.kh * p.kw;
-    // This thread loads B tile column tid % 64 at every step: its output pixel is fixed.
-    let cc = tid % TN;
-    let col = col0 + cc;
-    let col_ok = col < p.ncol;
-    let oy = col / max(p.ow, 1u);
-    let ox = col % max(p.ow, 1u);
-    let iy0 = i32(oy * p.sh) - i32(p.ph);
-    let ix0 = i32(ox * p.sw) - i32(p.pw);
-    var acc: array<f32, 16>;
-    for (var i = 0u; i < 16u; i++) {
-        acc[i] = 0.0;
-    }
-    for (var k0 = 0u; k0 < p.k; k0 += TK) {
-        for (var e = 0u; e < 4u; e++) {
-            let idx = tid + e * 256u;
-            let r = idx / TK;
-            let kk = idx % TK;
-            var va = 0.0;
-            if row0 + r < p.cout && k0 + kk < p.k {
-                va = in2[(row0 + r) * p.k + k0 + kk];
-            }
-            a_tile[kk * TM + r] = va;
-            let kb = idx / TN;
-            let kidx = k0 + kb;
-            var vb = 0.0;
-            if col_ok && kidx < p.k {
-                let ci = kidx / khw;
-                let rem = kidx % khw;
-                let iy = iy0 + i32(rem / p.kw);
-                let ix = ix0 + i32(rem % p.kw);
-                if iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w) {
-                    vb = in1[x_base + (ci * p.h + u32(iy)) * p.w + u32(ix)];
-                }
-            }
-            b_tile[kb * TN + cc] = vb;
-        }
-        workgroupBarrier();
-        tile_step(lid, &acc);
-        workgroupBarrier();
-    }
-    return acc;
-}
-
-@compute @workgroup_size(16, 16)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let acc = conv_tile(wid, lid);
-    let y_base = wid.z * p.cout * p.ncol;
-    for (var i = 0u; i < 4u; i++) {
-        let row = wid.y * TM + lid.y + 16u * i;
-        if row >= p.cout {
-            continue;
-        }
-        let b = bias[row];
-        for (var j = 0u; j < 4u; j++) {
-            let col = wid.x * TN + lid.x + 16u * j;
-            if col < p.ncol {
-                dst[y_base + row * p.ncol + col] = acc[i * 4u + j] + b;
-            }
-        }
-    }
-}
-
-@compute @workgroup_size(16, 16)
-fn main_nobias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let acc = conv_tile(wid, lid);
-    let y_base = wid.z * p.cout * p.ncol;
-    for (var i = 0u; i < 4u; i++) {
-        let row = wid.y * TM + lid.y + 16u * i;
-        for (var j = 0u; j < 4u; j++) {
-            let col = wid.x * TN + lid.x + 16u * j;
-            if row < p.cout && col < p.ncol {
-                dst[y_base + row * p.ncol + col] = acc[i * 4u + j];
             }
         }
     }

@@ -1,7 +1,12 @@
 // Batched C = A x B with either operand transposed, through strides:
 // A[b, i, k] = a[b * a_bs + i * a_rs + k * a_cs], likewise B; C is contiguous (batch, M, N).
-// 64x64 output tile per workgroup of 16x16 threads, 4x4 outputs per thread, K in steps of 16.
-// Workgroup storage: 2 * 16 * 64 * 4 = 8 KiB (within WebGPU's 16 KiB default).
+//
+// The tile shape is prepended per variant (src/shaders.rs): `const BM`, `const BN` (64 or 128)
+// and `const BK`. 256 threads (16x16) per workgroup; each owns a register block of
+// RM = BM/16 rows by RN = BN/16 columns, in groups of 4: rows g*64 + ty*4 + (0..3),
+// columns h*64 + tx*4 + (0..3). So every workgroup-memory read is one vec4, the 16 threads
+// of a row read 16 consecutive vec4s (no bank conflicts), and the next K step's global loads
+// are in flight while this one multiplies.
 
 struct Params {
     m: u32,
@@ -23,66 +28,144 @@ struct Params {
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;   // (batch, M, N)
 
-const TM: u32 = 64u;
-const TN: u32 = 64u;
-const TK: u32 = 16u;
+const RM: u32 = BM / 16u;
+const RN: u32 = BN / 16u;
+const GM: u32 = RM / 4u;        // vec4 groups of rows per thread
+const GN: u32 = RN / 4u;
+// vec4s per K row of a tile; the +1 spreads the transposing stores over the banks.
+const SA: u32 = BM / 4u + 1u;
+const SB: u32 = BN / 4u + 1u;
+const LA: u32 = BM * BK / 256u;  // A elements each thread stages per K step
+const LB: u32 = BN * BK / 256u;
 
-var<workgroup> a_tile: array<f32, 1024>;  // [TK][TM]
-var<workgroup> b_tile: array<f32, 1024>;  // [TK][TN]
+var<workgroup> a_s: array<vec4<f32>, BK * SA>;  // [BK][BM] (+ pad)
+var<workgroup> b_s: array<vec4<f32>, BK * SB>;  // [BK][BN] (+ pad)
+
+// Where staged element e of this thread sits in the A tile: (row, kk). Threads walk the
+// operand's contiguous dimension so a warp's global loads are coalesced.
+fn a_slot(tid: u32, e: u32) -> vec2<u32> {
+    let idx = tid + e * 256u;
+    if p.a_cs == 1u {
+        return vec2<u32>(idx / BK, idx % BK);
+    }
+    return vec2<u32>(idx % BM, idx / BM);
+}
+
+// (col, kk) of staged element e in the B tile.
+fn b_slot(tid: u32, e: u32) -> vec2<u32> {
+    let idx = tid + e * 256u;
+    if p.b_cs == 1u {
+        return vec2<u32>(idx % BN, idx / BN);
+    }
+    return vec2<u32>(idx / BK, idx % BK);
+}
 
 @compute @workgroup_size(16, 16)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let bz = wid.z;
-    let row0 = wid.y * TM;
-    let col0 = wid.x * TN;
-    let tid = lid.y * 16u + lid.x;
+    let row0 = wid.y * BM;
+    let col0 = wid.x * BN;
+    let tx = lid.x;
+    let ty = lid.y;
+    let tid = ty * 16u + tx;
     let a_base = bz * p.a_bs;
     let b_base = bz * p.b_bs;
-    var acc: array<f32, 16>;
-    for (var i = 0u; i < 16u; i++) {
-        acc[i] = 0.0;
+
+    var acc: array<vec4<f32>, RM * GN>;
+    for (var i = 0u; i < RM * GN; i++) {
+        acc[i] = vec4<f32>(0.0);
     }
-    for (var k0 = 0u; k0 < p.k; k0 += TK) {
-        for (var e = 0u; e < 4u; e++) {
-            let idx = tid + e * 256u;
-            let r = idx / TK;
-            let kk = idx % TK;
-            var va = 0.0;
-            if row0 + r < p.m && k0 + kk < p.k {
-                va = a[a_base + (row0 + r) * p.a_rs + (k0 + kk) * p.a_cs];
-            }
-            a_tile[kk * TM + r] = va;
-            let kb = idx / TN;
-            let cc = idx % TN;
-            var vb = 0.0;
-            if k0 + kb < p.k && col0 + cc < p.n {
-                vb = b[b_base + (k0 + kb) * p.b_rs + (col0 + cc) * p.b_cs];
-            }
-            b_tile[kb * TN + cc] = vb;
+    var pa: array<f32, LA>;
+    var pb: array<f32, LB>;
+
+    // Stage K step 0.
+    for (var e = 0u; e < LA; e++) {
+        let s = a_slot(tid, e);
+        var v = 0.0;
+        if row0 + s.x < p.m && s.y < p.k {
+            v = a[a_base + (row0 + s.x) * p.a_rs + s.y * p.a_cs];
+        }
+        pa[e] = v;
+    }
+    for (var e = 0u; e < LB; e++) {
+        let s = b_slot(tid, e);
+        var v = 0.0;
+        if s.y < p.k && col0 + s.x < p.n {
+            v = b[b_base + s.y * p.b_rs + (col0 + s.x) * p.b_cs];
+        }
+        pb[e] = v;
+    }
+
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        for (var e = 0u; e < LA; e++) {
+            let s = a_slot(tid, e);
+            a_s[s.y * SA + s.x / 4u][s.x % 4u] = pa[e];
+        }
+        for (var e = 0u; e < LB; e++) {
+            let s = b_slot(tid, e);
+            b_s[s.y * SB + s.x / 4u][s.x % 4u] = pb[e];
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < TK; kk++) {
-            var ar: array<f32, 4>;
-            var br: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                ar[i] = a_tile[kk * TM + lid.y + 16u * i];
-                br[i] = b_tile[kk * TN + lid.x + 16u * i];
+
+        // Next step's loads, issued before the arithmetic that hides them.
+        let k1 = k0 + BK;
+        if k1 < p.k {
+            for (var e = 0u; e < LA; e++) {
+                let s = a_slot(tid, e);
+                var v = 0.0;
+                if row0 + s.x < p.m && k1 + s.y < p.k {
+                    v = a[a_base + (row0 + s.x) * p.a_rs + (k1 + s.y) * p.a_cs];
+                }
+                pa[e] = v;
             }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i * 4u + j] = fma(ar[i], br[j], acc[i * 4u + j]);
+            for (var e = 0u; e < LB; e++) {
+                let s = b_slot(tid, e);
+                var v = 0.0;
+                if k1 + s.y < p.k && col0 + s.x < p.n {
+                    v = b[b_base + (k1 + s.y) * p.b_rs + (col0 + s.x) * p.b_cs];
+                }
+                pb[e] = v;
+            }
+        }
+
+        for (var kk = 0u; kk < BK; kk++) {
+            var av: array<vec4<f32>, GM>;
+            var bv: array<vec4<f32>, GN>;
+            for (var g = 0u; g < GM; g++) {
+                av[g] = a_s[kk * SA + g * 16u + ty];
+            }
+            for (var h = 0u; h < GN; h++) {
+                bv[h] = b_s[kk * SB + h * 16u + tx];
+            }
+            for (var g = 0u; g < GM; g++) {
+                for (var i = 0u; i < 4u; i++) {
+                    let x = vec4<f32>(av[g][i]);
+                    for (var h = 0u; h < GN; h++) {
+                        let o = (g * 4u + i) * GN + h;
+                        acc[o] = fma(x, bv[h], acc[o]);
+                    }
                 }
             }
         }
         workgroupBarrier();
     }
+
     let c_base = bz * p.m * p.n;
-    for (var i = 0u; i < 4u; i++) {
-        let row = row0 + lid.y + 16u * i;
-        for (var j = 0u; j < 4u; j++) {
-            let col = col0 + lid.x + 16u * j;
-            if row < p.m && col < p.n {
-                c[c_base + row * p.n + col] = acc[i * 4u + j];
+    for (var g = 0u; g < GM; g++) {
+        for (var i = 0u; i < 4u; i++) {
+            let row = row0 + g * 64u + ty * 4u + i;
+            if row >= p.m {
+                continue;
+            }
+            for (var h = 0u; h < GN; h++) {
+                let col = col0 + h * 64u + tx * 4u;
+                let v = acc[(g * 4u + i) * GN + h];
+                let o = c_base + row * p.n + col;
+                for (var j = 0u; j < 4u; j++) {
+                    if col + j < p.n {
+                        c[o + j] = v[j];
+                    }
+                }
             }
         }
     }

@@ -6,7 +6,7 @@ use crate::device::Shader;
 macro_rules! shader {
     ($ident:ident, $name:literal) => {
         pub static $ident: Shader =
-            Shader { name: $name, source: include_str!(concat!("../shaders/", $name, ".wgsl")) };
+            Shader { name: $name, file: $name, source: include_str!(concat!("../shaders/", $name, ".wgsl")) };
     };
 }
 
@@ -16,20 +16,88 @@ shader!(WHERE, "where");
 shader!(REDUCE, "reduce");
 shader!(SOFTMAX, "softmax");
 shader!(NORM, "norm");
-shader!(MATMUL, "matmul");
+
+/// A tiled kernel's variant: `$prelude` (the tile's `const`s) goes before the file's source.
+macro_rules! tiled {
+    ($ident:ident, $name:literal, $file:literal, $prelude:literal) => {
+        pub static $ident: Shader = Shader {
+            name: $name,
+            file: $file,
+            source: concat!($prelude, include_str!(concat!("../shaders/", $file, ".wgsl"))),
+        };
+    };
+}
+
+// Matmul tiles (BM x BN outputs per workgroup, BK deep); `ops::matmul::tile` picks one.
+tiled!(MATMUL_64, "matmul_64x64", "matmul", "const BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n");
+tiled!(MATMUL_128X64, "matmul_128x64", "matmul", "const BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n");
+tiled!(MATMUL_64X128, "matmul_64x128", "matmul", "const BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n");
+tiled!(MATMUL_128, "matmul_128x128", "matmul", "const BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n");
+// The convolution forward on the same tiles.
+tiled!(
+    CONV2D_FWD_64,
+    "conv2d_fwd_64x64",
+    "conv2d_fwd",
+    "const BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+);
+tiled!(
+    CONV2D_FWD_128X64,
+    "conv2d_fwd_128x64",
+    "conv2d_fwd",
+    "const BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_64X128,
+    "conv2d_fwd_64x128",
+    "conv2d_fwd",
+    "const BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_128,
+    "conv2d_fwd_128x128",
+    "conv2d_fwd",
+    "const BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
 shader!(CONV2D, "conv2d");
 shader!(UPSAMPLE, "upsample");
 shader!(COPY, "copy");
 shader!(TIMESTEP, "timestep");
-shader!(ATTENTION, "attention");
+// Fused attention: any head dim up to 160, and head dims fixed at compile time (D == Dv).
+tiled!(ATTENTION, "attention_generic", "attention", "const MAX_D: u32 = 160u;\nconst FIXED_D: u32 = 0u;\n");
+tiled!(ATTENTION_D40, "attention_d40", "attention", "const MAX_D: u32 = 40u;\nconst FIXED_D: u32 = 40u;\n");
+tiled!(ATTENTION_D64, "attention_d64", "attention", "const MAX_D: u32 = 64u;\nconst FIXED_D: u32 = 64u;\n");
+tiled!(ATTENTION_D80, "attention_d80", "attention", "const MAX_D: u32 = 80u;\nconst FIXED_D: u32 = 80u;\n");
 shader!(GEGLU, "geglu");
 shader!(ADAMW, "adamw");
 shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 15] {
+pub fn all() -> [&'static Shader; 25] {
     [
-        &UNARY, &BINARY, &WHERE, &REDUCE, &SOFTMAX, &NORM, &MATMUL, &CONV2D, &UPSAMPLE, &COPY, &TIMESTEP, &ATTENTION,
-        &GEGLU, &ADAMW, &CAST,
+        &UNARY,
+        &BINARY,
+        &WHERE,
+        &REDUCE,
+        &SOFTMAX,
+        &NORM,
+        &MATMUL_64,
+        &MATMUL_128X64,
+        &MATMUL_64X128,
+        &MATMUL_128,
+        &CONV2D,
+        &CONV2D_FWD_64,
+        &CONV2D_FWD_128X64,
+        &CONV2D_FWD_64X128,
+        &CONV2D_FWD_128,
+        &UPSAMPLE,
+        &COPY,
+        &TIMESTEP,
+        &ATTENTION,
+        &ATTENTION_D40,
+        &ATTENTION_D64,
+        &ATTENTION_D80,
+        &GEGLU,
+        &ADAMW,
+        &CAST,
     ]
 }

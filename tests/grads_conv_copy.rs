@@ -123,6 +123,10 @@ fn conv2d_grad_fns_match_f64_loop() {
         ([5, 4, 3, 4], [3, 1, 1], (1, 1), (0, 0), false),
         ([1, 32, 80, 70], [2, 3, 3], (1, 1), (1, 1), false),
         ([2, 48, 130, 90], [2, 5, 3], (2, 1), (2, 1), false),
+        // Stride 1: the GPU's input gradient is a flipped convolution, padding KH-1-PH ...
+        ([2, 6, 9, 11], [7, 5, 3], (1, 1), (2, 0), false),
+        // ... unless the padding reaches past the kernel (then the strided-phase kernel).
+        ([1, 3, 4, 5], [4, 1, 1], (1, 1), (1, 1), false),
     ];
     let (mut worst_ref, mut worst_gpu) = (0f64, 0f64);
     for (ci, &(xs, [cout, kh, kw], stride, pad, _)) in cases.iter().enumerate() {

@@ -37,8 +37,16 @@ fn matmul_grads_batched_and_shared() {
 fn attention_grads() {
     // (batch, heads, Lq, Lk, D, Dv): self, cross, two keys, tiles not full, and a head wider
     // than the fused kernel (its GPU path is differentiated through the ops it is built from).
-    let cases =
-        [(1, 2, 9, 9, 4, 4), (2, 1, 5, 3, 6, 5), (1, 1, 4, 2, 3, 3), (1, 1, 70, 11, 8, 8), (1, 1, 6, 5, 165, 3)];
+    // Also the fixed-head GPU kernels (40 and 80; D == Dv).
+    let cases = [
+        (1, 2, 9, 9, 4, 4),
+        (2, 1, 5, 3, 6, 5),
+        (1, 1, 4, 2, 3, 3),
+        (1, 1, 70, 11, 8, 8),
+        (1, 1, 6, 5, 165, 3),
+        (1, 1, 6, 11, 40, 40),
+        (1, 1, 5, 3, 80, 80),
+    ];
     for (ci, &(b, h, lq, lk, d, dv)) in cases.iter().enumerate() {
         let seed = 800 + ci as u64;
         let inputs = [

@@ -119,6 +119,39 @@ fn conv2d_gpu_vs_cpu_vs_f64_loop() {
 }
 
 #[test]
+fn conv2d_every_tile_shape() {
+    // The GPU forward picks its tile like matmul (rows = Cout, columns = pixels, batch =
+    // images); one case per big tile, none a tile multiple, K = Cin*9 not a multiple of the K
+    // step. The CPU path is checked against float64 loops above.
+    type Case = ([usize; 4], usize, bool, (usize, usize));
+    let cases: &[Case] = &[
+        ([1, 2, 70, 70], 520, true, (128, 128)),
+        ([2, 1, 33, 33], 1100, false, (128, 64)),
+        ([3, 2, 60, 60], 130, true, (64, 128)),
+        // Few output tiles, a long reduction (K = 2700) and partial tiles both ways.
+        ([1, 300, 5, 7], 70, true, (64, 64)),
+    ];
+    for (ci, &(xs, cout, with_bias, tile)) in cases.iter().enumerate() {
+        assert_eq!(vipo::ops::matmul::tile(cout, xs[2] * xs[3], xs[0]), tile, "{xs:?} -> {cout}");
+        let seed = 700 + ci as u64;
+        let ws = [cout, xs[1], 3, 3];
+        let mut inputs = vec![(randn(numel(&xs), seed), xs.to_vec()), (randn(numel(&ws), seed + 1), ws.to_vec())];
+        if with_bias {
+            inputs.push((randn(cout, seed + 2), vec![cout]));
+        }
+        let what = format!("conv2d x{xs:?} w{ws:?} tile {tile:?}");
+        gpu_vs_cpu(&what, CONV_TOL, seed, &inputs, |t| t[0].conv2d(&t[1], t.get(2), (1, 1), (1, 1)));
+        // The stride-1 input gradient runs the same kernel with the roles swapped: dY shaped
+        // like x, the weight (xs[1], cout, 3, 3), dX with `cout` channels, so the same tile.
+        let wt = [xs[1], cout, 3, 3];
+        let dx_shape = [xs[0], cout, xs[2], xs[3]];
+        let inputs = [(randn(numel(&xs), seed + 3), xs.to_vec()), (randn(numel(&wt), seed + 4), wt.to_vec())];
+        let what = format!("conv2d grad_input dy{xs:?} w{wt:?} tile {tile:?}");
+        gpu_vs_cpu(&what, CONV_TOL, seed, &inputs, |t| t[0].conv2d_grad_input(&t[1], &dx_shape, (1, 1), (1, 1)));
+    }
+}
+
+#[test]
 fn conv2d_rejects_bad_arguments() {
     let cpu = Device::Cpu;
     let x = Tensor::zeros(&[1, 3, 4, 4], &cpu).unwrap();

@@ -47,6 +47,42 @@ fn matmul_transposes_and_awkward_sizes() {
 }
 
 #[test]
+fn matmul_every_tile_shape() {
+    // One shape per GPU tile (64x64, 128x64, 64x128, 128x128), none a tile multiple, K not a
+    // multiple of the K step, in every layout: the staging loads walk a different dimension
+    // for each transpose, and the edges are partial in both directions.
+    let cases = [(70, 90, 37, 1), (1500, 1000, 13, 1), (1000, 1500, 11, 1), (1800, 1830, 9, 1), (400, 390, 21, 12)];
+    let want_tiles = [(64, 64), (128, 64), (64, 128), (128, 128), (128, 128)];
+    for (ci, (&(m, n, k, batch), &want)) in cases.iter().zip(&want_tiles).enumerate() {
+        assert_eq!(vipo::ops::matmul::tile(m, n, batch), want, "{m}x{n} batch {batch}");
+        for (ti, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)].into_iter().enumerate() {
+            let seed = 900 + (ci * 4 + ti) as u64;
+            let a = randn(batch * m * k, seed);
+            let b = randn(batch * k * n, seed + 1);
+            let ash = if ta { vec![batch, k, m] } else { vec![batch, m, k] };
+            let bsh = if tb { vec![batch, n, k] } else { vec![batch, k, n] };
+            let c = gpu_vs_cpu(
+                &format!("matmul {batch}x{m}x{n}x{k} ta={ta} tb={tb} tile {want:?}"),
+                1e-5,
+                seed,
+                &[(a.clone(), ash), (b.clone(), bsh)],
+                |t| t[0].matmul_t(&t[1], ta, tb),
+            );
+            // The last batch against float64 (the first is covered by the smaller tests).
+            let got = c.to_vec().unwrap();
+            let bi = batch - 1;
+            assert_close(
+                "tiled matmul cpu vs f64",
+                &got[bi * m * n..],
+                &matmul_f64(&a[bi * m * k..], &b[bi * k * n..], m, n, k, ta, tb),
+                1e-5,
+                seed,
+            );
+        }
+    }
+}
+
+#[test]
 fn matmul_batched_and_broadcast() {
     let (m, n, k) = (19, 23, 37);
     // Both batched (2, 3, ...), and a shared 2-D weight on either side.
@@ -134,6 +170,13 @@ fn attention_self_and_cross() {
         (2, 1, 129, 77, 16, 24),
         (1, 1, 33, 9, 160, 160),
         (1, 2, 11, 6, 192, 170),
+        // The fixed-head kernels (40, 64, 80), keys off the 8-key tile.
+        (1, 2, 66, 77, 40, 40),
+        (1, 1, 70, 13, 64, 64),
+        (2, 1, 67, 29, 80, 80),
+        // Equal dims that have no fixed kernel, and 40 against another Dv: the generic one.
+        (1, 1, 20, 11, 48, 48),
+        (1, 1, 20, 11, 40, 24),
     ];
     for (ci, &(b, h, lq, lk, d, dv)) in cases.iter().enumerate() {
         let seed = 60 + ci as u64;

@@ -75,13 +75,19 @@ fn every_shader_file_is_registered() {
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".wgsl")).map(String::from))
         .collect();
-    let registered: BTreeSet<String> = vipo::shaders::all().iter().map(|s| s.name.to_string()).collect();
+    let registered: BTreeSet<String> = vipo::shaders::all().iter().map(|s| s.file.to_string()).collect();
     assert_eq!(files, registered, "shaders/ and vipo::shaders::all() disagree");
-    // The registered source is the file on disk (include_str! of the same path).
+    // The registered source is the file on disk (include_str! of the same path), behind a
+    // prelude of `const`s only for a tiled variant.
     for s in vipo::shaders::all() {
-        let disk = std::fs::read_to_string(dir.join(format!("{}.wgsl", s.name))).expect("readable");
-        assert_eq!(disk, s.source, "{}", s.name);
+        let disk = std::fs::read_to_string(dir.join(format!("{}.wgsl", s.file))).expect("readable");
+        let prelude =
+            s.source.strip_suffix(disk.as_str()).unwrap_or_else(|| panic!("{} is not {}.wgsl", s.name, s.file));
+        assert!(prelude.lines().all(|l| l.starts_with("const ")), "{}: prelude {prelude:?}", s.name);
+        assert_eq!(prelude.is_empty(), s.name == s.file, "{}: only variants have a prelude", s.name);
     }
+    let names: BTreeSet<&str> = vipo::shaders::all().iter().map(|s| s.name).collect();
+    assert_eq!(names.len(), vipo::shaders::all().len(), "two shaders share a module-cache name");
 }
 
 #[test]
@@ -110,6 +116,7 @@ fn params_mirrors_match_the_shader_structs() {
         ("norm", size_of::<norm::NormParams>()),
         ("matmul", size_of::<matmul::MatmulParams>()),
         ("conv2d", size_of::<conv2d::Conv2dParams>()),
+        ("conv2d_fwd", size_of::<conv2d::Conv2dParams>()),
         ("upsample", size_of::<upsample::UpsampleParams>()),
         ("copy", size_of::<copy::CopyParams>()),
         ("timestep", size_of::<timestep::TimestepParams>()),
@@ -119,8 +126,8 @@ fn params_mirrors_match_the_shader_structs() {
         ("cast", size_of::<cast::CastParams>()),
     ];
     let covered: BTreeSet<&str> = mirrors.iter().map(|m| m.0).collect();
-    let all: BTreeSet<&str> = vipo::shaders::all().iter().map(|s| s.name).collect();
-    assert_eq!(covered, all, "every shader needs its Params mirror listed here");
+    let all: BTreeSet<&str> = vipo::shaders::all().iter().map(|s| s.file).collect();
+    assert_eq!(covered, all, "every shader file needs its Params mirror listed here");
     for s in vipo::shaders::all() {
         let module = naga::front::wgsl::parse_str(s.source).expect("parses (checked above)");
         let (_, ty) = module
@@ -129,7 +136,7 @@ fn params_mirrors_match_the_shader_structs() {
             .find(|(_, t)| t.name.as_deref() == Some("Params"))
             .unwrap_or_else(|| panic!("{}: no Params struct", s.name));
         let wgsl = ty.inner.size(module.to_ctx()) as usize;
-        let rust = mirrors.iter().find(|m| m.0 == s.name).map(|m| m.1).unwrap_or_default();
+        let rust = mirrors.iter().find(|m| m.0 == s.file).map(|m| m.1).unwrap_or_default();
         assert_eq!(wgsl, rust, "{}: WGSL Params is {wgsl} bytes, the Rust mirror {rust}", s.name);
         assert_eq!(rust % 16, 0, "{}: uniform structs are padded to 16 bytes", s.name);
     }

@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 
-/// A WGSL source known at compile time. `name` keys the module cache.
+/// A WGSL source known at compile time. `name` keys the module cache; `file` is its
+/// `shaders/` file (a tiled variant is that file behind a prelude of tile constants).
 #[derive(Debug)]
 pub struct Shader {
     pub name: &'static str,
+    pub file: &'static str,
     pub source: &'static str,
 }
 
@@ -53,10 +55,39 @@ pub struct GpuContext {
     pub index: usize,
     uniform_align: u64,
     uniform_buf: wgpu::Buffer,
+    checks: wgpu::ShaderRuntimeChecks,
     pool: Mutex<Pool>,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
     batch: Mutex<Batch>,
+}
+
+/// What wgpu adds to every kernel at run time, from `VIPO_SHADER_CHECKS`:
+/// - `clamp` (default): indices clamped into their arrays and bindings, as wgpu always does;
+///   no loop counters and no integer-division guards. wgpu's loop counters (against infinite
+///   loops) keep drivers from unrolling the register-blocked loops, and every loop here has a
+///   trip count fixed by its arguments; every divisor is a size the host checked non-zero.
+/// - `all`: wgpu's defaults (for comparison, or to rule the kernels out when hunting a bug);
+/// - `none`: no clamping either; each kernel still guards its own global indices.
+fn shader_checks() -> Result<wgpu::ShaderRuntimeChecks> {
+    let v = std::env::var("VIPO_SHADER_CHECKS").unwrap_or_default();
+    let mut c = wgpu::ShaderRuntimeChecks::checked();
+    match v.as_str() {
+        "" | "clamp" => {
+            c.force_loop_bounding = false;
+            c.int_div_checks = false;
+        }
+        "all" => {}
+        "none" => {
+            // SAFETY (of what this promises wgpu): see above; the kernels' own guards are
+            // what the GPU-vs-CPU tests exercise at sizes that are not tile multiples.
+            c = wgpu::ShaderRuntimeChecks::unchecked();
+        }
+        other => {
+            return Err(Error::Gpu(format!("VIPO_SHADER_CHECKS={other:?}: expected clamp (default), all or none")))
+        }
+    }
+    Ok(c)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -79,6 +110,7 @@ pub(crate) fn bucket_size(bytes: u64) -> u64 {
 impl GpuContext {
     pub(crate) fn new(adapter: &wgpu::Adapter, index: usize) -> Result<Self> {
         let info = adapter.get_info();
+        let checks = shader_checks()?;
         let alimits = adapter.limits();
         // Take what the adapter offers for the limits compute cares about, defaults elsewhere.
         let mut limits = wgpu::Limits::downlevel_defaults();
@@ -119,6 +151,7 @@ impl GpuContext {
             index,
             uniform_align,
             uniform_buf,
+            checks,
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
@@ -282,10 +315,13 @@ impl GpuContext {
         }
         let mut modules = lock(&self.modules);
         let module = modules.entry(shader.name).or_insert_with(|| {
-            self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            let desc = wgpu::ShaderModuleDescriptor {
                 label: Some(shader.name),
                 source: wgpu::ShaderSource::Wgsl(shader.source.into()),
-            })
+            };
+            // SAFETY: only our own kernels from `shaders/` reach here; `shader_checks` says
+            // which of wgpu's run-time checks they do without, and why that holds for them.
+            unsafe { self.device.create_shader_module_trusted(desc, self.checks) }
         });
         let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),

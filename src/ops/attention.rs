@@ -10,7 +10,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::matmul::{sgemm, MatRef};
 use crate::ops::{fast_exp, max_lanes, sum_lanes};
-use crate::shaders::ATTENTION;
+use crate::shaders::{ATTENTION, ATTENTION_D40, ATTENTION_D64, ATTENTION_D80};
 use crate::tensor::Tensor;
 
 #[repr(C)]
@@ -28,6 +28,17 @@ pub struct AttentionParams {
 /// Largest head dim of the fused kernel (`MAX_D` in the shader): SD1.5's 160 fits.
 pub const FUSED_MAX_D: usize = 160;
 const CPU_ROWS: usize = 256;
+
+/// The GPU kernel's variant for these head dims: one with them fixed at compile time when
+/// there is one (registers instead of local memory: several times faster), else the generic.
+fn gpu_shader(d: usize, dv: usize) -> &'static crate::device::Shader {
+    match (d, dv) {
+        (40, 40) => &ATTENTION_D40,
+        (64, 64) => &ATTENTION_D64,
+        (80, 80) => &ATTENTION_D80,
+        _ => &ATTENTION,
+    }
+}
 
 /// Sizes of one attention call, batch and heads folded into `bh`.
 #[derive(Clone, Copy, Debug)]
@@ -150,7 +161,7 @@ fn attention_forward(
             if with_lse {
                 let lse = Tensor::gpu_empty(&ctx, OP, &[g.bh, g.lq])?;
                 ctx.dispatch(
-                    &ATTENTION,
+                    gpu_shader(g.d, g.dv),
                     "main_lse",
                     &g.params()?,
                     &[qb, kb, vb, out.gpu_buf(OP)?, lse.gpu_buf(OP)?],
@@ -158,7 +169,7 @@ fn attention_forward(
                 )?;
                 Ok((out, Some(lse)))
             } else {
-                ctx.dispatch(&ATTENTION, "main", &g.params()?, &[qb, kb, vb, out.gpu_buf(OP)?], groups)?;
+                ctx.dispatch(gpu_shader(g.d, g.dv), "main", &g.params()?, &[qb, kb, vb, out.gpu_buf(OP)?], groups)?;
                 Ok((out, None))
             }
         }
@@ -205,7 +216,7 @@ fn attention_backward(
             let dq = if want_q {
                 let dq = Tensor::gpu_empty(&ctx, OP, &[g.bh, g.lq, g.d])?;
                 let bufs = [ins[0], ins[1], ins[2], dq.gpu_buf(OP)?, lb, db, sb];
-                ctx.dispatch(&ATTENTION, "backward_dq", &params, &bufs, [g.lq.div_ceil(64) as u32, bh, 1])?;
+                ctx.dispatch(gpu_shader(g.d, g.dv), "backward_dq", &params, &bufs, [g.lq.div_ceil(64) as u32, bh, 1])?;
                 Some(dq)
             } else {
                 None
@@ -214,7 +225,13 @@ fn attention_backward(
                 let dk = Tensor::gpu_empty(&ctx, OP, &[g.bh, g.lk, g.d])?;
                 let dvv = Tensor::gpu_empty(&ctx, OP, &[g.bh, g.lk, g.dv])?;
                 let bufs = [ins[0], ins[1], ins[2], dk.gpu_buf(OP)?, lb, db, sb, dvv.gpu_buf(OP)?];
-                ctx.dispatch(&ATTENTION, "backward_dkdv", &params, &bufs, [g.lk.div_ceil(64) as u32, bh, 1])?;
+                ctx.dispatch(
+                    gpu_shader(g.d, g.dv),
+                    "backward_dkdv",
+                    &params,
+                    &bufs,
+                    [g.lk.div_ceil(64) as u32, bh, 1],
+                )?;
                 (Some(dk), Some(dvv))
             } else {
                 (None, None)

@@ -9,7 +9,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::matmul::{sgemm, sgemm_raw, MatRef};
 use crate::ops::{u32_of, PAR_MIN};
-use crate::shaders::CONV2D;
+use crate::shaders::{CONV2D, CONV2D_FWD_128, CONV2D_FWD_128X64, CONV2D_FWD_64, CONV2D_FWD_64X128};
 use crate::tensor::Tensor;
 
 #[repr(C)]
@@ -448,6 +448,16 @@ fn gpu_params(g: &Geom, chunk: usize) -> Result<Conv2dParams> {
     })
 }
 
+/// The forward kernel's variant for a tile from `matmul::tile`.
+fn fwd_shader(t: (usize, usize)) -> &'static crate::device::Shader {
+    match t {
+        (128, 128) => &CONV2D_FWD_128,
+        (128, 64) => &CONV2D_FWD_128X64,
+        (64, 128) => &CONV2D_FWD_64X128,
+        _ => &CONV2D_FWD_64,
+    }
+}
+
 /// GPU weight gradient: workgroups it aims for, and the fewest reduction elements per split.
 const WG_TARGET: usize = 512;
 const MIN_CHUNK: usize = 256;
@@ -518,6 +528,33 @@ impl Tensor {
                 let u = |v: usize| u32_of(NAME, v);
                 u(out.numel())?;
                 u(self.numel())?;
+                if g.sh == 1 && g.sw == 1 && g.ph < g.kh && g.pw < g.kw {
+                    // A stride-1 input gradient is a convolution of dY with the flipped,
+                    // transposed kernel: the forward's register-blocked tiles.
+                    let params = Conv2dParams {
+                        cin: u(g.cout)?,
+                        h: u(g.oh)?,
+                        w: u(g.ow)?,
+                        cout: u(g.cin)?,
+                        kh: u(g.kh)?,
+                        kw: u(g.kw)?,
+                        oh: u(g.h)?,
+                        ow: u(g.w)?,
+                        sh: 1,
+                        sw: 1,
+                        ph: u(g.kh - 1 - g.ph)?,
+                        pw: u(g.kw - 1 - g.pw)?,
+                        k: u(g.cout * g.kh * g.kw)?,
+                        ncol: u(g.h * g.w)?,
+                        n: u(g.n)?,
+                        chunk: 0,
+                    };
+                    let t = crate::ops::matmul::tile(g.cin, g.h * g.w, g.n);
+                    let groups = [u((g.h * g.w).div_ceil(t.1))?, u(g.cin.div_ceil(t.0))?, u(g.n)?];
+                    let bufs = [self.gpu_buf(NAME)?, weight.gpu_buf(NAME)?, out.gpu_buf(NAME)?];
+                    ctx.dispatch(fwd_shader(t), "grad_input_s1", &params, &bufs, groups)?;
+                    return Ok(out);
+                }
                 let phase_cols = g.h.div_ceil(g.sh) * g.w.div_ceil(g.sw);
                 let groups = [u(phase_cols.div_ceil(64))?, u(g.cin.div_ceil(64))?, u(g.n * g.sh * g.sw)?];
                 let bufs = [self.gpu_buf(NAME)?, weight.gpu_buf(NAME)?, out.gpu_buf(NAME)?];
@@ -600,11 +637,14 @@ impl Tensor {
                 u(self.numel())?;
                 u(crate::tensor::numel(&out_shape))?;
                 let params = gpu_params(&g, 0)?;
-                let groups = [u(g.ncol().div_ceil(64))?, u(g.cout.div_ceil(64))?, u(g.n)?];
+                // Output channels are the GEMM's rows, pixels its columns, images its batch.
+                let t = crate::ops::matmul::tile(g.cout, g.ncol(), g.n);
+                let shader = fwd_shader(t);
+                let groups = [u(g.ncol().div_ceil(t.1))?, u(g.cout.div_ceil(t.0))?, u(g.n)?];
                 let (xb, wb, yb) = (self.gpu_buf(OP)?, weight.gpu_buf(OP)?, out.gpu_buf(OP)?);
                 match bias {
-                    Some(b) => ctx.dispatch(&CONV2D, "main", &params, &[xb, wb, yb, b.gpu_buf(OP)?], groups)?,
-                    None => ctx.dispatch(&CONV2D, "main_nobias", &params, &[xb, wb, yb], groups)?,
+                    Some(b) => ctx.dispatch(shader, "main", &params, &[xb, wb, yb, b.gpu_buf(OP)?], groups)?,
+                    None => ctx.dispatch(shader, "main_nobias", &params, &[xb, wb, yb], groups)?,
                 }
                 Ok(out)
             }
