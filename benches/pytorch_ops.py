@@ -95,6 +95,7 @@ CASES = [
     case_matmul(512, 512, 512),
     case_matmul(1024, 1024, 1024),
     case_matmul(2048, 2048, 2048),
+    case_matmul(4096, 4096, 4096),
     case_matmul(4096, 320, 320),
     case_matmul(4096, 1280, 320),
     case_conv2d(320, 64),
@@ -163,6 +164,9 @@ def main(argv=None):
                    help="print a JSON array to stdout (info goes to stderr)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: time on the GPU, fp32 with TF32 off (the peer of vipo's f32 kernels)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark); "
+                        "without it, fp32 convs of some shapes take a path 40x slower than the rest")
     args = p.parse_args(argv)
 
     global DEVICE, TORCH_DEVICE
@@ -171,6 +175,7 @@ def main(argv=None):
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = sys.stderr if args.json else sys.stdout

@@ -7,7 +7,8 @@
                                          forward with the adapters off, policy forward + backward, AdamW
 
 Usage: python benches/pytorch_unet.py [--config models/sd15/unet/config.json] [--latent 64] [--batch 1]
-       [--pairs 2] [--rank 4] [--repeats 2] [--threads N] [--device cpu|cuda] [--checkpointing] [--json]
+       [--pairs 2] [--rank 4] [--repeats 2] [--threads N] [--device cpu|cuda] [--checkpointing]
+       [--cudnn-benchmark] [--json]
 Needs torch and diffusers (no weights are downloaded: the model is built from the config).
 """
 import argparse, json, statistics, time
@@ -25,8 +26,10 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int):
         super().__init__()
         self.base = base
-        self.down = nn.Linear(base.in_features, rank, bias=False)
-        self.up = nn.Linear(rank, base.out_features, bias=False)
+        # On the base layer's device: the UNet is already there when the adapters are added.
+        dev = base.weight.device
+        self.down = nn.Linear(base.in_features, rank, bias=False, device=dev)
+        self.up = nn.Linear(rank, base.out_features, bias=False, device=dev)
         nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
         nn.init.zeros_(self.up.weight)
         self.scale = 1.0
@@ -92,6 +95,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--forward-only", action="store_true")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the training step")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.threads:
@@ -99,6 +104,7 @@ def main():
     if a.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = a.cudnn_benchmark
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)

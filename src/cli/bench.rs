@@ -57,6 +57,7 @@ fn cases() -> Vec<Case> {
         (512, 512, 512, true),
         (1024, 1024, 1024, false),
         (2048, 2048, 2048, false),
+        (4096, 4096, 4096, false),
         (4096, 320, 320, false),
         (4096, 1280, 320, false),
     ] {
@@ -127,7 +128,30 @@ pub struct Record {
     /// GPU records: this time / the CPU path's time for the same case in this run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_cpu: Option<f64>,
+    /// GPU records: ms per run with QUEUED runs recorded back to back and one wait at the
+    /// end (median of 3), so the wait for each result is not counted: the kernels' own time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_ms: Option<f64>,
+    /// GPU records: ||gpu - cpu|| / ||cpu|| of the case's output, the same inputs on both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rel_err: Option<f64>,
 }
+
+/// ||got - want|| / ||want|| in f64 (NaN anywhere gives NaN, never a pass).
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::NAN;
+    }
+    let (mut d, mut w) = (0f64, 0f64);
+    for (&g, &x) in got.iter().zip(want) {
+        d += (g as f64 - x as f64).powi(2);
+        w += (x as f64).powi(2);
+    }
+    (d / w.max(1e-300)).sqrt()
+}
+
+/// GPU runs recorded back to back for `queued_ms`.
+const QUEUED: usize = 10;
 
 /// Toy training cases: (channels, image size, batch).
 const TRAIN_CASES: [(usize, usize, usize); 2] = [(16, 8, 4), (64, 16, 8)];
@@ -164,6 +188,8 @@ fn time_train(channels: usize, size: usize, batch: usize, device: &Device, min_t
         peer_ms: None,
         ratio: None,
         vs_cpu: None,
+        queued_ms: None,
+        rel_err: None,
     })
 }
 
@@ -174,7 +200,8 @@ fn device_name(device: &Device) -> String {
     }
 }
 
-fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<Record> {
+/// Times one case; also returns its output (read back once, after the timing).
+fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<(Record, Vec<f32>)> {
     let inputs: Vec<Tensor> =
         case.shapes.iter().enumerate().map(|(i, s)| Tensor::randn(s, 1 + i as u64, device)).collect::<Result<_>>()?;
     if let Device::Gpu(g) = device {
@@ -186,17 +213,39 @@ fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<Record> {
     device.sync()?;
     let mut times = Vec::new();
     let start = Instant::now();
+    let mut last = None;
     while times.is_empty() || (start.elapsed().as_secs_f64() < min_time && times.len() < 50) {
+        drop(last.take());
         let t0 = Instant::now();
         let out = (case.run)(&inputs)?;
         device.sync()?;
         times.push(t0.elapsed().as_secs_f64());
-        drop(out);
+        last = Some(out);
     }
+    let output = match last {
+        Some(t) => t.to_vec()?,
+        None => Vec::new(),
+    };
+    let queued_ms = match device {
+        Device::Cpu => None,
+        Device::Gpu(_) => {
+            let mut q = Vec::new();
+            for _ in 0..3 {
+                let t0 = Instant::now();
+                for _ in 0..QUEUED {
+                    drop((case.run)(&inputs)?);
+                }
+                device.sync()?;
+                q.push(t0.elapsed().as_secs_f64() * 1e3 / QUEUED as f64);
+            }
+            q.sort_by(f64::total_cmp);
+            Some(q[1])
+        }
+    };
     times.sort_by(f64::total_cmp);
     let secs = times[times.len() / 2];
     let rate = case.work / secs / 1e9;
-    Ok(Record {
+    let record = Record {
         name: case.name.clone(),
         device: device_name(device),
         ms: secs * 1e3,
@@ -206,7 +255,10 @@ fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<Record> {
         peer_ms: None,
         ratio: None,
         vs_cpu: None,
-    })
+        queued_ms,
+        rel_err: None,
+    };
+    Ok((record, output))
 }
 
 /// Devices to measure: the CPU path (every GPU number is also given as a ratio to it) and
@@ -252,28 +304,37 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
     let mut records: Vec<Record> = Vec::new();
     if !args.json {
         println!(
-            "{:<34} {:<34} {:>10} {:>12} {:>10} {:>9} {:>8}",
+            "{:<34} {:<34} {:>10} {:>9} {:>12} {:>10} {:>9} {:>8} {:>9}",
             "case",
             "device",
             "ms",
+            "ms x10",
             if args.train { "peak GPU" } else { "GFLOP/s|GB/s" },
             "peer ms",
             "vipo/peer",
-            "vs cpu"
+            "vs cpu",
+            "err"
         );
     }
+    // The CPU path's output of each case, to check the GPU's against (same inputs).
+    let mut cpu_out: HashMap<String, Vec<f32>> = HashMap::new();
     for device in devices(device_arg)? {
-        let runs: Vec<Result<Record>> = if args.train {
+        let runs: Vec<Result<(Record, Vec<f32>)>> = if args.train {
             TRAIN_CASES
                 .iter()
                 .filter(|(c, s, b)| !args.quick || (*c, *s, *b) == TRAIN_CASES[0])
-                .map(|&(c, s, b)| time_train(c, s, b, &device, args.min_time))
+                .map(|&(c, s, b)| time_train(c, s, b, &device, args.min_time).map(|r| (r, Vec::new())))
                 .collect()
         } else {
             selected.iter().map(|case| time_case(case, &device, args.min_time)).collect()
         };
         for r in runs {
-            let mut r = r?;
+            let (mut r, out) = r?;
+            if device.is_cpu() {
+                cpu_out.insert(r.name.clone(), out);
+            } else if let Some(want) = cpu_out.get(&r.name).filter(|w| !w.is_empty()) {
+                r.rel_err = Some(rel_err(&out, want));
+            }
             if let Some(&p) = peer.get(&r.name) {
                 r.peer_ms = Some(p);
                 r.ratio = Some(r.ms / p);
@@ -294,9 +355,11 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
                 let peer = r.peer_ms.map(|p| format!("{p:.2}")).unwrap_or_else(|| "-".into());
                 let ratio = r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
                 let vs_cpu = r.vs_cpu.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+                let err = r.rel_err.map(|x| format!("{x:.1e}")).unwrap_or_else(|| "-".into());
+                let queued = r.queued_ms.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<34} {:<34} {:>10.2} {:>7.1} {unit} {:>10} {:>9} {:>8}",
-                    r.name, r.device, r.ms, rate, peer, ratio, vs_cpu
+                    "{:<34} {:<34} {:>10.2} {:>9} {:>7.1} {unit} {:>10} {:>9} {:>8} {:>9}",
+                    r.name, r.device, r.ms, queued, rate, peer, ratio, vs_cpu, err
                 );
             }
             records.push(r);

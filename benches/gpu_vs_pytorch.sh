@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# vipo's WGSL kernels on a GPU against PyTorch CUDA on the same card, fp32 with TF32 off, in one
+# run, most important first:
+#   1. operator cases (matmul up to 4096^3, conv2d, attention, group norm): vipo GPU, vipo CPU
+#      path and PyTorch; every GPU output is compared with the CPU path's (the `err` column);
+#   2. the 4096^3 matmul and a conv under each VIPO_SHADER_CHECKS setting (what wgpu's run-time
+#      checks cost);
+#   3. the SD1.5 UNet (real config, random weights) forward at 64x64 latents, batch 1;
+#   4. the LoRA Poly-DPO step, 2 pairs (batch 4), policy + reference;
+#   5. the same step at 1 pair with activation checkpointing: peak GPU memory at 512 px.
+# Each step has a time limit so a slow one cannot starve the rest; logs and JSON go to OUT_DIR.
+#
+# Usage: benches/gpu_vs_pytorch.sh [OUT_DIR]     (default target/bench/gpu)
+#   VIPO=path/to/vipo (default target/release/vipo), PYTHON=an interpreter with torch (CUDA)
+#   and diffusers, STEP_LIMIT=seconds per step (default 150), CHECKS=0 skips step 2, CKPT=0
+#   step 5. PyTorch runs with cuDNN's per-shape algorithm search on (TORCH_FLAGS, default
+#   --cudnn-benchmark): without it, cuDNN's default fp32 algorithm for some conv shapes (640
+#   channels at 32x32 on an H100) is 40x slower than for the others, which flatters vipo.
+set -u -o pipefail
+out=${1:-target/bench/gpu}
+mkdir -p "$out"
+vipo=${VIPO:-target/release/vipo}
+py=${PYTHON:-python3}
+tflags=${TORCH_FLAGS---cudnn-benchmark}
+limit=${STEP_LIMIT:-150}
+step() { echo; echo "== $* [$(date +%T)]"; }
+run() { timeout "$limit" "$@"; local rc=$?; [ $rc -eq 0 ] || echo "!! exit $rc: $*"; return 0; }
+# --peer FILE when PyTorch's step wrote it (vipo's numbers are still worth having without).
+peer() { if "$py" -c 'import json, sys; json.load(open(sys.argv[1]))' "$1" 2>/dev/null; then echo "--peer $1"; fi; }
+
+step machine
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
+"$py" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
+run "$vipo" devices
+
+step "1. operators: PyTorch CUDA"
+run "$py" benches/pytorch_ops.py --device cuda $tflags --json > "$out/torch_ops.json"
+step "1. operators: vipo (CPU path, then the GPU)"
+run "$vipo" --device gpu bench $(peer "$out/torch_ops.json") --min-time 0.3 | tee "$out/vipo_ops.txt"
+
+step "2. wgpu run-time checks"
+: > "$out/checks.txt"
+[ "${CHECKS:-1}" = 0 ] && echo skipped
+for c in $([ "${CHECKS:-1}" = 0 ] || echo all clamp none); do
+  for f in "matmul 4096x4096" "conv2d 640ch"; do
+    VIPO_SHADER_CHECKS=$c run "$vipo" --device gpu bench --filter "$f" --min-time 0.5 \
+      | grep gpu | sed "s/^/checks=$c  /" | tee -a "$out/checks.txt"
+  done
+done
+
+step "3-4. UNet forward and LoRA Poly-DPO step: PyTorch CUDA"
+run "$py" benches/pytorch_unet.py --device cuda $tflags --repeats 5 --json > "$out/torch_unet.json"
+step "3-4. UNet forward and LoRA Poly-DPO step: vipo"
+run "$vipo" bench model --on gpu --repeats 2 $(peer "$out/torch_unet.json") | tee "$out/vipo_unet.txt"
+
+step "5. 512 px LoRA Poly-DPO step, 1 pair, activation checkpointing"
+[ "${CKPT:-1}" = 0 ] && echo skipped
+[ "${CKPT:-1}" = 0 ] || run "$py" benches/pytorch_unet.py --device cuda $tflags --pairs 1 --checkpointing --repeats 2 --json \
+  > "$out/torch_unet_ckpt.json"
+[ "${CKPT:-1}" = 0 ] || run "$vipo" bench model --on gpu --pairs 1 --checkpointing --repeats 1 $(peer "$out/torch_unet_ckpt.json") \
+  | tee "$out/vipo_unet_ckpt.txt"
+
+step summary
+cat "$out/vipo_ops.txt" "$out/checks.txt" "$out/vipo_unet.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("
