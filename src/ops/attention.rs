@@ -8,8 +8,8 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::ops::fast_exp;
 use crate::ops::matmul::{sgemm, MatRef};
-use crate::ops::{fast_exp, max_lanes, sum_lanes};
 use crate::shaders::{ATTENTION, ATTENTION_D40, ATTENTION_D64, ATTENTION_D80};
 use crate::tensor::Tensor;
 
@@ -253,22 +253,14 @@ fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], lse: &mut [f32]
         let (qh, kh, vh) =
             (&q[b * lq * d..(b + 1) * lq * d], &k[b * lk * d..(b + 1) * lk * d], &v[b * lk * dv..(b + 1) * lk * dv]);
         oh.par_chunks_mut(CPU_ROWS * dv).zip(lh.par_chunks_mut(CPU_ROWS)).enumerate().for_each_init(
-            || vec![0.0f32; CPU_ROWS * lk],
-            |s, (ci, (oc, lc))| {
+            || (vec![0.0f32; CPU_ROWS * lk], vec![0.0f32; CPU_ROWS]),
+            |(s, inv), (ci, (oc, lc))| {
                 let r0 = ci * CPU_ROWS;
                 let rows = oc.len() / dv;
                 let st = &mut s[..rows * lk];
                 let qv = MatRef { data: &qh[r0 * d..], rs: d, cs: 1 };
                 sgemm(rows, lk, d, qv, MatRef { data: kh, rs: 1, cs: d }, st, lk, false, false);
-                for (row, l) in st.chunks_mut(lk).zip(lc.iter_mut()) {
-                    row.iter_mut().for_each(|x| *x *= scale);
-                    let m = max_lanes(row);
-                    row.iter_mut().for_each(|x| *x = fast_exp(*x - m));
-                    let sum = sum_lanes(row);
-                    *l = m + sum.ln();
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
+                softmax_rows(st, lk, scale, lc, &mut inv[..rows]);
                 sgemm(
                     rows,
                     dv,
@@ -280,9 +272,62 @@ fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], lse: &mut [f32]
                     false,
                     false,
                 );
+                // The softmax's normalisation, on the output rows (Dv wide, not Lk).
+                for (orow, &iv) in oc.chunks_mut(dv).zip(inv.iter()) {
+                    orow.iter_mut().for_each(|x| *x *= iv);
+                }
             },
         );
     });
+}
+
+simd_fn! {
+    /// Score rows `st` (rows, Lk) of raw Q.K to exp(scale s - m) in place, with each row's
+    /// log-sum-exp in `lse` and 1 / sum in `inv`: two passes over a row (max; exp and sum).
+    fn softmax_rows(st: &mut [f32], lk: usize, scale: f32, lse: &mut [f32], inv: &mut [f32]) {
+        for ((row, l), iv) in st.chunks_mut(lk).zip(lse.iter_mut()).zip(inv.iter_mut()) {
+            let mut mx = [f32::NEG_INFINITY; 8];
+            let chunks = row.chunks_exact(8);
+            let tail = chunks.remainder();
+            for c in chunks {
+                for i in 0..8 {
+                    let v = c[i] * scale;
+                    mx[i] = if v > mx[i] { v } else { mx[i] };
+                }
+            }
+            let mut m = mx.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            for &x in tail {
+                let v = x * scale;
+                m = if v > m { v } else { m };
+            }
+            let mut acc = [0f32; 8];
+            let mut chunks = row.chunks_exact_mut(8);
+            for c in &mut chunks {
+                for i in 0..8 {
+                    let e = fast_exp(c[i] * scale - m);
+                    c[i] = e;
+                    acc[i] += e;
+                }
+            }
+            let mut sum = acc.iter().sum::<f32>();
+            for x in chunks.into_remainder() {
+                let e = fast_exp(*x * scale - m);
+                *x = e;
+                sum += e;
+            }
+            *l = m + sum.ln();
+            *iv = 1.0 / sum;
+        }
+    }
+}
+
+simd_fn! {
+    /// Probability rows of the backward: exp(scale s - lse) in place, `pt` (rows, Lk).
+    fn prob_rows(pt: &mut [f32], lk: usize, scale: f32, lse: &[f32]) {
+        for (row, &l) in pt.chunks_mut(lk).zip(lse) {
+            row.iter_mut().for_each(|x| *x = fast_exp(*x * scale - l));
+        }
+    }
 }
 
 /// Inputs of the CPU backward, all contiguous (BH, L, *) or (BH, L).
@@ -337,10 +382,7 @@ fn cpu_attention_backward(io: &CpuBackward, dq: &mut [f32], dk: &mut [f32], dv_o
             let qc = MatRef { data: &qh[r0 * d..], rs: d, cs: 1 };
             let doc = MatRef { data: &doh[r0 * dv..], rs: dv, cs: 1 };
             sgemm(rows, lk, d, qc, MatRef { data: kh, rs: 1, cs: d }, pt, lk, false, false);
-            for (i, row) in pt.chunks_mut(lk).enumerate() {
-                let l = lh[r0 + i];
-                row.iter_mut().for_each(|x| *x = fast_exp(*x * scale - l));
-            }
+            prob_rows(pt, lk, scale, &lh[r0..r0 + rows]);
             // dP = dO V^T, then dS = scale P (dP - dsum) in place.
             sgemm(rows, lk, dv, doc, MatRef { data: vh, rs: 1, cs: dv }, dst, lk, false, false);
             for (i, (drow, prow)) in dst.chunks_mut(lk).zip(pt.chunks(lk)).enumerate() {

@@ -1,6 +1,43 @@
 //! Ops: each file holds the GPU dispatch beside its CPU twin and the `#[repr(C)]` mirror
 //! of its shader's `Params`. Shapes are in comments as `(B, C, H, W)`.
 
+/// `fn name(args) { body }` compiled three times: for AVX-512F, for AVX2 + FMA, and for the
+/// baseline the crate is built for (x86-64: SSE2, 4 lanes, no FMA); `name` picks the best the
+/// CPU has at run time. For the hot elementwise loops of the CPU path (the GEMM crate already
+/// does this for its kernels). The body must not call functions that need `#[inline(always)]`
+/// to vectorise except through `inline(always)` ones, which are compiled into each version.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn v4($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v3($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `v4` is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `v3` is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 pub mod attention;
 pub mod binary;
 pub mod cast;
@@ -123,47 +160,8 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     e * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
-/// Sum with 8 independent accumulators: a single running sum is a chain of dependent adds
-/// that the compiler may not reorder, 4-8x slower on long rows.
-#[inline]
-pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += c[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
-}
-
-/// Max with 8 lanes, for the same reason; NaN-free inputs assumed (scores, activations).
-#[inline]
-pub(crate) fn max_lanes(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
-        }
-    }
-    acc.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn lane_reductions_match_plain_ones() {
-        for n in [0usize, 1, 7, 8, 9, 100, 1027] {
-            let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.25).collect();
-            let plain: f64 = v.iter().map(|&x| x as f64).sum();
-            assert!((super::sum_lanes(&v) as f64 - plain).abs() < 1e-3, "{n}");
-            assert_eq!(super::max_lanes(&v), v.iter().cloned().fold(f32::NEG_INFINITY, f32::max), "{n}");
-        }
-    }
-
     #[test]
     fn fast_exp_is_within_a_few_ulp() {
         let mut worst = 0f64;
