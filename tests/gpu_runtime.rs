@@ -106,3 +106,27 @@ fn tensors_over_the_binding_limit_are_refused_by_name() {
     }
     assert!(err.to_string().contains("max_storage_buffer_binding_size"), "{err}");
 }
+
+#[test]
+fn gpu_timer_sums_the_dispatches_between_start_and_stop() {
+    let Some(dev) = gpu() else { return };
+    let Device::Gpu(ctx) = &dev else { panic!("gpu() gave {dev}") };
+    // Only this test runs the timer (other tests' dispatches may be timed too while it runs).
+    assert_eq!(ctx.gpu_timer_stop(), None, "a timer that was never started reads nothing");
+    if !ctx.gpu_timer_start() {
+        assert!(!ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY), "timestamps exist but the timer refused");
+        return;
+    }
+    let a = Tensor::randn(&[300, 200], 1, &dev).unwrap();
+    let b = Tensor::randn(&[200, 170], 2, &dev).unwrap();
+    let t0 = std::time::Instant::now();
+    let c = a.matmul(&b).unwrap().gelu().unwrap();
+    c.to_vec().unwrap();
+    let secs = ctx.gpu_timer_stop().expect("the timer was running");
+    let wall = t0.elapsed().as_secs_f64();
+    // Two kernels ran, on a queue that runs one pass at a time: some time, never more than the
+    // wall time around them (with slack for clock domains).
+    assert!(secs > 0.0 && secs.is_finite(), "GPU time {secs}");
+    assert!(secs <= wall * 1.5 + 1e-3, "GPU time {secs} s > wall time {wall} s");
+    assert_eq!(ctx.gpu_timer_stop(), None, "stop ends the timer");
+}

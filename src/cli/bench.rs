@@ -132,6 +132,10 @@ pub struct Record {
     /// end (median of 3), so the wait for each result is not counted: the kernels' own time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued_ms: Option<f64>,
+    /// GPU records: ms per run by the GPU's own timestamps around each dispatch (QUEUED runs;
+    /// None where the adapter has no timestamp queries): the kernels alone, no host time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_ms: Option<f64>,
     /// GPU records: ||gpu - cpu|| / ||cpu|| of the case's output, the same inputs on both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rel_err: Option<f64>,
@@ -189,6 +193,7 @@ fn time_train(channels: usize, size: usize, batch: usize, device: &Device, min_t
         ratio: None,
         vs_cpu: None,
         queued_ms: None,
+        gpu_ms: None,
         rel_err: None,
     })
 }
@@ -242,6 +247,15 @@ fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<(Record, Vec
             Some(q[1])
         }
     };
+    let gpu_ms = match device {
+        Device::Gpu(g) if g.gpu_timer_start() => {
+            for _ in 0..QUEUED {
+                drop((case.run)(&inputs)?);
+            }
+            g.gpu_timer_stop().map(|s| s * 1e3 / QUEUED as f64)
+        }
+        _ => None,
+    };
     times.sort_by(f64::total_cmp);
     let secs = times[times.len() / 2];
     let rate = case.work / secs / 1e9;
@@ -256,6 +270,7 @@ fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<(Record, Vec
         ratio: None,
         vs_cpu: None,
         queued_ms,
+        gpu_ms,
         rel_err: None,
     };
     Ok((record, output))
@@ -304,11 +319,12 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
     let mut records: Vec<Record> = Vec::new();
     if !args.json {
         println!(
-            "{:<34} {:<34} {:>10} {:>9} {:>12} {:>10} {:>9} {:>8} {:>9}",
+            "{:<34} {:<34} {:>10} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8} {:>9}",
             "case",
             "device",
             "ms",
             "ms x10",
+            "GPU ms",
             if args.train { "peak GPU" } else { "GFLOP/s|GB/s" },
             "peer ms",
             "vipo/peer",
@@ -357,9 +373,10 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
                 let vs_cpu = r.vs_cpu.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
                 let err = r.rel_err.map(|x| format!("{x:.1e}")).unwrap_or_else(|| "-".into());
                 let queued = r.queued_ms.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+                let gpu = r.gpu_ms.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<34} {:<34} {:>10.2} {:>9} {:>7.1} {unit} {:>10} {:>9} {:>8} {:>9}",
-                    r.name, r.device, r.ms, queued, rate, peer, ratio, vs_cpu, err
+                    "{:<34} {:<34} {:>10.2} {:>9} {:>9} {:>7.1} {unit} {:>10} {:>9} {:>8} {:>9}",
+                    r.name, r.device, r.ms, queued, gpu, rate, peer, ratio, vs_cpu, err
                 );
             }
             records.push(r);

@@ -45,6 +45,19 @@ struct Batch {
     dispatches: usize,
 }
 
+/// GPU timestamps around every compute pass while `GpuContext::gpu_timer_start` is on: two
+/// queries per dispatch, resolved and read back at each submit (a wait per submit: for
+/// benchmarks only).
+struct Timer {
+    queries: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    /// Passes recorded in the current batch.
+    passes: u32,
+    /// GPU seconds summed over the passes already read back.
+    seconds: f64,
+}
+
 pub struct GpuContext {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
@@ -60,6 +73,7 @@ pub struct GpuContext {
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
     batch: Mutex<Batch>,
+    timer: Mutex<Option<Timer>>,
 }
 
 /// What wgpu adds to every kernel at run time, from `VIPO_SHADER_CHECKS`:
@@ -156,6 +170,7 @@ impl GpuContext {
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             batch: Mutex::new(Batch { encoder: None, uniforms: Vec::new(), dispatches: 0 }),
+            timer: Mutex::new(None),
         })
     }
 
@@ -284,14 +299,84 @@ impl GpuContext {
     }
 
     fn submit_locked(&self, b: &mut Batch) {
-        let Some(enc) = b.encoder.take() else { return };
+        let Some(mut enc) = b.encoder.take() else { return };
         if !b.uniforms.is_empty() {
             self.queue.write_buffer(&self.uniform_buf, 0, &b.uniforms);
             b.uniforms.clear();
         }
+        let mut timer = lock(&self.timer);
+        let timed = match timer.as_mut() {
+            Some(t) if t.passes > 0 => {
+                let n = 2 * t.passes;
+                enc.resolve_query_set(&t.queries, 0..n, &t.resolve, 0);
+                enc.copy_buffer_to_buffer(&t.resolve, 0, &t.readback, 0, u64::from(n) * 8);
+                Some(n)
+            }
+            _ => None,
+        };
         self.queue.submit(Some(enc.finish()));
         b.dispatches = 0;
         lock(&self.pool).stats.submits += 1;
+        if let (Some(n), Some(t)) = (timed, timer.as_mut()) {
+            t.seconds += self.read_timestamps(&t.readback, n);
+            t.passes = 0;
+        }
+    }
+
+    /// Sum of (end - begin) over the `n / 2` query pairs in `readback`, in seconds; waits for
+    /// the GPU. A failed map counts nothing (timing is a measurement aid, never an error).
+    fn read_timestamps(&self, readback: &wgpu::Buffer, n: u32) -> f64 {
+        let bytes = u64::from(n) * 8;
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+            let _ = tx.send(r);
+        });
+        if self.device.poll(wgpu::PollType::wait_indefinitely()).is_err() || !matches!(rx.recv(), Ok(Ok(()))) {
+            return 0.0;
+        }
+        let ticks: u64 = match readback.get_mapped_range(0..bytes) {
+            Ok(view) => {
+                let t: &[u64] = bytemuck::cast_slice(&view);
+                t.chunks_exact(2).map(|p| p[1].saturating_sub(p[0])).sum()
+            }
+            Err(_) => 0,
+        };
+        readback.unmap();
+        ticks as f64 * f64::from(self.queue.get_timestamp_period()) * 1e-9
+    }
+
+    /// Starts summing the GPU time of every dispatch from here (timestamp queries around each
+    /// compute pass); false, and nothing timed, where the adapter has no timestamps.
+    pub fn gpu_timer_start(&self) -> bool {
+        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return false;
+        }
+        self.flush();
+        let count = 2 * MAX_DISPATCHES_PER_SUBMIT as u32;
+        let buffer = |label, usage| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: u64::from(count) * 8,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("vipo timer"),
+            ty: wgpu::QueryType::Timestamp,
+            count,
+        });
+        let resolve = buffer("vipo timer resolve", wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+        let readback = buffer("vipo timer readback", wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+        *lock(&self.timer) = Some(Timer { queries, resolve, readback, passes: 0, seconds: 0.0 });
+        true
+    }
+
+    /// Stops the timer: GPU seconds spent in the dispatches since `gpu_timer_start` (waits for
+    /// them), or None when it was not running.
+    pub fn gpu_timer_stop(&self) -> Option<f64> {
+        self.flush();
+        lock(&self.timer).take().map(|t| t.seconds)
     }
 
     /// Submits what is recorded, without waiting.
@@ -391,14 +476,24 @@ impl GpuContext {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
+        let mut timer = lock(&self.timer);
+        let timestamp_writes = timer.as_mut().map(|t| {
+            t.passes += 1;
+            wgpu::ComputePassTimestampWrites {
+                query_set: &t.queries,
+                beginning_of_pass_write_index: Some(2 * t.passes - 2),
+                end_of_pass_write_index: Some(2 * t.passes - 1),
+            }
+        });
         let enc = self.encoder(&mut b);
         {
             let mut pass =
-                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
+                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
+        drop(timer);
         b.dispatches += 1;
         Ok(())
     }
