@@ -401,3 +401,58 @@ fn cpu_attention_backward(io: &CpuBackward, dq: &mut [f32], dk: &mut [f32], dv_o
         }
     });
 }
+
+#[cfg(test)]
+mod simd_tests {
+    /// The AVX-512 and AVX2 builds of the softmax loops against the baseline one, on rows
+    /// with a tail past the 8-lane blocks: the same arithmetic in the same order, so the
+    /// same bits (each is only a different compilation of one body).
+    #[test]
+    fn softmax_versions_agree() {
+        let (rows, lk, scale) = (5usize, 4099usize, 0.37f32);
+        let mut rng = crate::rng::Rng::new(7);
+        let scores: Vec<f32> = rng.normal_vec(rows * lk).into_iter().map(|x| x * 6.0).collect();
+        let lse_in: Vec<f32> = (0..rows).map(|i| 3.0 + i as f32).collect();
+        let run = |which: &str| {
+            let (mut st, mut lse, mut inv) = (scores.clone(), vec![0f32; rows], vec![0f32; rows]);
+            let mut pt = scores.clone();
+            match which {
+                "base" => {
+                    super::softmax_rows::base(&mut st, lk, scale, &mut lse, &mut inv);
+                    super::prob_rows::base(&mut pt, lk, scale, &lse_in);
+                }
+                #[cfg(target_arch = "x86_64")]
+                "v3" => unsafe {
+                    super::softmax_rows::v3(&mut st, lk, scale, &mut lse, &mut inv);
+                    super::prob_rows::v3(&mut pt, lk, scale, &lse_in);
+                },
+                #[cfg(target_arch = "x86_64")]
+                "v4" => unsafe {
+                    super::softmax_rows::v4(&mut st, lk, scale, &mut lse, &mut inv);
+                    super::prob_rows::v4(&mut pt, lk, scale, &lse_in);
+                },
+                _ => unreachable!(),
+            }
+            (st, lse, inv, pt)
+        };
+        let want = run("base");
+        // The baseline itself: each row sums to 1 after the 1/sum it reports.
+        for (r, row) in want.0.chunks(lk).enumerate() {
+            let s: f64 = row.iter().map(|&x| x as f64).sum::<f64>() * want.2[r] as f64;
+            assert!((s - 1.0).abs() < 1e-5, "row {r} sums to {s}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut checked = 0;
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                assert!(run("v3") == want, "the AVX2 build differs from the baseline");
+                checked += 1;
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                assert!(run("v4") == want, "the AVX-512 build differs from the baseline");
+                checked += 1;
+            }
+            eprintln!("softmax versions compared with the baseline: {checked}");
+        }
+    }
+}

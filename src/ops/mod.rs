@@ -4,36 +4,50 @@
 /// `fn name(args) { body }` compiled three times: for AVX-512F, for AVX2 + FMA, and for the
 /// baseline the crate is built for (x86-64: SSE2, 4 lanes, no FMA); `name` picks the best the
 /// CPU has at run time. For the hot elementwise loops of the CPU path (the GEMM crate already
-/// does this for its kernels). The body must not call functions that need `#[inline(always)]`
-/// to vectorise except through `inline(always)` ones, which are compiled into each version.
+/// does this for its kernels). Helpers the body calls must be `#[inline(always)]` to be
+/// compiled into each version. The versions are reachable as `name::{base, v3, v4}` (a module
+/// beside the function) so tests can compare them.
 macro_rules! simd_fn {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f")]
-            unsafe fn v4($($arg: $ty),*) {
-                body($($arg),*)
-            }
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn v3($($arg: $ty),*) {
-                body($($arg),*)
-            }
             #[cfg(target_arch = "x86_64")]
             {
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has the features `v4` is compiled for.
-                    return unsafe { v4($($arg),*) };
+                    return unsafe { $name::v4($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has the features `v3` is compiled for.
-                    return unsafe { v3($($arg),*) };
+                    return unsafe { $name::v3($($arg),*) };
                 }
             }
-            body($($arg),*)
+            $name::base($($arg),*)
+        }
+
+        #[allow(dead_code)]
+        $vis mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[inline(always)]
+            pub fn base($($arg: $ty),*) $body
+
+            /// # Safety
+            /// The CPU must have AVX-512F.
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            pub unsafe fn v4($($arg: $ty),*) {
+                base($($arg),*)
+            }
+
+            /// # Safety
+            /// The CPU must have AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn v3($($arg: $ty),*) {
+                base($($arg),*)
+            }
         }
     };
 }
