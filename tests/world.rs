@@ -2,7 +2,7 @@
 //! marks for ground truth, low marks for renders of other prompts, the contrarian aesthetic),
 //! the BPE tokenizer over the grammar's words, the shipped base model in `models/world`,
 //! preference sets in the three regimes, batch-independent sampling, the quick demo end to end
-//! (the CI demo run), the report's statistics, and the SVG/PNG helpers.
+//! (the CI demo run), the report's statistics, and the picture helpers (grids and charts, PNG).
 //!
 //! Everything that runs the shipped model runs it on the CPU.
 
@@ -23,7 +23,7 @@ use vipo::pipelines::stable_diffusion::StableDiffusion;
 use vipo::rng::Rng;
 use vipo::world::demo::{compare, estimate, eval_jobs, metric_names, DemoOptions, Estimate, Eval};
 use vipo::world::model::{self as wmodel, MAX_LENGTH};
-use vipo::world::plot::{compose, line_chart, stack, upscale, Series};
+use vipo::world::plot::{colour, compose, line_chart, upscale, Series};
 use vipo::world::prefs::{self, build, corrupt, sample_images, Candidate, Regime, SampleSettings};
 use vipo::world::render::{layout, render, to_pixels, BACKGROUND};
 use vipo::world::score::{analyse, score, Scores, SCORERS, TASK_SCORERS};
@@ -969,12 +969,15 @@ fn quick_demo_end_to_end() {
         assert_eq!(row, &gt.data[y * gt.width * 3..(y + 1) * gt.width * 3], "samples.png row {y}");
     }
 
-    // curves.svg: two stacked charts (loss, accuracy), each a raw and a smoothed series.
-    let svg = std::fs::read_to_string(out.join("curves.svg")).unwrap();
-    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
-    assert!(svg.trim_end().ends_with("</svg>"));
-    assert_eq!(svg.matches("<polyline").count(), 4);
-    assert_eq!(svg.matches("<svg").count(), 1, "nested documents");
+    // curves.png: two 720x300 charts (loss, accuracy) one above the other, each with a raw
+    // (light grey) and a smoothed (palette) series.
+    let (curves, _) = read_png(&out.join("curves.png")).unwrap();
+    assert_eq!((curves.width, curves.height), (720, 600));
+    for (half, c) in [(0..300, colour(0)), (300..600, colour(1))] {
+        let n =
+            half.clone().flat_map(|y| (0..720).map(move |x| (x, y))).filter(|&(x, y)| px(&curves, x, y) == c).count();
+        assert!(n > 100, "chart rows {half:?}: {n} pixels of its smoothed series");
+    }
 
     // The preference set and the checkpoint.
     let pairs = jsonl(&out.join("data/pairs.jsonl"));
@@ -1074,81 +1077,74 @@ fn compare_pairs_by_job() {
 // ---------------------------------------------------------------------------------------------
 // 9. Plot helpers
 
-/// The `points="..."` lists of the polylines of an SVG document.
-fn polylines(svg: &str) -> Vec<Vec<(f64, f64)>> {
-    svg.split("<polyline")
-        .skip(1)
-        .map(|s| {
-            let pts = s.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
-            pts.split_whitespace()
-                .map(|xy| {
-                    let (x, y) = xy.split_once(',').unwrap();
-                    (x.parse().unwrap(), y.parse().unwrap())
-                })
-                .collect()
-        })
-        .collect()
+fn px(img: &RgbImage, x: usize, y: usize) -> [u8; 3] {
+    let i = (y * img.width + x) * 3;
+    [img.data[i], img.data[i + 1], img.data[i + 2]]
+}
+
+/// The (x, y) of every pixel of colour `c`.
+fn pixels_of(img: &RgbImage, c: [u8; 3]) -> Vec<(usize, usize)> {
+    (0..img.height).flat_map(|y| (0..img.width).map(move |x| (x, y))).filter(|&(x, y)| px(img, x, y) == c).collect()
 }
 
 #[test]
 fn line_chart_draws_each_series_and_names_it() {
-    let series = vec![
+    let (a, b, c) = ([0x12, 0x34, 0x56], [0xab, 0x20, 0xef], [0x00, 0xff, 0x00]);
+    let mut series = vec![
         Series {
-            name: "loss <raw>".into(),
+            name: "loss (raw)".into(),
             points: vec![(1.0, 0.9), (2.0, 0.7), (3.0, 0.4)],
-            colour: "#123456".into(),
+            colour: a,
             markers: false,
         },
         Series {
-            name: "mean & smooth".into(),
+            name: "mean ± smooth".into(),
             points: vec![(1.0, 0.8), (2.0, f64::NAN), (3.0, 0.5), (4.0, 0.45)],
-            colour: "#abcdef".into(),
+            colour: b,
             markers: true,
         },
-        Series {
-            name: "accuracy".into(),
-            points: vec![(0.5, 0.1), (4.5, 1.2)],
-            colour: "#00ff00".into(),
-            markers: false,
-        },
+        Series { name: "accuracy".into(), points: vec![(0.5, 0.1), (4.5, 1.2)], colour: c, markers: false },
     ];
-    let (w, h) = (640.0, 360.0);
-    let svg = line_chart("Title & <more>", "step", "value", &series, Some(0.5), (w, h));
-    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    assert!(svg.contains(&format!("width=\"{w}\"")) && svg.contains(&format!("height=\"{h}\"")));
-    let lines = polylines(&svg);
-    assert_eq!(lines.len(), series.len());
-    // Legend names, escaped; the title too.
-    assert!(svg.contains("loss &lt;raw&gt;") && svg.contains("mean &amp; smooth") && svg.contains(">accuracy<"));
-    assert!(svg.contains("Title &amp; &lt;more&gt;") && !svg.contains("<raw>"));
-    for (s, pl) in series.iter().zip(&lines) {
-        // Non-finite points are left out; colours as given.
-        assert_eq!(pl.len(), s.points.iter().filter(|p| p.1.is_finite()).count(), "{}", s.name);
-        assert!(svg.contains(&format!("stroke=\"{}\"", s.colour)));
-        // Inside the document; x grows with the data's x, y (SVG, downwards) shrinks as the
-        // data's y grows.
-        assert!(pl.iter().all(|&(x, y)| (0.0..=w).contains(&x) && (0.0..=h).contains(&y)), "{pl:?}");
-        let finite: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| p.1.is_finite()).collect();
-        for (k, pair) in pl.windows(2).enumerate() {
-            let (d0, d1) = (finite[k], finite[k + 1]);
-            assert!(pair[1].0 > pair[0].0);
-            assert_eq!(pair[1].1 < pair[0].1, d1.1 > d0.1, "{}: {pair:?} for {d0:?} {d1:?}", s.name);
-        }
+    let (w, h) = (640, 360);
+    let img = line_chart("Title", "step", "value", &series, Some(0.5), (w, h));
+    assert_eq!((img.width, img.height, img.data.len()), (w, h, w * h * 3));
+    let white = pixels_of(&img, [255, 255, 255]).len();
+    assert!(white > w * h / 2, "mostly white background: {white}");
+    // Every series is drawn, in the plot (left of the legend) and as a legend swatch.
+    let legend_x = (0..w).rev().find(|&x| (0..h).any(|y| px(&img, x, y) == c)).unwrap();
+    for s in &series {
+        let p = pixels_of(&img, s.colour);
+        let in_plot = p.iter().filter(|q| q.0 + 100 < legend_x).count();
+        assert!(in_plot > 50, "{}: {in_plot} pixels in the plot", s.name);
+        assert!(p.iter().any(|q| q.0 + 60 > legend_x), "{}: no legend swatch", s.name);
     }
-    // Markers: one circle per finite point of the marked series.
-    assert_eq!(svg.matches("<circle").count(), 3);
-    // The reference line at 0.5 lies between the y of 0.4 and of 0.7 on the first series.
-    assert!(svg.contains("stroke-dasharray"));
-    // The same x maps to the same abscissa in every series: x = 1 in series 0 and 1.
-    assert_eq!(lines[0][0].0, lines[1][0].0);
-    // The widest series spans the plot: its ends are the extreme abscissae.
-    let xs: Vec<f64> = lines.iter().flatten().map(|p| p.0).collect();
-    let (lo, hi) = xs.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-    assert_eq!((lines[2][0].0, lines[2][1].0), (lo, hi));
-
-    let both = stack(&svg, &svg, h, w);
-    assert_eq!(both.matches("<svg").count(), 1);
-    assert_eq!(polylines(&both).len(), 2 * series.len());
+    // The widest series spans the plot's width; y grows upwards: the first series falls, so
+    // its leftmost pixels sit higher (smaller row) than its rightmost.
+    let pc: Vec<(usize, usize)> = pixels_of(&img, c).into_iter().filter(|q| q.0 + 100 < legend_x).collect();
+    let (cx0, cx1) = (pc.iter().map(|q| q.0).min().unwrap(), pc.iter().map(|q| q.0).max().unwrap());
+    let pa: Vec<(usize, usize)> = pixels_of(&img, a).into_iter().filter(|q| q.0 + 100 < legend_x).collect();
+    let (ax0, ax1) = (pa.iter().map(|q| q.0).min().unwrap(), pa.iter().map(|q| q.0).max().unwrap());
+    assert!(cx0 < ax0 && cx1 > ax1, "x range: accuracy {cx0}..{cx1}, loss {ax0}..{ax1}");
+    let row_at = |x: usize| pa.iter().filter(|q| q.0 == x).map(|q| q.1).min().unwrap();
+    assert!(row_at(ax0) < row_at(ax1), "the falling series rises on the picture");
+    // Text: ink in the title band and beside every legend swatch.
+    let ink = pixels_of(&img, [0x11, 0x11, 0x11]);
+    assert!(ink.iter().any(|q| q.1 < 25), "no title");
+    assert!(ink.iter().filter(|q| q.0 > legend_x).count() > 3 * 20, "legend names");
+    // The dashed reference line: grey pixels on a single row, between the rows of the loss
+    // series at 0.7 (x = 2) and 0.4 (x = 3).
+    let grey: Vec<(usize, usize)> = pixels_of(&img, [0x88, 0x88, 0x88]);
+    assert!(grey.len() > 50 && grey.iter().all(|q| q.1 == grey[0].1), "{} reference pixels", grey.len());
+    assert!(row_at(ax0) < grey[0].1 && grey[0].1 < row_at(ax1));
+    // Markers add pixels to the series that has them.
+    let with = pixels_of(&img, b).len();
+    series[1].markers = false;
+    let without = pixels_of(&line_chart("Title", "step", "value", &series, Some(0.5), (w, h)), b).len();
+    assert!(with > without + 3 * 20, "markers: {with} vs {without} pixels");
+    // Another size is honoured, and no series at all still draws the frame.
+    let empty = line_chart("", "", "", &[], None, (300, 200));
+    assert_eq!((empty.width, empty.height), (300, 200));
+    assert!(!pixels_of(&empty, [0x33, 0x33, 0x33]).is_empty());
 }
 
 /// A w x h image whose every pixel is distinct (so a misplaced pixel is caught).

@@ -62,7 +62,7 @@ pub struct Args {
     /// A few steps and images: all the output files in seconds (what CI runs).
     #[arg(long)]
     pub quick: bool,
-    /// The alpha ablation instead: every regime x alpha x seed, a table (sweep.md) and a plot (sweep.svg).
+    /// The alpha ablation instead: every regime x alpha x seed, a table (sweep.md) and a plot (sweep.png).
     #[arg(long)]
     pub sweep: bool,
     /// Sweep: the alphas.
@@ -117,7 +117,7 @@ pub fn run(a: &Args, device_arg: &str) -> Result<()> {
             "\nsweep finished in {:.0} s: {}, {}, {}",
             r.seconds,
             o.out.join("sweep.md").display(),
-            o.out.join("sweep.svg").display(),
+            o.out.join("sweep.png").display(),
             o.out.join("sweep.json").display()
         );
         print!("{}", std::fs::read_to_string(o.out.join("sweep.md")).unwrap_or_default());

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::plot::{colour, compose, line_chart, smooth, stack, Series};
+use super::plot::{colour, compose, line_chart, smooth, Series, LIGHT_GREY};
 use super::prefs::{build, candidates, sample_images, write, Candidate, Regime, SampleSettings};
 use super::render::render;
 use super::score::{score, Scores, SCORERS};
@@ -384,7 +384,7 @@ pub fn before_after_grid(before: &Eval, after: &Eval, rows: usize) -> RgbImage {
     compose(&rows_out, 3, 4, &[2])
 }
 
-fn curves_svg(metrics: &[StepMetrics], title: &str) -> String {
+fn curves_png(metrics: &[StepMetrics], title: &str) -> RgbImage {
     let loss: Vec<(f64, f64)> = metrics.iter().map(|m| (m.step as f64, m.loss)).collect();
     let acc: Vec<(f64, f64)> = metrics.iter().filter_map(|m| Some((m.step as f64, m.implicit_acc?))).collect();
     let w = (metrics.len() / 10).max(1) | 1;
@@ -393,24 +393,25 @@ fn curves_svg(metrics: &[StepMetrics], title: &str) -> String {
         "step",
         "loss",
         &[
-            Series { name: "per step".into(), points: loss.clone(), colour: "#bbbbbb".into(), markers: false },
+            Series { name: "per step".into(), points: loss.clone(), colour: LIGHT_GREY, markers: false },
             Series { name: format!("mean of {w}"), points: smooth(&loss, w), colour: colour(0), markers: false },
         ],
         None,
-        (720.0, 300.0),
+        (720, 300),
     );
     let bottom = line_chart(
         &format!("{title}: implicit accuracy (z > 0)"),
         "step",
         "accuracy",
         &[
-            Series { name: "per step".into(), points: acc.clone(), colour: "#bbbbbb".into(), markers: false },
+            Series { name: "per step".into(), points: acc.clone(), colour: LIGHT_GREY, markers: false },
             Series { name: format!("mean of {w}"), points: smooth(&acc, w), colour: colour(1), markers: false },
         ],
         Some(0.5),
-        (720.0, 300.0),
+        (720, 300),
     );
-    stack(&top, &bottom, 300.0, 720.0)
+    // One above the other, no gap (`compose` at scale 1).
+    compose(&[vec![top], vec![bottom]], 1, 0, &[])
 }
 
 /// The table as markdown.
@@ -496,11 +497,9 @@ pub fn run_demo(o: &DemoOptions, device: &Device, progress: &mut dyn Progress) -
     let rows = compare(&before, &after);
     let grid_path = out.join("samples.png");
     write_png(&grid_path, &before_after_grid(&before, &after, 24), None)?;
-    let curves_path = out.join("curves.svg");
-    write_text(
-        &curves_path,
-        &curves_svg(&metrics, &format!("Poly-DPO alpha {} on {} pairs", o.alpha, o.regime.name())),
-    )?;
+    let curves_path = out.join("curves.png");
+    let title = format!("Poly-DPO alpha {} on {} pairs", o.alpha, o.regime.name());
+    write_png(&curves_path, &curves_png(&metrics, &title), None)?;
     let report = DemoReport {
         model: o.model.clone(),
         regime: o.regime,
@@ -580,7 +579,7 @@ pub fn report_markdown(r: &DemoReport) -> String {
         );
     }
     s += "\n`samples.png`: for each held-out prompt (first seed), ground truth | before | after; two such blocks per \
-          row.\n`curves.svg`: loss and implicit accuracy per step.\n\nTime per phase:\n\n";
+          row.\n`curves.png`: loss and implicit accuracy per step.\n\nTime per phase:\n\n";
     for (k, v) in &r.seconds {
         s += &format!("- {k}: {v:.1} s\n");
     }
@@ -761,11 +760,11 @@ pub fn run_sweep(
         &serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(format!("sweep: {e}")))?,
     )?;
     write_text(&out.join("sweep.md"), &sweep_markdown(o, &report, regimes, alphas, seeds))?;
-    write_text(&out.join("sweep.svg"), &sweep_svg(&report, regimes))?;
+    write_png(&out.join("sweep.png"), &sweep_png(&report, regimes), None)?;
     Ok(report)
 }
 
-fn sweep_svg(r: &SweepReport, regimes: &[Regime]) -> String {
+fn sweep_png(r: &SweepReport, regimes: &[Regime]) -> RgbImage {
     let series: Vec<Series> = regimes
         .iter()
         .enumerate()
@@ -782,7 +781,7 @@ fn sweep_svg(r: &SweepReport, regimes: &[Regime]) -> String {
         "task score change (after - before)",
         &series,
         Some(0.0),
-        (720.0, 400.0),
+        (720, 400),
     )
 }
 
@@ -846,6 +845,6 @@ fn sweep_markdown(o: &DemoOptions, r: &SweepReport, regimes: &[Regime], alphas: 
             100.0 * a
         );
     }
-    s += &format!("\nWall time: {:.0} s. Plot: `sweep.svg`; every run: `sweep.json`.\n", r.seconds);
+    s += &format!("\nWall time: {:.0} s. Plot: `sweep.png`; every run: `sweep.json`.\n", r.seconds);
     s
 }
