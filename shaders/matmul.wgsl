@@ -60,6 +60,30 @@ fn b_slot(tid: u32, e: u32) -> vec2<u32> {
     return vec2<u32>(idx / BK, idx % BK);
 }
 
+// This thread's share of the A and B tiles of one K step, held until the tiles are free.
+var<private> pa: array<f32, LA>;
+var<private> pb: array<f32, LB>;
+
+// Loads K step `k0` of batch `bz` into `pa` / `pb` (zeros past the edges).
+fn load_step(tid: u32, row0: u32, col0: u32, bz: u32, k0: u32) {
+    for (var e = 0u; e < LA; e++) {
+        let s = a_slot(tid, e);
+        var v = 0.0;
+        if row0 + s.x < p.m && k0 + s.y < p.k {
+            v = a[bz * p.a_bs + (row0 + s.x) * p.a_rs + (k0 + s.y) * p.a_cs];
+        }
+        pa[e] = v;
+    }
+    for (var e = 0u; e < LB; e++) {
+        let s = b_slot(tid, e);
+        var v = 0.0;
+        if k0 + s.y < p.k && col0 + s.x < p.n {
+            v = b[bz * p.b_bs + (k0 + s.y) * p.b_rs + (col0 + s.x) * p.b_cs];
+        }
+        pb[e] = v;
+    }
+}
+
 @compute @workgroup_size(16, 16)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let bz = wid.z;
@@ -68,34 +92,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let tx = lid.x;
     let ty = lid.y;
     let tid = ty * 16u + tx;
-    let a_base = bz * p.a_bs;
-    let b_base = bz * p.b_bs;
 
     var acc: array<vec4<f32>, RM * GN>;
     for (var i = 0u; i < RM * GN; i++) {
         acc[i] = vec4<f32>(0.0);
     }
-    var pa: array<f32, LA>;
-    var pb: array<f32, LB>;
 
-    // Stage K step 0.
-    for (var e = 0u; e < LA; e++) {
-        let s = a_slot(tid, e);
-        var v = 0.0;
-        if row0 + s.x < p.m && s.y < p.k {
-            v = a[a_base + (row0 + s.x) * p.a_rs + s.y * p.a_cs];
-        }
-        pa[e] = v;
-    }
-    for (var e = 0u; e < LB; e++) {
-        let s = b_slot(tid, e);
-        var v = 0.0;
-        if s.y < p.k && col0 + s.x < p.n {
-            v = b[b_base + s.y * p.b_rs + (col0 + s.x) * p.b_cs];
-        }
-        pb[e] = v;
-    }
-
+    load_step(tid, row0, col0, bz, 0u);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         for (var e = 0u; e < LA; e++) {
             let s = a_slot(tid, e);
@@ -106,26 +109,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             b_s[s.y * SB + s.x / 4u][s.x % 4u] = pb[e];
         }
         workgroupBarrier();
-
         // Next step's loads, issued before the arithmetic that hides them.
-        let k1 = k0 + BK;
-        if k1 < p.k {
-            for (var e = 0u; e < LA; e++) {
-                let s = a_slot(tid, e);
-                var v = 0.0;
-                if row0 + s.x < p.m && k1 + s.y < p.k {
-                    v = a[a_base + (row0 + s.x) * p.a_rs + (k1 + s.y) * p.a_cs];
-                }
-                pa[e] = v;
-            }
-            for (var e = 0u; e < LB; e++) {
-                let s = b_slot(tid, e);
-                var v = 0.0;
-                if k1 + s.y < p.k && col0 + s.x < p.n {
-                    v = b[b_base + (k1 + s.y) * p.b_rs + (col0 + s.x) * p.b_cs];
-                }
-                pb[e] = v;
-            }
+        if k0 + BK < p.k {
+            load_step(tid, row0, col0, bz, k0 + BK);
         }
 
         for (var kk = 0u; kk < BK; kk++) {
