@@ -33,6 +33,10 @@ struct Params {
     ncol: u32,   // OH * OW
     n: u32,      // images (grad_weight)
     chunk: u32,  // reduction elements per split (grad_weight)
+    has_bias: u32,  // the forward's epilogue (conv2d_fwd.wgsl); unused here
+    has_temb: u32,
+    has_res: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -7,8 +7,10 @@
 // and `const BK`, chosen by `ops::matmul::tile`. 256 threads (16x16); each owns rows
 // g*64 + ty*4 + (0..3) and columns h*64 + tx*4 + (0..3) of the tile (see matmul.wgsl).
 //
-// main: in1 = X (N, Cin, H, W), in2 = W (Cout, Cin, KH, KW), dst = Y (N, Cout, OH, OW),
-// bias (Cout); main_nobias: the same without bias (each entry point binds only what it uses).
+// main: in1 = X (N, Cin, H, W), in2 = W (Cout, Cin, KH, KW), dst = Y (N, Cout, OH, OW), and
+// what the epilogue adds as its flags say: res (N, Cout, OH, OW), bias (Cout), temb (N, Cout);
+// the host binds in1 in the place of an absent one (never read). One pass instead of an
+// elementwise add per term.
 // grad_input_s1: the input gradient of a stride-1 convolution, which is itself a convolution:
 // dX = conv(dY, W'), W'[ci, co, ky, kx] = W[co, ci, KH-1-ky, KW-1-kx], padding KH-1-PH and
 // KW-1-PW. Params describe that convolution (cin = the forward's Cout, cout = its Cin, ...);
@@ -31,13 +33,20 @@ struct Params {
     ncol: u32,   // OH * OW
     n: u32,
     chunk: u32,  // unused here (the backward's)
+    has_bias: u32,  // main: 1 adds bias[co]
+    has_temb: u32,  // main: 1 adds temb[n, co] (a per-image bias: the resnets' time embedding)
+    has_res: u32,   // main: 1 adds res[n, co, oy, ox] (a residual)
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> in1: array<f32>;
 @group(0) @binding(2) var<storage, read> in2: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dst: array<f32>;
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
+// `res` first: grad_input_s1 shares `store`, so it binds `res` too (in1 in its place).
+@group(0) @binding(4) var<storage, read> res: array<f32>;
+@group(0) @binding(5) var<storage, read> bias: array<f32>;
+@group(0) @binding(6) var<storage, read> temb: array<f32>;
 
 const RM: u32 = BM / 16u;
 const RN: u32 = BN / 16u;
@@ -164,8 +173,9 @@ fn out_row(wid: vec3<u32>, lid: vec3<u32>, r: u32) -> u32 {
     return wid.y * BM + (r / 4u) * 64u + lid.y * 4u + r % 4u;
 }
 
-// `bv`: the bias of each register row (zeros without bias).
-fn store(wid: vec3<u32>, lid: vec3<u32>, acc: array<vec4<f32>, RM * GN>, bv: array<f32, RM>) {
+// `bv`: the bias of each register row (zeros without bias); `add_res`: add `res` (same layout
+// as dst).
+fn store(wid: vec3<u32>, lid: vec3<u32>, acc: array<vec4<f32>, RM * GN>, bv: array<f32, RM>, add_res: bool) {
     let y_base = wid.z * p.cout * p.ncol;
     for (var g = 0u; g < GM; g++) {
         for (var i = 0u; i < 4u; i++) {
@@ -180,7 +190,11 @@ fn store(wid: vec3<u32>, lid: vec3<u32>, acc: array<vec4<f32>, RM * GN>, bv: arr
                 let o = y_base + row * p.ncol + col;
                 for (var j = 0u; j < 4u; j++) {
                     if col + j < p.ncol {
-                        dst[o + j] = v[j];
+                        if add_res {
+                            dst[o + j] = v[j] + res[o + j];
+                        } else {
+                            dst[o + j] = v[j];
+                        }
                     }
                 }
             }
@@ -192,18 +206,17 @@ fn store(wid: vec3<u32>, lid: vec3<u32>, acc: array<vec4<f32>, RM * GN>, bv: arr
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     var bv: array<f32, RM>;
     for (var r = 0u; r < RM; r++) {
-        bv[r] = bias[min(out_row(wid, lid, r), p.cout - 1u)];
+        let row = min(out_row(wid, lid, r), p.cout - 1u);
+        var v = 0.0;
+        if p.has_bias == 1u {
+            v = bias[row];
+        }
+        if p.has_temb == 1u {
+            v += temb[wid.z * p.cout + row];
+        }
+        bv[r] = v;
     }
-    store(wid, lid, tiles(wid, lid), bv);
-}
-
-@compute @workgroup_size(16, 16)
-fn main_nobias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    var bv: array<f32, RM>;
-    for (var r = 0u; r < RM; r++) {
-        bv[r] = 0.0;
-    }
-    store(wid, lid, tiles(wid, lid), bv);
+    store(wid, lid, tiles(wid, lid), bv, p.has_res == 1u);
 }
 
 @compute @workgroup_size(16, 16)
@@ -213,5 +226,5 @@ fn grad_input_s1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     for (var r = 0u; r < RM; r++) {
         bv[r] = 0.0;
     }
-    store(wid, lid, tiles(wid, lid), bv);
+    store(wid, lid, tiles(wid, lid), bv, false);
 }

@@ -5,6 +5,9 @@
 // `backward` recomputes the row's statistics from x and writes
 //   dx = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh)),  dxh = dy * w,  xh = (x - mean) * rstd,
 // and, when `want_g` is set, g = dy * xh, which the host sums into the weight's gradient.
+// With `act` (group norm + SiLU fused, as every UNet and VAE resnet uses them), the forward
+// writes silu(z), z = xh * w + b, and the backward first turns dy into dz = dy * silu'(z)
+// (z recomputed from x, w and `bias`), written to `dz` when `want_dz` (the bias's gradient).
 
 struct Params {
     rows: u32,     // normalised rows: N * groups, or the product of all dims but the last
@@ -16,9 +19,9 @@ struct Params {
     has_b: u32,    // forward, 1: add b[channel]
     eps: f32,
     want_g: u32,   // backward, 1: write dy * xh to `g`
+    act: u32,      // 1: SiLU after the affine
+    want_dz: u32,  // backward with act, 1: write dz to `dz`
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -29,6 +32,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> b: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;  // (rows, row_len); backward: dx
 @group(0) @binding(5) var<storage, read_write> g: array<f32>;  // backward: (rows, row_len), or 1 when !want_g
+@group(0) @binding(6) var<storage, read> bias: array<f32>;     // backward: (C), or x when absent
+@group(0) @binding(7) var<storage, read_write> dz: array<f32>; // backward: (rows, row_len), or 1 when !want_dz
 
 var<workgroup> red: array<f32, 256>;
 var<workgroup> red2: array<vec2<f32>, 256>;
@@ -102,8 +107,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if p.has_b == 1u {
             v += b[c];
         }
+        if p.act == 1u {
+            v = v / (1.0 + exp(-v));
+        }
         y[start + j] = v;
     }
+}
+
+// dy, or with `act` dz = dy * silu'(z) for z = xh * w + bias, at element j of the row.
+fn grad_in(start: u32, j: u32, c: u32, xh: f32) -> f32 {
+    let d = b[start + j];
+    if p.act == 0u {
+        return d;
+    }
+    var z = xh;
+    if p.has_w == 1u {
+        z *= w[c];
+    }
+    if p.has_b == 1u {
+        z += bias[c];
+    }
+    let s = 1.0 / (1.0 + exp(-z));
+    return d * (s * (1.0 + z * (1.0 - s)));
 }
 
 @compute @workgroup_size(256)
@@ -121,23 +146,28 @@ fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     var acc = vec2<f32>(0.0, 0.0);
     for (var j = lid; j < p.row_len; j += 256u) {
         let xh = ((x[start + j] - pivot) - st.x) * st.y;
-        var dxh = b[start + j];
+        let c = c0 + j / p.spatial;
+        var dxh = grad_in(start, j, c, xh);
         if p.has_w == 1u {
-            dxh *= w[c0 + j / p.spatial];
+            dxh *= w[c];
         }
         acc += vec2<f32>(dxh, dxh * xh);
     }
     let m = block_sum2(lid, acc) / f32(p.row_len);
     for (var j = lid; j < p.row_len; j += 256u) {
         let xh = ((x[start + j] - pivot) - st.x) * st.y;
-        let d = b[start + j];
+        let c = c0 + j / p.spatial;
+        let d = grad_in(start, j, c, xh);
         var dxh = d;
         if p.has_w == 1u {
-            dxh *= w[c0 + j / p.spatial];
+            dxh *= w[c];
         }
         y[start + j] = st.y * (dxh - m.x - xh * m.y);
         if p.want_g == 1u {
             g[start + j] = d * xh;
+        }
+        if p.want_dz == 1u {
+            dz[start + j] = d;
         }
     }
 }

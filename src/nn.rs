@@ -5,6 +5,7 @@
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
+use crate::ops::conv2d::ConvAdd;
 use crate::params::{Param, ParamPath};
 use crate::tensor::Tensor;
 use crate::train::lora::{lora_is_off, LoraAdapter};
@@ -82,8 +83,14 @@ impl Conv2d {
 
     /// x (N, in, H, W) -> (N, out, OH, OW).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(x, ConvAdd::default())
+    }
+
+    /// `forward(x)` plus a per-image bias and/or a residual, added as the output is written.
+    pub fn forward_add(&self, x: &Tensor, add: ConvAdd) -> Result<Tensor> {
         let b = self.bias.as_ref().map(|b| b.value());
-        x.conv2d(&self.weight.value(), b.as_ref(), (self.stride, self.stride), (self.padding, self.padding))
+        let (s, p) = ((self.stride, self.stride), (self.padding, self.padding));
+        x.conv2d_add(&self.weight.value(), b.as_ref(), s, p, add)
     }
 }
 
@@ -115,6 +122,11 @@ impl GroupNorm {
     /// x (N, C, *spatial).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.group_norm(self.groups, Some(&self.weight.value()), Some(&self.bias.value()), self.eps)
+    }
+
+    /// `silu(forward(x))` as one fused op; x (N, C, *spatial).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        x.group_norm_silu(self.groups, Some(&self.weight.value()), Some(&self.bias.value()), self.eps)
     }
 }
 
@@ -226,24 +238,27 @@ impl ResnetBlock2D {
         })
     }
 
-    /// x (N, Cin, H, W), temb (N, T) -> (N, Cout, H, W).
+    /// x (N, Cin, H, W), temb (N, T) -> (N, Cout, H, W). The norms are fused with their SiLUs,
+    /// the time embedding is added by conv1 and the skip by conv2 as they write their outputs.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&t.silu()?)?; // (N, Cout)
-            let (n, c) = (t.shape()[0], t.shape()[1]);
-            h = h.add(&t.reshape_to(&[n, c, 1, 1])?)?;
-        }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => {
+                let t = proj.forward(&t.silu()?)?; // (N or 1, Cout)
+                let (n, c) = (x.shape()[0], t.shape()[1]);
+                Some(if t.shape()[0] == n { t } else { t.broadcast_to(&[n, c])? })
+            }
+            _ => None,
+        };
+        let h = self.conv1.forward_add(&self.norm1.forward_silu(x)?, ConvAdd { temb: t.as_ref(), residual: None })?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let y = skip.add(&h)?;
+        let h = self.norm2.forward_silu(&h)?;
         if self.output_scale_factor == 1.0 {
-            Ok(y)
+            self.conv2.forward_add(&h, ConvAdd { temb: None, residual: Some(&skip) })
         } else {
-            y.mul_scalar(1.0 / self.output_scale_factor)
+            skip.add(&self.conv2.forward(&h)?)?.mul_scalar(1.0 / self.output_scale_factor)
         }
     }
 }

@@ -54,6 +54,35 @@ fn conv2d_grads() {
 }
 
 #[test]
+fn conv2d_add_grads() {
+    // Gradients of the fused epilogue's terms: temb gets dY summed over pixels, the residual dY;
+    // strided and stride-1 (the GPU's fused input-gradient path) kernels; frozen weight as LoRA.
+    use vipo::ops::conv2d::ConvAdd;
+    let cases: &[([usize; 4], [usize; 4], (usize, usize))] =
+        &[([2, 3, 7, 6], [5, 3, 3, 3], (1, 1)), ([3, 4, 9, 8], [6, 4, 3, 3], (2, 2))];
+    for (ci, &(xs, ws, stride)) in cases.iter().enumerate() {
+        let seed = 790 + ci as u64;
+        let oh = (xs[2] + 2 - 3) / stride.0 + 1;
+        let ow = (xs[3] + 2 - 3) / stride.1 + 1;
+        let ys = vec![xs[0], ws[0], oh, ow];
+        let inputs = vec![
+            (randn(numel(&xs), seed), xs.to_vec()),
+            (randn(numel(&ws), seed + 1), ws.to_vec()),
+            (randn(ws[0], seed + 2), vec![ws[0]]),
+            (randn(xs[0] * ws[0], seed + 3), vec![xs[0], ws[0]]),
+            (randn(numel(&ys), seed + 4), ys),
+        ];
+        let f = |t: &[Tensor]| {
+            t[0].conv2d_add(&t[1], Some(&t[2]), stride, (1, 1), ConvAdd { temb: Some(&t[3]), residual: Some(&t[4]) })
+        };
+        let what = format!("conv2d_add x{xs:?} w{ws:?} s{stride:?}");
+        check_grads(&what, seed, &inputs, &[], EPS, FD_TOL, GPU_TOL, f);
+        check_grads(&format!("{what} frozen w, b"), seed, &inputs, &[1, 2], EPS, FD_TOL, GPU_TOL, f);
+        check_grads(&format!("{what} frozen x, residual"), seed, &inputs, &[0, 4], EPS, FD_TOL, GPU_TOL, f);
+    }
+}
+
+#[test]
 fn conv2d_frozen_weight_and_untracked_inputs_record_nothing_extra() {
     let cpu = Device::Cpu;
     let x = Tensor::randn(&[1, 3, 5, 5], 1, &cpu).unwrap();

@@ -243,6 +243,37 @@ fn group_norm_grads() {
 }
 
 #[test]
+fn group_norm_silu_grads() {
+    // The fused backward (dz = dy * silu'(z), z recomputed) by finite differences on the CPU and
+    // GPU against CPU, every affine variant; then frozen inputs, among them the case where only
+    // the bias learns (the kernel then runs for dz alone).
+    let eps = 1e-5;
+    let cases: &[(&[usize], &[usize])] = &[(&[2, 6, 5, 3], &[1, 3, 6]), (&[1, 8, 9], &[4]), (&[2, 4, 70], &[2])];
+    for (k, (shape, groups)) in cases.iter().enumerate() {
+        let c = shape[1];
+        for &g in *groups {
+            for (a, (w, b)) in affine_variants(c, 800 + k as u64).into_iter().enumerate() {
+                let seed = 810 + 100 * k as u64 + 10 * g as u64 + a as u64;
+                let x = randn(numel(shape), seed);
+                let (hw, hb) = (w.is_some(), b.is_some());
+                let what = format!("group_norm_silu {shape:?} groups {g} w {hw} b {hb}");
+                check_grads(&what, seed, &norm_inputs(&x, shape, &w, &b), &[], 3e-3, FD_TOL, GPU_TOL, |t| {
+                    let (wt, bt) = wb(t, hw, hb);
+                    t[0].group_norm_silu(g, wt, bt, eps)
+                });
+            }
+        }
+    }
+    let (w, b) = (uniform(6, 0.5, 1.5, 890), randn(6, 891));
+    let inputs = norm_inputs(&randn(2 * 6 * 7, 892), &[2, 6, 7], &Some(w), &Some(b));
+    let f = |t: &[Tensor]| t[0].group_norm_silu(3, Some(&t[1]), Some(&t[2]), eps);
+    for (k, frozen) in [&[1usize, 2][..], &[0], &[0, 1], &[0, 2], &[2]].iter().enumerate() {
+        let what = format!("group_norm_silu frozen {frozen:?}");
+        check_grads(&what, 893 + k as u64, &inputs, frozen, 3e-3, FD_TOL, GPU_TOL, f);
+    }
+}
+
+#[test]
 fn norm_grads_with_a_large_common_offset() {
     // Values near 100 with unit spread: the backward must work relative to the mean (as the
     // forward does) or the GPU's f32 deviations lose digits. The finite differences still hold

@@ -152,6 +152,59 @@ fn conv2d_every_tile_shape() {
 }
 
 #[test]
+fn conv2d_add_epilogue_gpu_vs_cpu_vs_f64_loop() {
+    // The fused epilogue (bias, per-image temb, residual, each on or off) against the f64
+    // convolution plus the terms added in f64; one case per tile, strided and pointwise kernels.
+    use vipo::ops::conv2d::ConvAdd;
+    type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize));
+    let cases: &[Case] = &[
+        ([2, 3, 7, 6], [5, 3, 3, 3], (1, 1), (1, 1)),
+        ([3, 5, 9, 8], [17, 5, 3, 3], (2, 2), (1, 1)),
+        ([2, 7, 5, 6], [3, 7, 1, 1], (1, 1), (0, 0)),
+        ([1, 2, 70, 70], [130, 2, 3, 3], (1, 1), (1, 1)),
+        ([2, 1, 33, 33], [1100, 1, 3, 3], (1, 1), (1, 1)),
+    ];
+    for (ci, &(xs, ws, stride, pad)) in cases.iter().enumerate() {
+        for mask in 1..8u32 {
+            let (with_b, with_t, with_r) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+            let seed = 760 + 10 * ci as u64 + mask as u64;
+            let (x, w) = (randn(numel(&xs), seed), randn(numel(&ws), seed + 1));
+            let (y0, ys) = conv_ref(&x, xs, &w, ws, None, stride, pad);
+            let (n, cout, ncol) = (ys[0], ys[1], ys[2] * ys[3]);
+            let (b, t, r) = (randn(cout, seed + 2), randn(n * cout, seed + 3), randn(y0.len(), seed + 4));
+            let want: Vec<f32> = y0
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let (ni, co) = (i / (cout * ncol), (i / ncol) % cout);
+                    let mut s = v as f64;
+                    s += if with_b { b[co] as f64 } else { 0.0 };
+                    s += if with_t { t[ni * cout + co] as f64 } else { 0.0 };
+                    s += if with_r { r[i] as f64 } else { 0.0 };
+                    s as f32
+                })
+                .collect();
+            let inputs = vec![(x, xs.to_vec()), (w, ws.to_vec()), (b, vec![cout]), (t, vec![n, cout]), (r, ys.clone())];
+            let what = format!("conv2d_add x{xs:?} w{ws:?} bias {with_b} temb {with_t} residual {with_r}");
+            let got = gpu_vs_cpu(&what, CONV_TOL, seed, &inputs, |t| {
+                let add = ConvAdd { temb: with_t.then(|| &t[3]), residual: with_r.then(|| &t[4]) };
+                t[0].conv2d_add(&t[1], with_b.then(|| &t[2]), stride, pad, add)
+            });
+            assert_close(&what, &got.to_vec().unwrap(), &want, CONV_TOL, seed);
+        }
+    }
+    // Wrong shapes of the added terms name them.
+    let cpu = |s: &[usize]| Tensor::from_slice(&randn(numel(s), 5), s, &Device::Cpu).unwrap();
+    let (x, w) = (cpu(&[2, 3, 5, 5]), cpu(&[4, 3, 3, 3]));
+    let bad_t = cpu(&[1, 4]);
+    let e = x.conv2d_add(&w, None, (1, 1), (1, 1), ConvAdd { temb: Some(&bad_t), residual: None }).unwrap_err();
+    assert!(e.to_string().contains("temb [1, 4]"), "{e}");
+    let bad_r = cpu(&[2, 4, 5, 4]);
+    let e = x.conv2d_add(&w, None, (1, 1), (1, 1), ConvAdd { temb: None, residual: Some(&bad_r) }).unwrap_err();
+    assert!(e.to_string().contains("residual [2, 4, 5, 4]") && e.to_string().contains("[2, 4, 5, 5]"), "{e}");
+}
+
+#[test]
 fn conv2d_rejects_bad_arguments() {
     let cpu = Device::Cpu;
     let x = Tensor::zeros(&[1, 3, 4, 4], &cpu).unwrap();

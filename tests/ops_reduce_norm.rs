@@ -377,6 +377,54 @@ fn group_norm_gpu_vs_cpu_vs_f64() {
 }
 
 #[test]
+fn group_norm_silu_gpu_vs_cpu_vs_f64() {
+    // The fused norm + SiLU against the f64 norm followed by an f64 SiLU; shapes whose rows are
+    // not multiples of the 256-thread workgroup, one group per channel, and a row long enough
+    // (3 x 300) for each thread to take several elements; the large offset as for the norm.
+    let eps = 1e-5;
+    let cases: &[(&[usize], &[usize])] =
+        &[(&[2, 12, 5, 7], &[3, 12]), (&[1, 6, 300], &[2]), (&[3, 4, 11], &[4, 1]), (&[2, 6], &[3])];
+    for (k, (shape, groups)) in cases.iter().enumerate() {
+        let c = shape[1];
+        for &g in *groups {
+            for (a, (w, b)) in affine_variants(c, 6500 + k as u64).into_iter().enumerate() {
+                for big_offset in [false, true] {
+                    let seed = 6600 + 100 * k as u64 + 10 * g as u64 + 2 * a as u64 + big_offset as u64;
+                    let mut x = randn(numel(shape), seed);
+                    if big_offset {
+                        x = offset(x, 1000.0);
+                    }
+                    let (hw, hb) = (w.is_some(), b.is_some());
+                    let what = format!("group_norm_silu {shape:?} groups {g} w {hw} b {hb} offset {big_offset}");
+                    let inputs = norm_inputs(&x, shape, &w, &b);
+                    let got = gpu_vs_cpu(&what, TOL, seed, &inputs, |t| {
+                        let (wt, bt) = wb(t, hw, hb);
+                        t[0].group_norm_silu(g, wt, bt, eps)
+                    });
+                    let want: Vec<f32> = ref_group_norm(&x, shape, g, w.as_deref(), b.as_deref(), eps as f64)
+                        .iter()
+                        .map(|&z| (z as f64 / (1.0 + (-(z as f64)).exp())) as f32)
+                        .collect();
+                    assert_close(&what, &got.to_vec().unwrap(), &want, TOL_F64, seed);
+                }
+            }
+        }
+    }
+    // Above the parallel threshold on the CPU (rows split over threads).
+    let shape = [2, 32, 40, 40];
+    let (x, w, b) = (randn(numel(&shape), 6690), uniform(32, 0.5, 1.5, 6691), randn(32, 6692));
+    let inputs = norm_inputs(&x, &shape, &Some(w.clone()), &Some(b.clone()));
+    let got = gpu_vs_cpu("group_norm_silu (2, 32, 40, 40)", TOL, 6690, &inputs, |t| {
+        t[0].group_norm_silu(8, Some(&t[1]), Some(&t[2]), eps)
+    });
+    let want: Vec<f32> = ref_group_norm(&x, &shape, 8, Some(&w), Some(&b), eps as f64)
+        .iter()
+        .map(|&z| (z as f64 / (1.0 + (-(z as f64)).exp())) as f32)
+        .collect();
+    assert_close("group_norm_silu (2, 32, 40, 40)", &got.to_vec().unwrap(), &want, TOL_F64, 6690);
+}
+
+#[test]
 fn norms_and_softmax_cpu_parallel_paths_vs_f64() {
     // Above the CPU's parallel threshold.
     let seed = 6900;

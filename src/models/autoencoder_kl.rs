@@ -451,7 +451,7 @@ impl Encoder {
             h = b.forward(&h)?;
         }
         let h = self.mid_block.forward(&h)?;
-        self.conv_out.forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -493,7 +493,7 @@ impl Decoder {
         for b in &self.up_blocks {
             h = b.forward(&h)?;
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 

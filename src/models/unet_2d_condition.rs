@@ -635,6 +635,8 @@ impl UNet2DConditionModel {
         let _ckpt = crate::models::unet_2d_blocks::checkpointing(
             self.gradient_checkpointing.load(std::sync::atomic::Ordering::Relaxed),
         );
+        // The norm before the last conv is fused with its SiLU unless its output is wanted.
+        let wanted = inter.is_some();
         let mut keep = |name: &str, t: &Tensor| {
             if let Some(v) = inter.as_deref_mut() {
                 v.push((name.to_string(), t.clone()));
@@ -687,9 +689,14 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process
-        let h = self.conv_norm_out.forward(&h)?;
-        keep("conv_norm_out", &h);
-        let out = self.conv_out.forward(&h.silu()?)?;
+        let h = if wanted {
+            let h = self.conv_norm_out.forward(&h)?;
+            keep("conv_norm_out", &h);
+            h.silu()?
+        } else {
+            self.conv_norm_out.forward_silu(&h)?
+        };
+        let out = self.conv_out.forward(&h)?;
         keep("conv_out", &out);
         Ok(out)
     }

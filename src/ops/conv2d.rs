@@ -33,6 +33,11 @@ pub struct Conv2dParams {
     pub n: u32,
     /// Reduction elements per split (read by `grad_weight`).
     pub chunk: u32,
+    /// The forward's epilogue: 1 adds the bias, the per-image bias `temb`, the residual.
+    pub has_bias: u32,
+    pub has_temb: u32,
+    pub has_res: u32,
+    pub _pad: u32,
 }
 
 /// Sizes of one convolution, checked.
@@ -217,25 +222,48 @@ impl SendPtr {
     }
 }
 
-fn conv_cpu(g: &Geom, x: &[f32], wt: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+/// Terms `Tensor::conv2d_add` adds to the convolution's output as it is written.
+#[derive(Clone, Copy, Default)]
+pub struct ConvAdd<'a> {
+    /// (N, Cout): a per-image bias (the resnets' projected time embedding).
+    pub temb: Option<&'a Tensor>,
+    /// (N, Cout, OH, OW): a residual (the resnets' skip connection).
+    pub residual: Option<&'a Tensor>,
+}
+
+/// What the forward adds to the convolution, on the CPU: bias (Cout), temb (N, Cout), residual
+/// (N, Cout, OH, OW).
+#[derive(Clone, Copy, Default)]
+struct Epilogue<'a> {
+    bias: Option<&'a [f32]>,
+    temb: Option<&'a [f32]>,
+    res: Option<&'a [f32]>,
+}
+
+fn conv_cpu(g: &Geom, x: &[f32], wt: &[f32], e: Epilogue) -> Vec<f32> {
     let (img_in, img_out) = (g.cin * g.h * g.w, g.cout * g.ncol());
-    // The bias goes in first and the GEMM accumulates onto it: no second pass.
-    let mut y = match bias {
-        Some(b) => {
-            let mut y = Vec::with_capacity(g.n * img_out);
-            for _ in 0..g.n {
-                for &v in b {
-                    y.extend(std::iter::repeat_n(v, g.ncol()));
-                }
-            }
-            y
-        }
+    // What the epilogue adds goes in first and the GEMM accumulates onto it: no second pass.
+    let acc = e.bias.is_some() || e.temb.is_some() || e.res.is_some();
+    let mut y = match e.res {
+        Some(r) => r.to_vec(),
         None => vec![0.0f32; g.n * img_out],
     };
     if y.is_empty() {
         return y;
     }
-    let acc = bias.is_some();
+    if e.bias.is_some() || e.temb.is_some() {
+        let ncol = g.ncol();
+        for (i, yi) in y.chunks_mut(img_out).enumerate() {
+            for (c, plane) in yi.chunks_mut(ncol).enumerate() {
+                let v = e.bias.map_or(0.0, |b| b[c]) + e.temb.map_or(0.0, |t| t[i * g.cout + c]);
+                if e.res.is_some() {
+                    plane.iter_mut().for_each(|o| *o += v);
+                } else {
+                    plane.fill(v);
+                }
+            }
+        }
+    }
     let col_len = if g.is_pointwise() { 0 } else { g.k() * g.ncol() };
     let work = g.cout * g.ncol() * g.k();
     if g.n >= rayon::current_num_threads() && g.n > 1 && work < 1 << 22 {
@@ -445,6 +473,10 @@ fn gpu_params(g: &Geom, chunk: usize) -> Result<Conv2dParams> {
         ncol: u(g.ncol())?,
         n: u(g.n)?,
         chunk: u(chunk)?,
+        has_bias: 0,
+        has_temb: 0,
+        has_res: 0,
+        _pad: 0,
     })
 }
 
@@ -475,14 +507,29 @@ impl Tensor {
         stride: (usize, usize),
         padding: (usize, usize),
     ) -> Result<Tensor> {
-        let out = self.conv2d_raw(weight, bias, stride, padding)?;
-        let inputs: Vec<&Tensor> = [Some(self), Some(weight), bias].into_iter().flatten().collect();
+        self.conv2d_add(weight, bias, stride, padding, ConvAdd::default())
+    }
+
+    /// `conv2d` plus `add.temb[:, :, None, None]` and `add.residual`, added as the output is
+    /// written (no elementwise pass per term); differentiable in every input.
+    pub fn conv2d_add(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: (usize, usize),
+        padding: (usize, usize),
+        add: ConvAdd,
+    ) -> Result<Tensor> {
+        let out = self.conv2d_raw(weight, bias, stride, padding, add)?;
+        let inputs: Vec<&Tensor> =
+            [Some(self), Some(weight), bias, add.temb, add.residual].into_iter().flatten().collect();
         if !crate::autograd::will_record(&inputs) {
             return Ok(out);
         }
         let x_saved = weight.is_tracked().then(|| self.detach());
         let w_saved = self.is_tracked().then(|| weight.detach());
         let (x_shape, w_shape) = (self.shape().to_vec(), weight.shape().to_vec());
+        let (has_b, has_t, has_r) = (bias.is_some(), add.temb.is_some(), add.residual.is_some());
         Ok(crate::autograd::record(OP, out, &inputs, move |g, needs| {
             let unsaved = || Error::Invalid("conv2d backward: an input it needs was not saved".into());
             let dx = match needs[0] {
@@ -494,9 +541,18 @@ impl Tensor {
                 false => None,
             };
             let mut grads = vec![dx, dw];
-            if let Some(&need_b) = needs.get(2) {
-                let cout = w_shape[0];
-                grads.push(need_b.then(|| g.sum_to_shape(&[1, cout, 1, 1])?.reshape_to(&[cout])).transpose()?);
+            let (n, cout) = (x_shape[0], w_shape[0]);
+            let mut k = 2;
+            if has_b {
+                grads.push(needs[k].then(|| g.sum_to_shape(&[1, cout, 1, 1])?.reshape_to(&[cout])).transpose()?);
+                k += 1;
+            }
+            if has_t {
+                grads.push(needs[k].then(|| g.sum_to_shape(&[n, cout, 1, 1])?.reshape_to(&[n, cout])).transpose()?);
+                k += 1;
+            }
+            if has_r {
+                grads.push(needs[k].then(|| g.clone()));
             }
             Ok(grads)
         }))
@@ -548,10 +604,16 @@ impl Tensor {
                         ncol: u(g.h * g.w)?,
                         n: u(g.n)?,
                         chunk: 0,
+                        has_bias: 0,
+                        has_temb: 0,
+                        has_res: 0,
+                        _pad: 0,
                     };
                     let t = crate::ops::matmul::tile(g.cin, g.h * g.w, g.n);
                     let groups = [u((g.h * g.w).div_ceil(t.1))?, u(g.cin.div_ceil(t.0))?, u(g.n)?];
-                    let bufs = [self.gpu_buf(NAME)?, weight.gpu_buf(NAME)?, out.gpu_buf(NAME)?];
+                    let dyb = self.gpu_buf(NAME)?;
+                    // dY also fills the epilogue's residual slot (never read here).
+                    let bufs = [dyb, weight.gpu_buf(NAME)?, out.gpu_buf(NAME)?, dyb];
                     ctx.dispatch(fwd_shader(t), "grad_input_s1", &params, &bufs, groups)?;
                     return Ok(out);
                 }
@@ -612,23 +674,40 @@ impl Tensor {
         bias: Option<&Tensor>,
         stride: (usize, usize),
         padding: (usize, usize),
+        add: ConvAdd,
     ) -> Result<Tensor> {
         self.ensure_f32(OP)?;
         weight.ensure_f32(OP)?;
         self.same_device(OP, weight)?;
-        if let Some(b) = bias {
-            b.ensure_f32(OP)?;
-            self.same_device(OP, b)?;
+        for t in [bias, add.temb, add.residual].into_iter().flatten() {
+            t.ensure_f32(OP)?;
+            self.same_device(OP, t)?;
         }
         let g = geometry(self.shape(), weight.shape(), bias.map(|b| b.shape()), stride, padding)?;
         let out_shape = [g.n, g.cout, g.oh, g.ow];
+        if let Some(t) = add.temb {
+            if t.shape() != [g.n, g.cout] {
+                let msg =
+                    format!("temb {:?} must be [{}, {}] (N, Cout) for output {out_shape:?}", t.shape(), g.n, g.cout);
+                return Err(Error::shape(OP, msg));
+            }
+        }
+        if let Some(r) = add.residual {
+            if r.shape() != out_shape {
+                return Err(Error::shape(
+                    OP,
+                    format!("residual {:?} must be the output's shape {out_shape:?}", r.shape()),
+                ));
+            }
+        }
         match self.device() {
             Device::Cpu => {
-                let b = match bias {
-                    Some(b) => Some(b.cpu_f32(OP)?),
-                    None => None,
-                };
-                let y = conv_cpu(&g, self.cpu_f32(OP)?, weight.cpu_f32(OP)?, b);
+                let (b, t, r) = (
+                    bias.map(|t| t.cpu_f32(OP)).transpose()?,
+                    add.temb.map(|t| t.cpu_f32(OP)).transpose()?,
+                    add.residual.map(|t| t.cpu_f32(OP)).transpose()?,
+                );
+                let y = conv_cpu(&g, self.cpu_f32(OP)?, weight.cpu_f32(OP)?, Epilogue { bias: b, temb: t, res: r });
                 Ok(Tensor::cpu(y, &out_shape))
             }
             Device::Gpu(ctx) => {
@@ -636,16 +715,20 @@ impl Tensor {
                 let u = |v: usize| u32_of(OP, v);
                 u(self.numel())?;
                 u(crate::tensor::numel(&out_shape))?;
-                let params = gpu_params(&g, 0)?;
+                let mut params = gpu_params(&g, 0)?;
+                params.has_bias = bias.is_some() as u32;
+                params.has_temb = add.temb.is_some() as u32;
+                params.has_res = add.residual.is_some() as u32;
                 // Output channels are the GEMM's rows, pixels its columns, images its batch.
                 let t = crate::ops::matmul::tile(g.cout, g.ncol(), g.n);
-                let shader = fwd_shader(t);
                 let groups = [u(g.ncol().div_ceil(t.1))?, u(g.cout.div_ceil(t.0))?, u(g.n)?];
-                let (xb, wb, yb) = (self.gpu_buf(OP)?, weight.gpu_buf(OP)?, out.gpu_buf(OP)?);
-                match bias {
-                    Some(b) => ctx.dispatch(shader, "main", &params, &[xb, wb, yb, b.gpu_buf(OP)?], groups)?,
-                    None => ctx.dispatch(shader, "main_nobias", &params, &[xb, wb, yb], groups)?,
-                }
+                let xb = self.gpu_buf(OP)?;
+                // x fills the slot of an absent term (its flag keeps the kernel from reading it).
+                let rb = add.residual.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
+                let bb = bias.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
+                let tb = add.temb.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
+                let bufs = [xb, weight.gpu_buf(OP)?, out.gpu_buf(OP)?, rb, bb, tb];
+                ctx.dispatch(fwd_shader(t), "main", &params, &bufs, groups)?;
                 Ok(out)
             }
         }

@@ -1,5 +1,5 @@
 //! Layer norm over the last axis and group norm over (N, C, *spatial), with their backward
-//! (`shaders/norm.wgsl`).
+//! (`shaders/norm.wgsl`); group norm also fused with the SiLU after it (`group_norm_silu`).
 //! Both normalise contiguous rows with a biased variance computed as the mean of squared
 //! deviations from the mean (two passes), as `torch.nn.functional` does.
 
@@ -23,7 +23,9 @@ pub struct NormParams {
     pub has_b: u32,
     pub eps: f32,
     pub want_g: u32,
-    pub _pad: [u32; 3],
+    pub act: u32,
+    pub want_dz: u32,
+    pub _pad: u32,
 }
 
 /// The rows to normalise: `rows` of `cpg * spatial` elements; row `r` holds channels
@@ -146,26 +148,113 @@ impl RowStats {
     }
 }
 
+/// SiLU and its derivative in f32, as `UnaryOp::Silu` and the shaders compute them.
+#[inline(always)]
+fn silu(z: f32) -> f32 {
+    z / (1.0 + (-z).exp())
+}
+
+#[inline(always)]
+fn silu_grad(z: f32) -> f32 {
+    let s = 1.0 / (1.0 + (-z).exp());
+    s * (1.0 + z * (1.0 - s))
+}
+
+/// The per-row settings the norm's CPU twins share.
+#[derive(Clone, Copy)]
+struct RowOpts<'a> {
+    /// First channel of the row.
+    c0: usize,
+    spatial: usize,
+    w: Option<&'a [f32]>,
+    b: Option<&'a [f32]>,
+    eps: f32,
+    /// SiLU after the affine.
+    act: bool,
+}
+
 /// CPU twin of the shader's `forward` for one row of `cpg` channels x `spatial`: statistics as
-/// [`RowStats`], then per channel one scale and shift in f32 (the shader's precision).
-fn norm_row(x: &[f32], y: &mut [f32], c0: usize, spatial: usize, w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) {
-    let st = RowStats::of(x, eps);
+/// [`RowStats`], then per channel one scale and shift in f32 (the shader's precision), then
+/// SiLU when `o.act`.
+fn norm_row(x: &[f32], y: &mut [f32], o: RowOpts) {
+    let st = RowStats::of(x, o.eps);
     let rstd = st.rstd;
-    if spatial == 1 {
+    let (c0, w, b) = (o.c0, o.w, o.b);
+    if o.spatial == 1 {
         // Layer norm: one channel per element.
         let r = rstd as f32;
-        for (j, (o, &v)) in y.iter_mut().zip(x).enumerate() {
-            *o = st.dev(v) * (r * w.map_or(1.0, |w| w[c0 + j])) + b.map_or(0.0, |b| b[c0 + j]);
+        for (j, (out, &v)) in y.iter_mut().zip(x).enumerate() {
+            let z = st.dev(v) * (r * w.map_or(1.0, |w| w[c0 + j])) + b.map_or(0.0, |b| b[c0 + j]);
+            *out = if o.act { silu(z) } else { z };
         }
         return;
     }
-    for (ci, (yc, xc)) in y.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
+    for (ci, (yc, xc)) in y.chunks_mut(o.spatial).zip(x.chunks(o.spatial)).enumerate() {
         let c = c0 + ci;
         let scale = (rstd * w.map_or(1.0, |w| w[c] as f64)) as f32;
         let shift = b.map_or(0.0, |b| b[c]);
-        for (o, &v) in yc.iter_mut().zip(xc) {
-            *o = st.dev(v) * scale + shift;
+        if o.act {
+            for (out, &v) in yc.iter_mut().zip(xc) {
+                *out = silu(st.dev(v) * scale + shift);
+            }
+        } else {
+            for (out, &v) in yc.iter_mut().zip(xc) {
+                *out = st.dev(v) * scale + shift;
+            }
         }
+    }
+}
+
+thread_local! {
+    /// dz of one row for the fused SiLU backward when the caller wants no dz out (reused: a
+    /// row is up to a few hundred KiB, which the allocator would map and unmap every time).
+    static DZ_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// dz = dy * silu'(z) for one row, z recomputed exactly as [`norm_row`] computes it.
+fn silu_dz_row(x: &[f32], dy: &[f32], dz: &mut [f32], o: RowOpts) {
+    let st = RowStats::of(x, o.eps);
+    let (c0, w, b) = (o.c0, o.w, o.b);
+    if o.spatial == 1 {
+        let r = st.rstd as f32;
+        for (j, (out, (&d, &v))) in dz.iter_mut().zip(dy.iter().zip(x)).enumerate() {
+            let z = st.dev(v) * (r * w.map_or(1.0, |w| w[c0 + j])) + b.map_or(0.0, |b| b[c0 + j]);
+            *out = d * silu_grad(z);
+        }
+        return;
+    }
+    let chunks = dz.chunks_mut(o.spatial).zip(dy.chunks(o.spatial).zip(x.chunks(o.spatial)));
+    for (ci, (dzc, (dyc, xc))) in chunks.enumerate() {
+        let c = c0 + ci;
+        let scale = (st.rstd * w.map_or(1.0, |w| w[c] as f64)) as f32;
+        let shift = b.map_or(0.0, |b| b[c]);
+        for (out, (&d, &v)) in dzc.iter_mut().zip(dyc.iter().zip(xc)) {
+            *out = d * silu_grad(st.dev(v) * scale + shift);
+        }
+    }
+}
+
+/// The fused backward for one row: dz into `dz_out` (or a scratch row), then the norm's
+/// backward of dz.
+fn norm_silu_backward_row(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    g: Option<&mut [f32]>,
+    dz_out: Option<&mut [f32]>,
+    o: RowOpts,
+) {
+    match dz_out {
+        Some(dz) => {
+            silu_dz_row(x, dy, dz, o);
+            norm_backward_row(x, dz, dx, g, o.c0, o.spatial, o.w, o.eps);
+        }
+        None => DZ_SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            s.resize(x.len(), 0.0);
+            silu_dz_row(x, dy, &mut s, o);
+            norm_backward_row(x, &s, dx, g, o.c0, o.spatial, o.w, o.eps);
+        }),
     }
 }
 
@@ -243,6 +332,18 @@ fn channel_sum(t: &Tensor, l: Layout) -> Result<Tensor> {
     }
 }
 
+/// What the fused backward kernel is asked for.
+#[derive(Clone, Copy)]
+struct BackwardWants {
+    /// `dz * xhat` per element (the weight's gradient, summed per channel by the host).
+    g: bool,
+    /// dz itself (the bias's gradient under `act`).
+    dz: bool,
+}
+
+/// The backward's outputs: dx, and `g`, `dz` where asked for.
+type NormGrads = (Tensor, Option<Tensor>, Option<Tensor>);
+
 impl Tensor {
     /// `F.layer_norm(x, (C,), weight, bias, eps)` over the last axis; `weight`, `bias`: (C,).
     pub fn layer_norm(&self, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
@@ -255,7 +356,7 @@ impl Tensor {
         check_affine(NAME, "bias", self, bias, c)?;
         let rows = self.numel().checked_div(c).unwrap_or(0);
         let layout = Layout { rows, spatial: 1, cpg: c, groups: 1 };
-        self.norm_recorded(NAME, layout, weight, bias, eps)
+        self.norm_recorded(NAME, layout, weight, bias, eps, false)
     }
 
     /// `F.group_norm(x, groups, weight, bias, eps)` for `x` (N, C, *spatial) with any number
@@ -267,27 +368,51 @@ impl Tensor {
         bias: Option<&Tensor>,
         eps: f32,
     ) -> Result<Tensor> {
-        const NAME: &str = "group_norm";
-        self.ensure_f32(NAME)?;
+        self.group_norm_act("group_norm", groups, weight, bias, eps, false)
+    }
+
+    /// `F.silu(F.group_norm(x, groups, weight, bias, eps))` in one pass over x, forward and
+    /// backward; the backward keeps x (and the affine) only, not the norm's output.
+    pub fn group_norm_silu(
+        &self,
+        groups: usize,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f32,
+    ) -> Result<Tensor> {
+        self.group_norm_act("group_norm_silu", groups, weight, bias, eps, true)
+    }
+
+    fn group_norm_act(
+        &self,
+        name: &'static str,
+        groups: usize,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f32,
+        act: bool,
+    ) -> Result<Tensor> {
+        self.ensure_f32(name)?;
         let shape = self.shape();
         if shape.len() < 2 {
-            return Err(Error::shape(NAME, format!("expected input (N, C, *spatial), got shape {shape:?}")));
+            return Err(Error::shape(name, format!("expected input (N, C, *spatial), got shape {shape:?}")));
         }
         let (n, c) = (shape[0], shape[1]);
         if groups == 0 || c % groups != 0 {
             return Err(Error::shape(
-                NAME,
+                name,
                 format!("{c} channels of input {shape:?} are not divisible into {groups} groups"),
             ));
         }
-        check_affine(NAME, "weight", self, weight, c)?;
-        check_affine(NAME, "bias", self, bias, c)?;
+        check_affine(name, "weight", self, weight, c)?;
+        check_affine(name, "bias", self, bias, c)?;
         let layout = Layout { rows: n * groups, spatial: shape[2..].iter().product(), cpg: c / groups, groups };
-        self.norm_recorded(NAME, layout, weight, bias, eps)
+        self.norm_recorded(name, layout, weight, bias, eps, act)
     }
 
     /// The forward, recording a backward that recomputes mean and rstd from x rather than
-    /// saving them; the weight's gradient sums `dy * xhat` per channel, the bias's sums `dy`.
+    /// saving them; the weight's gradient sums `dz * xhat` per channel, the bias's sums `dz`
+    /// (dz = dy without `act`).
     fn norm_recorded(
         &self,
         name: &'static str,
@@ -295,95 +420,123 @@ impl Tensor {
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
         eps: f32,
+        act: bool,
     ) -> Result<Tensor> {
-        let out = self.norm_rows(name, l, weight, bias, eps)?;
+        let out = self.norm_rows(name, l, weight, bias, eps, act)?;
         let mut inputs = vec![self];
         inputs.extend(weight);
         inputs.extend(bias);
+        if !crate::autograd::will_record(&inputs) {
+            return Ok(out);
+        }
         let (has_w, has_b) = (weight.is_some(), bias.is_some());
         let x = self.detach();
         let w = weight.map(|t| t.detach());
+        // Only the SiLU's derivative needs the bias (to recompute z).
+        let b = bias.filter(|_| act).map(|t| t.detach());
         Ok(crate::autograd::record(name, out, &inputs, move |dy, needs| {
             let need_w = has_w && needs[1];
             let need_b = has_b && needs[1 + has_w as usize];
             let mut grads = Vec::with_capacity(needs.len());
-            if needs[0] || need_w {
-                let (dx, g) = x.norm_backward(name, l, w.as_ref(), dy, eps, need_w)?;
+            if needs[0] || need_w || (act && need_b) {
+                let wants = BackwardWants { g: need_w, dz: act && need_b };
+                let (dx, g, dz) = x.norm_backward(name, l, w.as_ref(), b.as_ref(), dy, eps, act, wants)?;
                 grads.push(needs[0].then_some(dx));
                 if has_w {
                     grads.push(g.map(|g| channel_sum(&g, l)).transpose()?);
+                }
+                if has_b {
+                    let dz = if act { dz } else { need_b.then(|| dy.clone()) };
+                    grads.push(dz.map(|d| channel_sum(&d, l)).transpose()?);
                 }
             } else {
                 grads.push(None);
                 if has_w {
                     grads.push(None);
                 }
-            }
-            if has_b {
-                grads.push(need_b.then(|| channel_sum(dy, l)).transpose()?);
+                if has_b {
+                    grads.push(need_b.then(|| channel_sum(dy, l)).transpose()?);
+                }
             }
             Ok(grads)
         }))
     }
 
-    /// Gradient of the norm for x (`self`), and `dy * xhat` (shaped like x) when `want_g`.
+    /// Gradient of the norm (and the SiLU after it, with `act`) for x (`self`); `dz * xhat` and
+    /// dz (both shaped like x) as `wants` says.
+    #[allow(clippy::too_many_arguments)]
     fn norm_backward(
         &self,
         name: &'static str,
         l: Layout,
         weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
         dy: &Tensor,
         eps: f32,
-        want_g: bool,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+        act: bool,
+        wants: BackwardWants,
+    ) -> Result<NormGrads> {
         self.same_device(name, dy)?;
         if dy.shape() != self.shape() {
             return Err(Error::shape(name, format!("backward: dy {:?} for x {:?}", dy.shape(), self.shape())));
         }
+        let want_dz = act && wants.dz;
         let n = self.numel();
         let row_len = l.cpg * l.spatial;
         if n == 0 {
             let z = Tensor::zeros(self.shape(), &self.device())?;
-            return Ok((z.clone(), want_g.then_some(z)));
+            return Ok((z.clone(), wants.g.then(|| z.clone()), want_dz.then_some(z)));
         }
         match self.device() {
             Device::Cpu => {
                 let x = self.cpu_f32(name)?;
                 let d = dy.cpu_f32(name)?;
                 let w = weight.map(|t| t.cpu_f32(name)).transpose()?;
+                let b = bias.map(|t| t.cpu_f32(name)).transpose()?;
                 let mut dx = vec![0.0f32; n];
-                let mut g = if want_g { vec![0.0f32; n] } else { Vec::new() };
-                let row = |r: usize, o: &mut [f32], gr: Option<&mut [f32]>| {
+                let mut g = if wants.g { vec![0.0f32; n] } else { Vec::new() };
+                let mut dz = if want_dz { vec![0.0f32; n] } else { Vec::new() };
+                let row = |r: usize, o: &mut [f32], gr: Option<&mut [f32]>, dzr: Option<&mut [f32]>| {
                     let s = r * row_len..(r + 1) * row_len;
                     let c0 = (r % l.groups) * l.cpg;
-                    norm_backward_row(&x[s.clone()], &d[s], o, gr, c0, l.spatial, w, eps)
+                    if act {
+                        let opts = RowOpts { c0, spatial: l.spatial, w, b, eps, act };
+                        norm_silu_backward_row(&x[s.clone()], &d[s], o, gr, dzr, opts)
+                    } else {
+                        norm_backward_row(&x[s.clone()], &d[s], o, gr, c0, l.spatial, w, eps)
+                    }
                 };
-                let min_rows = (PAR_MIN / row_len).max(1);
-                match (want_g, n >= PAR_MIN) {
-                    (true, true) => dx
-                        .par_chunks_mut(row_len)
-                        .zip(g.par_chunks_mut(row_len))
+                // Each row of dx with its rows of g and dz where they are wanted.
+                fn rows_of(v: &mut [f32], row_len: usize, rows: usize) -> Vec<Option<&mut [f32]>> {
+                    match v.is_empty() {
+                        false => v.chunks_mut(row_len).map(Some).collect(),
+                        true => (0..rows).map(|_| None).collect(),
+                    }
+                }
+                let (g_rows, dz_rows) = (rows_of(&mut g, row_len, l.rows), rows_of(&mut dz, row_len, l.rows));
+                let task = |(r, (o, (gr, dzr))): (usize, (&mut [f32], (Option<&mut [f32]>, Option<&mut [f32]>)))| {
+                    row(r, o, gr, dzr)
+                };
+                if n >= PAR_MIN {
+                    let min_rows = (PAR_MIN / row_len).max(1);
+                    dx.par_chunks_mut(row_len)
+                        .zip(g_rows.into_par_iter().zip(dz_rows.into_par_iter()))
                         .enumerate()
                         .with_min_len(min_rows)
-                        .for_each(|(r, (o, gr))| row(r, o, Some(gr))),
-                    (true, false) => dx
-                        .chunks_mut(row_len)
-                        .zip(g.chunks_mut(row_len))
-                        .enumerate()
-                        .for_each(|(r, (o, gr))| row(r, o, Some(gr))),
-                    (false, true) => {
-                        dx.par_chunks_mut(row_len).enumerate().with_min_len(min_rows).for_each(|(r, o)| row(r, o, None))
-                    }
-                    (false, false) => dx.chunks_mut(row_len).enumerate().for_each(|(r, o)| row(r, o, None)),
+                        .for_each(task);
+                } else {
+                    dx.chunks_mut(row_len).zip(g_rows.into_iter().zip(dz_rows)).enumerate().for_each(task);
                 }
-                let g = want_g.then(|| Tensor::cpu(g, self.shape()));
-                Ok((Tensor::cpu(dx, self.shape()), g))
+                let g = wants.g.then(|| Tensor::cpu(g, self.shape()));
+                let dz = want_dz.then(|| Tensor::cpu(dz, self.shape()));
+                Ok((Tensor::cpu(dx, self.shape()), g, dz))
             }
             Device::Gpu(ctx) => {
                 u32_of(name, n)?;
                 let dx = Tensor::gpu_empty(&ctx, name, self.shape())?;
-                // Without `want_g` the kernel never touches `g`; a 1-element buffer fills the slot.
-                let g = Tensor::gpu_empty(&ctx, name, if want_g { self.shape() } else { &[1] })?;
+                // An output the kernel is not asked for gets a 1-element buffer for its slot.
+                let g = Tensor::gpu_empty(&ctx, name, if wants.g { self.shape() } else { &[1] })?;
+                let dz = Tensor::gpu_empty(&ctx, name, if want_dz { self.shape() } else { &[1] })?;
                 let params = NormParams {
                     rows: u32_of(name, l.rows)?,
                     row_len: u32_of(name, row_len)?,
@@ -391,16 +544,19 @@ impl Tensor {
                     cpg: u32_of(name, l.cpg)?,
                     groups: u32_of(name, l.groups)?,
                     has_w: weight.is_some() as u32,
-                    has_b: 0,
+                    has_b: (act && bias.is_some()) as u32,
                     eps,
-                    want_g: want_g as u32,
-                    _pad: [0; 3],
+                    want_g: wants.g as u32,
+                    act: act as u32,
+                    want_dz: want_dz as u32,
+                    _pad: 0,
                 };
                 let xb = self.gpu_buf(name)?;
                 let wb = weight.map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
-                let bufs = [xb, wb, dy.gpu_buf(name)?, dx.gpu_buf(name)?, g.gpu_buf(name)?];
+                let bb = bias.filter(|_| act).map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
+                let bufs = [xb, wb, dy.gpu_buf(name)?, dx.gpu_buf(name)?, g.gpu_buf(name)?, bb, dz.gpu_buf(name)?];
                 ctx.dispatch(&NORM, "backward", &params, &bufs, ctx.grid(l.rows as u64))?;
-                Ok((dx, want_g.then_some(g)))
+                Ok((dx, wants.g.then_some(g), want_dz.then_some(dz)))
             }
         }
     }
@@ -412,6 +568,7 @@ impl Tensor {
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
         eps: f32,
+        act: bool,
     ) -> Result<Tensor> {
         let n = self.numel();
         let row_len = l.cpg * l.spatial;
@@ -424,7 +581,7 @@ impl Tensor {
                 if n > 0 {
                     let row = |r: usize, yr: &mut [f32], xr: &[f32]| {
                         let c0 = (r % l.groups) * l.cpg;
-                        norm_row(xr, yr, c0, l.spatial, w, b, eps)
+                        norm_row(xr, yr, RowOpts { c0, spatial: l.spatial, w, b, eps, act })
                     };
                     if n >= PAR_MIN {
                         let min_rows = (PAR_MIN / row_len).max(1);
@@ -458,7 +615,9 @@ impl Tensor {
                     has_b: bias.is_some() as u32,
                     eps,
                     want_g: 0,
-                    _pad: [0; 3],
+                    act: act as u32,
+                    want_dz: 0,
+                    _pad: 0,
                 };
                 // An absent weight or bias binds `x` in its place (read-only; the flag skips it).
                 let xb = self.gpu_buf(name)?;
