@@ -92,6 +92,45 @@ fn steady_loop_reuses_pooled_buffers_and_batches_submits() {
 }
 
 #[test]
+fn uploads_and_thousands_of_dispatches_make_one_command_buffer() {
+    let Some(shared) = gpu() else { return };
+    let g = Device::open_private(shared.gpu().unwrap().index).unwrap();
+    let ctx = g.gpu().unwrap().clone();
+    ctx.set_dispatches_per_submit(0);
+    // Each iteration uploads a small tensor and records two dispatches that read it, then drops
+    // it: the next upload takes the same pooled buffer while the dispatch that reads the old
+    // contents has not run yet, so the copy must be ordered after it. 3000 dispatches also
+    // fill several uniform arenas.
+    let n = 37;
+    let x0 = randn(n, 41);
+    let mut y = Tensor::from_slice(&x0, &[n], &g).unwrap();
+    ctx.sync().unwrap();
+    let before = ctx.pool_stats().submits;
+    let mut yc = x0.clone();
+    for i in 0..1500 {
+        let c: Vec<f32> = (0..n).map(|j| ((i * 7 + j) % 11) as f32 - 5.0).collect();
+        let ct = Tensor::from_slice(&c, &[n], &g).unwrap();
+        y = y.add(&ct).unwrap().mul_scalar(0.5).unwrap();
+        yc.iter_mut().zip(&c).for_each(|(v, &c)| *v = (*v + c) * 0.5);
+    }
+    let got = y.to_vec().unwrap();
+    assert_eq!(ctx.pool_stats().submits, before + 1, "1500 uploads and 3000 dispatches, one readback: one submit");
+    // Halving and adding small integers is exact in f32 here: the results must be identical.
+    assert_eq!(got, yc, "a copy ran before the dispatch that read the buffer's old contents");
+    // The default submits every 512 dispatches, so a long graph starts running early.
+    let g2 = Device::open_private(shared.gpu().unwrap().index).unwrap();
+    let ctx2 = g2.gpu().unwrap().clone();
+    let mut y = Tensor::from_slice(&x0, &[n], &g2).unwrap();
+    ctx2.sync().unwrap();
+    let before = ctx2.pool_stats().submits;
+    for _ in 0..1100 {
+        y = y.mul_scalar(1.0).unwrap();
+    }
+    let _ = y.to_vec().unwrap();
+    assert_eq!(ctx2.pool_stats().submits, before + 3, "1100 dispatches by 512, then the readback");
+}
+
+#[test]
 fn tensors_over_the_binding_limit_are_refused_by_name() {
     let Some(g) = gpu() else { return };
     let limit = g.gpu().unwrap().limits.max_storage_buffer_binding_size;

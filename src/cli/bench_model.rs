@@ -67,6 +67,8 @@ pub struct ModelResult {
     /// Peak bytes: the GPU pool's live peak during the case, or the process's peak resident
     /// set on the CPU (weights included).
     pub peak_bytes: Option<u64>,
+    /// GPU command buffers submitted by one run (readbacks and full batches).
+    pub submits: Option<u64>,
     pub peer_seconds: Option<f64>,
 }
 
@@ -83,22 +85,27 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time_runs(repeats: usize, dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Median seconds of `repeats` runs after a warm-up, and the submits of the last run.
+fn time_runs(repeats: usize, dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<(f64, Option<u64>)> {
     f()?; // warm-up: pipelines, pool buffers
     if let Some(g) = dev.gpu() {
         g.sync()?;
         g.reset_peak();
     }
     let mut t = Vec::new();
+    let mut submits = None;
     for _ in 0..repeats.max(1) {
+        let s0 = dev.gpu().map(|g| g.pool_stats().submits);
         let t0 = Instant::now();
         f()?;
         if let Some(g) = dev.gpu() {
             g.sync()?;
         }
         t.push(t0.elapsed().as_secs_f64());
+        // The wait above submits nothing new (the run ends on a read or leaves its tail queued).
+        submits = s0.zip(dev.gpu()).map(|(s0, g)| g.pool_stats().submits - s0);
     }
-    Ok(median(t))
+    Ok((median(t), submits))
 }
 
 fn peak(dev: &Device) -> Option<u64> {
@@ -128,9 +135,10 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
     out.push(ModelResult {
         case: format!("unet forward b{} {s}x{s}", a.batch),
         device: name.to_string(),
-        seconds: fwd,
+        seconds: fwd.0,
         pairs_per_s: None,
         peak_bytes: peak(dev),
+        submits: fwd.1,
         peer_seconds: None,
     });
     if a.forward_only {
@@ -164,9 +172,10 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
     out.push(ModelResult {
         case: format!("lora poly-dpo step {n} pairs {s}x{s}{}", if a.checkpointing { " ckpt" } else { "" }),
         device: name.to_string(),
-        seconds: step,
-        pairs_per_s: Some(n as f64 / step),
+        seconds: step.0,
+        pairs_per_s: Some(n as f64 / step.0),
         peak_bytes: peak(dev),
+        submits: step.1,
         peer_seconds: None,
     });
     Ok(out)
@@ -207,7 +216,7 @@ pub fn run(a: &ModelArgs) -> Result<()> {
             if !a.json {
                 let ratio = r.peer_seconds.map(|p| format!("  vipo/peer {:.2}", r.seconds / p)).unwrap_or_default();
                 println!(
-                    "{:<36} {:<8} {:>9.3} s{}{}{}",
+                    "{:<36} {:<8} {:>9.3} s{}{}{}{}",
                     r.case,
                     r.device,
                     r.seconds,
@@ -215,6 +224,7 @@ pub fn run(a: &ModelArgs) -> Result<()> {
                     r.peak_bytes
                         .map(|b| format!("  peak {:.2} GiB", b as f64 / (1u64 << 30) as f64))
                         .unwrap_or_default(),
+                    r.submits.map(|n| format!("  {n} submits")).unwrap_or_default(),
                     ratio
                 );
             }

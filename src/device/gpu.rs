@@ -16,10 +16,17 @@ pub struct Shader {
     pub source: &'static str,
 }
 
-/// Uniform arena per batch, in units of the offset alignment; a full arena forces a submit.
+/// Slots per uniform arena, in units of the offset alignment; a batch takes as many arenas
+/// as its dispatches need.
 const UNIFORM_SLOTS: u64 = 2048;
-/// Dispatches recorded before a submit, so a long graph starts running early.
-const MAX_DISPATCHES_PER_SUBMIT: usize = 512;
+/// Dispatches recorded before a submit by default, so a long graph starts running early
+/// (`VIPO_DISPATCHES_PER_SUBMIT`; 0: submit only when data is read).
+const DISPATCHES_PER_SUBMIT: usize = 512;
+/// Upload staging held by one batch before it is submitted (uploads are copies recorded in
+/// the batch's encoder; their staging buffers live until the GPU has run it).
+const STAGING_CAP: u64 = 256 << 20;
+/// Timestamp query pairs per timed batch (the timer submits when they run out).
+const TIMER_PASSES: u32 = 512;
 
 /// Pool counters, in bytes. `live` is what tensors hold now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,10 +46,16 @@ struct Pool {
     stats: PoolStats,
 }
 
+/// What is recorded and not yet submitted: one command encoder, with one compute pass that
+/// consecutive dispatches share (wgpu still orders dispatches that touch the same buffers).
 struct Batch {
+    // Declared before `encoder`: a pass must end before its encoder goes.
+    pass: Option<wgpu::ComputePass<'static>>,
     encoder: Option<wgpu::CommandEncoder>,
+    /// Params of every dispatch in the batch, arena after arena.
     uniforms: Vec<u8>,
     dispatches: usize,
+    staging_bytes: u64,
 }
 
 /// GPU timestamps around every compute pass while `GpuContext::gpu_timer_start` is on: two
@@ -67,8 +80,10 @@ pub struct GpuContext {
     /// Index of the adapter in `Instance::enumerate_adapters` order (the N of `gpu:N`).
     pub index: usize,
     uniform_align: u64,
-    uniform_buf: wgpu::Buffer,
+    /// Uniform arenas of `UNIFORM_SLOTS` slots; a batch writes those it used at its submit.
+    uniform_bufs: Mutex<Vec<wgpu::Buffer>>,
     checks: wgpu::ShaderRuntimeChecks,
+    dispatches_per_submit: std::sync::atomic::AtomicUsize,
     pool: Mutex<Pool>,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
@@ -102,6 +117,20 @@ fn shader_checks() -> Result<wgpu::ShaderRuntimeChecks> {
         }
     }
     Ok(c)
+}
+
+/// `VIPO_DISPATCHES_PER_SUBMIT`: dispatches recorded before the batch is submitted without
+/// waiting for a read (default 512; 0: never, so a training step's graph up to its first read
+/// is one command buffer).
+fn dispatches_per_submit() -> Result<usize> {
+    match std::env::var("VIPO_DISPATCHES_PER_SUBMIT") {
+        Err(_) => Ok(DISPATCHES_PER_SUBMIT),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(0) => Ok(usize::MAX),
+            Ok(n) => Ok(n),
+            Err(_) => Err(Error::Gpu(format!("VIPO_DISPATCHES_PER_SUBMIT={v:?}: expected a count (0: only on reads)"))),
+        },
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,12 +179,7 @@ impl GpuContext {
         }))
         .map_err(|e| Error::Gpu(format!("cannot open {} ({:?}): {e}", info.name, info.backend)))?;
         let uniform_align = u64::from(limits.min_uniform_buffer_offset_alignment).max(16);
-        let uniform_buf = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("vipo params"),
-            size: uniform_align * UNIFORM_SLOTS,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let dispatches_per_submit = dispatches_per_submit()?;
         Ok(GpuContext {
             device,
             queue,
@@ -164,12 +188,19 @@ impl GpuContext {
             limits,
             index,
             uniform_align,
-            uniform_buf,
+            uniform_bufs: Mutex::new(Vec::new()),
             checks,
+            dispatches_per_submit: std::sync::atomic::AtomicUsize::new(dispatches_per_submit),
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
-            batch: Mutex::new(Batch { encoder: None, uniforms: Vec::new(), dispatches: 0 }),
+            batch: Mutex::new(Batch {
+                pass: None,
+                encoder: None,
+                uniforms: Vec::new(),
+                dispatches: 0,
+                staging_bytes: 0,
+            }),
             timer: Mutex::new(None),
         })
     }
@@ -231,22 +262,34 @@ impl GpuContext {
         p.free.entry(bucket).or_default().push(buf);
     }
 
-    /// Writes host bytes into a buffer. Pending dispatches are submitted first: the queue
-    /// applies writes before the next submit's commands, and a pooled buffer may still be
-    /// read by a recorded dispatch from its previous owner.
+    /// Writes host bytes into a buffer, as a copy recorded in the batch: it runs after the
+    /// dispatches recorded before it (a pooled buffer may still be read by its previous owner's
+    /// dispatches) without submitting them.
     pub(crate) fn write(&self, buf: &GpuBuffer, data: &[u8]) {
-        self.flush();
-        if !data.is_empty() {
-            let mut padded;
-            let bytes = if data.len().is_multiple_of(4) {
-                data
-            } else {
-                padded = data.to_vec();
-                padded.resize(data.len().next_multiple_of(4), 0);
-                &padded
-            };
-            self.queue.write_buffer(buf.raw(), 0, bytes);
+        if data.is_empty() {
+            return;
         }
+        let mut padded;
+        let bytes = if data.len().is_multiple_of(4) {
+            data
+        } else {
+            padded = data.to_vec();
+            padded.resize(data.len().next_multiple_of(4), 0);
+            &padded
+        };
+        let size = bytes.len() as u64;
+        let mut b = lock(&self.batch);
+        if b.staging_bytes > 0 && b.staging_bytes + size > STAGING_CAP {
+            self.submit_locked(&mut b);
+        }
+        use wgpu::util::DeviceExt;
+        let staging = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("vipo upload"),
+            contents: bytes,
+            usage: wgpu::BufferUsages::COPY_SRC,
+        });
+        b.staging_bytes += size;
+        self.encoder(&mut b).copy_buffer_to_buffer(&staging, 0, buf.raw(), 0, size);
     }
 
     /// Reads `bytes` bytes back; submits everything pending and waits.
@@ -292,18 +335,36 @@ impl GpuContext {
         Ok(out)
     }
 
+    /// The batch's encoder, for a command outside compute passes (the shared pass ends).
     fn encoder<'a>(&self, b: &'a mut Batch) -> &'a mut wgpu::CommandEncoder {
+        b.pass = None;
         b.encoder.get_or_insert_with(|| {
             self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("vipo batch") })
         })
     }
 
+    /// The compute pass that consecutive dispatches share.
+    fn shared_pass<'a>(&self, b: &'a mut Batch) -> &'a mut wgpu::ComputePass<'static> {
+        if b.pass.is_none() {
+            let desc = wgpu::ComputePassDescriptor { label: Some("vipo"), timestamp_writes: None };
+            let pass = self.encoder(b).begin_compute_pass(&desc).forget_lifetime();
+            b.pass = Some(pass);
+        }
+        b.pass.get_or_insert_with(|| unreachable!("set above"))
+    }
+
     fn submit_locked(&self, b: &mut Batch) {
+        b.pass = None;
         let Some(mut enc) = b.encoder.take() else { return };
         if !b.uniforms.is_empty() {
-            self.queue.write_buffer(&self.uniform_buf, 0, &b.uniforms);
+            let arena = self.uniform_align * UNIFORM_SLOTS;
+            let bufs = lock(&self.uniform_bufs);
+            for (k, chunk) in b.uniforms.chunks(arena as usize).enumerate() {
+                self.queue.write_buffer(&bufs[k], 0, chunk);
+            }
             b.uniforms.clear();
         }
+        b.staging_bytes = 0;
         let mut timer = lock(&self.timer);
         let timed = match timer.as_mut() {
             Some(t) if t.passes > 0 => {
@@ -352,7 +413,7 @@ impl GpuContext {
             return false;
         }
         self.flush();
-        let count = 2 * MAX_DISPATCHES_PER_SUBMIT as u32;
+        let count = 2 * TIMER_PASSES;
         let buffer = |label, usage| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -377,6 +438,14 @@ impl GpuContext {
     pub fn gpu_timer_stop(&self) -> Option<f64> {
         self.flush();
         lock(&self.timer).take().map(|t| t.seconds)
+    }
+
+    /// Dispatches recorded before a submit that no read asked for (0: submit only on reads,
+    /// so everything up to a read is one command buffer). Default from
+    /// `VIPO_DISPATCHES_PER_SUBMIT`, else 512.
+    pub fn set_dispatches_per_submit(&self, n: usize) {
+        let n = if n == 0 { usize::MAX } else { n };
+        self.dispatches_per_submit.store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Submits what is recorded, without waiting.
@@ -443,21 +512,39 @@ impl GpuContext {
         let pbytes = bytemuck::bytes_of(params);
         let psize = (pbytes.len() as u64).next_multiple_of(16);
         let slot = psize.next_multiple_of(self.uniform_align);
+        let arena = self.uniform_align * UNIFORM_SLOTS;
         let mut b = lock(&self.batch);
-        if (b.uniforms.len() as u64 + slot) > self.uniform_align * UNIFORM_SLOTS
-            || b.dispatches >= MAX_DISPATCHES_PER_SUBMIT
-        {
+        let timer_full = lock(&self.timer).as_ref().is_some_and(|t| t.passes >= TIMER_PASSES);
+        if b.dispatches >= self.dispatches_per_submit.load(std::sync::atomic::Ordering::Relaxed) || timer_full {
             self.submit_locked(&mut b);
         }
-        let offset = b.uniforms.len() as u64;
+        // A slot never straddles two arenas.
+        let mut offset = b.uniforms.len() as u64;
+        if offset % arena + slot > arena {
+            offset = offset.next_multiple_of(arena);
+        }
+        let (k, in_arena) = ((offset / arena) as usize, offset % arena);
+        b.uniforms.resize(offset as usize, 0);
         b.uniforms.extend_from_slice(pbytes);
         b.uniforms.resize((offset + slot) as usize, 0);
+        let uniform = {
+            let mut bufs = lock(&self.uniform_bufs);
+            while bufs.len() <= k {
+                bufs.push(self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("vipo params"),
+                    size: arena,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }));
+            }
+            bufs[k].clone()
+        };
         let mut entries = Vec::with_capacity(buffers.len() + 1);
         entries.push(wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &self.uniform_buf,
-                offset,
+                buffer: &uniform,
+                offset: in_arena,
                 size: NonZeroU64::new(psize),
             }),
         });
@@ -477,21 +564,27 @@ impl GpuContext {
             entries: &entries,
         });
         let mut timer = lock(&self.timer);
-        let timestamp_writes = timer.as_mut().map(|t| {
-            t.passes += 1;
-            wgpu::ComputePassTimestampWrites {
-                query_set: &t.queries,
-                beginning_of_pass_write_index: Some(2 * t.passes - 2),
-                end_of_pass_write_index: Some(2 * t.passes - 1),
+        match timer.as_mut() {
+            // Timed: a pass of its own, with timestamps at its start and end.
+            Some(t) => {
+                t.passes += 1;
+                let timestamp_writes = wgpu::ComputePassTimestampWrites {
+                    query_set: &t.queries,
+                    beginning_of_pass_write_index: Some(2 * t.passes - 2),
+                    end_of_pass_write_index: Some(2 * t.passes - 1),
+                };
+                let desc = wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: Some(timestamp_writes) };
+                let mut pass = self.encoder(&mut b).begin_compute_pass(&desc);
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
             }
-        });
-        let enc = self.encoder(&mut b);
-        {
-            let mut pass =
-                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes });
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            None => {
+                let pass = self.shared_pass(&mut b);
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            }
         }
         drop(timer);
         b.dispatches += 1;

@@ -469,16 +469,27 @@ impl ObjectiveConfig {
         if err_policy.rank() != 1 {
             return Err(Error::shape("objective", format!("policy errors {:?}: expected (B,)", err_policy.shape())));
         }
-        let e: Vec<f64> = err_policy.to_vec()?.iter().map(|&v| v as f64).collect();
-        let r: Option<Vec<f64>> = match err_ref {
-            Some(t) if t.shape() == err_policy.shape() => Some(t.to_vec()?.iter().map(|&v| v as f64).collect()),
+        let (e, r): (Vec<f64>, Option<Vec<f64>>) = match err_ref {
+            // Both in one readback: on a GPU each read waits for everything recorded so far.
+            Some(t) if t.shape() == err_policy.shape() && t.device() == err_policy.device() => {
+                let both = {
+                    let _g = no_grad();
+                    Tensor::concat(&[err_policy, t], 0)?.to_vec()?
+                };
+                let (e, r) = both.split_at(err_policy.numel());
+                (e.iter().map(|&v| v as f64).collect(), Some(r.iter().map(|&v| v as f64).collect()))
+            }
+            Some(t) if t.shape() == err_policy.shape() => (
+                err_policy.to_vec()?.iter().map(|&v| v as f64).collect(),
+                Some(t.to_vec()?.iter().map(|&v| v as f64).collect()),
+            ),
             Some(t) => {
                 return Err(Error::shape(
                     "objective",
                     format!("policy errors {:?} and reference errors {:?} differ", err_policy.shape(), t.shape()),
                 ))
             }
-            None => None,
+            None => (err_policy.to_vec()?.iter().map(|&v| v as f64).collect(), None),
         };
         let stats = self.head(&e, r.as_deref(), labels)?;
         let out = Tensor::from_vec(vec![stats.loss as f32], &[], &err_policy.device())?;
