@@ -19,14 +19,17 @@ struct Params {
     b_cs: u32,
     a_bs: u32,   // 0 when A is shared by every batch
     b_bs: u32,   // 0 when B is shared by every batch
-    _pad0: u32,
-    _pad1: u32,
+    has_bias: u32,  // 1: C += bias[col] (a linear layer's bias)
+    has_res: u32,   // 1: C += res (same layout as C: a residual)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;   // (batch, M, N)
+// Added as C is written, as the flags say; the host binds `a` in the place of an absent one.
+@group(0) @binding(4) var<storage, read> res: array<f32>;       // (batch, M, N)
+@group(0) @binding(5) var<storage, read> bias: array<f32>;      // (N)
 
 const RM: u32 = BM / 16u;
 const RN: u32 = BN / 16u;
@@ -149,7 +152,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
                 let o = c_base + row * p.n + col;
                 for (var j = 0u; j < 4u; j++) {
                     if col + j < p.n {
-                        c[o + j] = v[j];
+                        var r = v[j];
+                        if p.has_bias == 1u {
+                            r += bias[col + j];
+                        }
+                        if p.has_res == 1u {
+                            r += res[o + j];
+                        }
+                        c[o + j] = r;
                     }
                 }
             }

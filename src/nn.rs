@@ -42,12 +42,16 @@ impl Linear {
 
     /// x (..., in) -> (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul_t(&self.weight.value(), false, true)?;
-        let y = match &self.bias {
-            Some(b) => y.add(&b.value())?,
-            None => y,
-        };
-        // PEFT's order: the base layer's output (bias included), plus the adapter's.
+        self.forward_add(x, None)
+    }
+
+    /// `forward(x) + residual`, residual (..., out); the bias and the residual are added as
+    /// the matmul writes its output.
+    pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let b = self.bias.as_ref().map(|b| b.value());
+        let y = x.linear(&self.weight.value(), b.as_ref(), residual)?;
+        // The adapter's delta last: at B = 0 it is exactly zero and the policy's output is the
+        // reference's to the bit (Diffusion-DPO's first logit is then exactly 0).
         match self.active_lora() {
             Some(a) => y.add(&a.delta(x)?),
             None => Ok(y),
@@ -183,6 +187,11 @@ impl Attention {
 
     /// hidden (B, L, C), context (B, Lc, Cc) or None -> (B, L, C).
     pub fn forward(&self, hidden: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_add(hidden, context, None)
+    }
+
+    /// `forward(hidden, context) + residual` (B, L, C), the residual added by `to_out`.
+    pub fn forward_add(&self, hidden: &Tensor, context: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(hidden);
         let q = self.to_q.forward(hidden)?;
         let k = self.to_k.forward(ctx)?;
@@ -196,7 +205,7 @@ impl Attention {
         };
         let o = split(&q)?.attention(&split(&k)?, &split(&v)?, None)?; // (B, heads, L, d)
         let o = o.permute(&[0, 2, 1, 3])?.reshape_to(&[b, l, inner])?;
-        self.to_out.forward(&o)
+        self.to_out.forward_add(&o, residual)
     }
 }
 

@@ -34,6 +34,23 @@ fn matmul_grads_batched_and_shared() {
 }
 
 #[test]
+fn linear_with_bias_and_residual_grads() {
+    // The bias gets dY summed over every row, the residual dY; frozen weight as under LoRA.
+    let inputs = [
+        (randn(2 * 3 * 6, 21), vec![2, 3, 6]),
+        (randn(4 * 6, 22), vec![4, 6]),
+        (randn(4, 23), vec![4]),
+        (randn(2 * 3 * 4, 24), vec![2, 3, 4]),
+    ];
+    let f = |t: &[vipo::Tensor]| t[0].linear(&t[1], Some(&t[2]), Some(&t[3]));
+    check_grads("linear + bias + residual", 21, &inputs, &[], 1e-2, FD_TOL, GPU_TOL, f);
+    check_grads("linear frozen w, b", 21, &inputs, &[1, 2], 1e-2, FD_TOL, GPU_TOL, f);
+    check_grads("linear frozen x, residual", 21, &inputs, &[0, 3], 1e-2, FD_TOL, GPU_TOL, f);
+    let inputs2 = &inputs[..3];
+    check_grads("linear + bias", 25, inputs2, &[], 1e-2, FD_TOL, GPU_TOL, |t| t[0].linear(&t[1], Some(&t[2]), None));
+}
+
+#[test]
 fn attention_grads() {
     // (batch, heads, Lq, Lk, D, Dv): self, cross, two keys, tiles not full, and a head wider
     // than the fused kernel (its GPU path is differentiated through the ops it is built from).

@@ -83,6 +83,49 @@ fn matmul_every_tile_shape() {
 }
 
 #[test]
+fn linear_epilogue_every_tile_gpu_vs_cpu_vs_f64() {
+    // x (B, M, K) x w (N, K)^T + bias (N) + residual (B, M, N), each term on or off; one case
+    // per GPU tile (chosen by M, N and the batch), and a small batched case.
+    let cases = [(1, 70, 90, 37), (1, 1500, 1000, 13), (1, 1000, 1500, 11), (1, 1800, 1830, 9), (3, 5, 7, 3)];
+    for (ci, &(batch, m, n, k)) in cases.iter().enumerate() {
+        for mask in 0..4u32 {
+            let (with_b, with_r) = (mask & 1 != 0, mask & 2 != 0);
+            let seed = 950 + (4 * ci) as u64 + mask as u64;
+            let (x, w) = (randn(batch * m * k, seed), randn(n * k, seed + 1));
+            let (b, r) = (randn(n, seed + 2), randn(batch * m * n, seed + 3));
+            let inputs = [
+                (x.clone(), vec![batch, m, k]),
+                (w.clone(), vec![n, k]),
+                (b.clone(), vec![n]),
+                (r.clone(), vec![batch, m, n]),
+            ];
+            let what = format!("linear {batch}x{m}x{n}x{k} bias {with_b} residual {with_r}");
+            let got = gpu_vs_cpu(&what, 1e-5, seed, &inputs, |t| {
+                t[0].linear(&t[1], with_b.then(|| &t[2]), with_r.then(|| &t[3]))
+            });
+            assert_eq!(got.shape(), &[batch, m, n]);
+            // The last batch against float64.
+            let bi = batch - 1;
+            let mut want = matmul_f64(&x[bi * m * k..], &w, m, n, k, false, true);
+            for (i, v) in want.iter_mut().enumerate() {
+                let mut s = *v as f64;
+                s += if with_b { b[i % n] as f64 } else { 0.0 };
+                s += if with_r { r[bi * m * n + i] as f64 } else { 0.0 };
+                *v = s as f32;
+            }
+            assert_close(&format!("{what} cpu vs f64"), &got.to_vec().unwrap()[bi * m * n..], &want, 1e-5, seed);
+        }
+    }
+    // Shapes of the added terms are checked and named.
+    let cpu = |s: &[usize]| Tensor::from_slice(&randn(s.iter().product(), 3), s, &Device::Cpu).unwrap();
+    let (x, w) = (cpu(&[2, 3, 4]), cpu(&[5, 4]));
+    let e = x.linear(&w, Some(&cpu(&[4])), None).unwrap_err().to_string();
+    assert!(e.contains("bias [4]") && e.contains("[5]"), "{e}");
+    let e = x.linear(&w, None, Some(&cpu(&[2, 3, 4]))).unwrap_err().to_string();
+    assert!(e.contains("residual [2, 3, 4]") && e.contains("[2, 3, 5]"), "{e}");
+}
+
+#[test]
 fn matmul_batched_and_broadcast() {
     let (m, n, k) = (19, 23, 37);
     // Both batched (2, 3, ...), and a shared 2-D weight on either side.

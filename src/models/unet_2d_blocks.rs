@@ -5,6 +5,7 @@ use std::cell::Cell;
 
 use crate::error::{Error, Result};
 use crate::nn::{Attention, Conv2d, GroupNorm, LayerNorm, Linear, ResnetBlock2D};
+use crate::ops::conv2d::ConvAdd;
 use crate::params::ParamPath;
 use crate::tensor::Tensor;
 
@@ -90,7 +91,12 @@ impl FeedForward {
 
     /// x (B, L, dim) -> (B, L, dim).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.net_2.forward(&self.net_0_proj.forward(x)?.geglu()?)
+        self.forward_add(x, None)
+    }
+
+    /// `forward(x) + residual` (B, L, dim), the residual added by `net.2`.
+    pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        self.net_2.forward_add(&self.net_0_proj.forward(x)?.geglu()?, residual)
     }
 }
 
@@ -130,9 +136,10 @@ impl BasicTransformerBlock {
 
     /// x (B, L, dim), context (B, Lc, cross_attention_dim) -> (B, L, dim).
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = self.attn1.forward(&self.norm1.forward(x)?, None)?.add(x)?;
-        let x = self.attn2.forward(&self.norm2.forward(&x)?, Some(context))?.add(&x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)?.add(&x)
+        // Each residual is added by the sublayer's output projection as it writes.
+        let x = self.attn1.forward_add(&self.norm1.forward(x)?, None, Some(x))?;
+        let x = self.attn2.forward_add(&self.norm2.forward(&x)?, Some(context), Some(&x))?;
+        self.ff.forward_add(&self.norm3.forward(&x)?, Some(&x))
     }
 }
 
@@ -215,11 +222,11 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             t = block.forward(&t, context)?;
         }
-        let y = match &self.proj_out {
-            Projection::Conv(c) => c.forward(&to_image(&t, h, w)?)?,
-            Projection::Linear(l) => to_image(&l.forward(&t)?, h, w)?,
-        };
-        y.add(x)
+        match &self.proj_out {
+            // The 1x1 conv adds the residual as it writes (the image layout is the conv's).
+            Projection::Conv(c) => c.forward_add(&to_image(&t, h, w)?, ConvAdd { temb: None, residual: Some(x) }),
+            Projection::Linear(l) => to_image(&l.forward(&t)?, h, w)?.add(x),
+        }
     }
 }
 

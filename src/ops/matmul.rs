@@ -52,7 +52,9 @@ pub struct MatmulParams {
     pub b_cs: u32,
     pub a_bs: u32,
     pub b_bs: u32,
-    pub _pad: [u32; 2],
+    /// 1: add `bias[col]`; 1: add the residual (both as the output is written).
+    pub has_bias: u32,
+    pub has_res: u32,
 }
 
 /// A strided matrix view into a slice: element (i, j) is `data[i * rs + j * cs]`.
@@ -189,6 +191,61 @@ fn plan(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<Plan> {
     Ok(Plan { batch: batch_shape.iter().product(), batch_shape, m, n, k: ka, a_batched: na > 1, b_batched: nb > 1 })
 }
 
+/// Terms added to a matmul's output as it is written: bias (N), residual (shaped like it).
+#[derive(Clone, Copy, Default)]
+struct Epilogue<'a> {
+    bias: Option<&'a Tensor>,
+    residual: Option<&'a Tensor>,
+}
+
+/// Gradients of `op(a) x op(b)` for `g`, where needed.
+fn matmul_backward(
+    a: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+    ta: bool,
+    tb: bool,
+    need_a: bool,
+    need_b: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let none = Epilogue::default();
+    // With op(A) (M, K) and op(B) (K, N): d op(A) = g op(B)^T, d op(B) = op(A)^T g,
+    // written for each stored layout so nothing is transposed by a copy.
+    let ga = if need_a {
+        let d = match (ta, tb) {
+            (false, false) => g.matmul_raw(b, false, true, none)?,
+            (false, true) => g.matmul_raw(b, false, false, none)?,
+            (true, false) => b.matmul_raw(g, false, true, none)?,
+            (true, true) => b.matmul_raw(g, true, true, none)?,
+        };
+        Some(d.sum_to_shape(a.shape())?)
+    } else {
+        None
+    };
+    let gb = if need_b {
+        // A shared 2-D B (a linear layer's weight) against a batched A: fold the batch
+        // into the rows instead of a batched product and a sum.
+        let fold = b.rank() == 2 && a.rank() > 2 && !ta;
+        let (a2, g2) = if fold {
+            let k = a.shape()[a.rank() - 1];
+            let n = g.shape()[g.rank() - 1];
+            (a.reshape_to(&[a.numel() / k, k])?, g.reshape_to(&[g.numel() / n, n])?)
+        } else {
+            (a.clone(), g.clone())
+        };
+        let d = match (ta, tb) {
+            (false, false) => a2.matmul_raw(&g2, true, false, none)?,
+            (true, false) => a2.matmul_raw(&g2, false, false, none)?,
+            (false, true) => g2.matmul_raw(&a2, true, false, none)?,
+            (true, true) => g2.matmul_raw(&a2, true, true, none)?,
+        };
+        Some(d.sum_to_shape(b.shape())?)
+    } else {
+        None
+    };
+    Ok((ga, gb))
+}
+
 impl Tensor {
     /// `(..., M, K) x (..., K, N) -> (..., M, N)`; batch dims equal, or absent on one side.
     pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {
@@ -197,53 +254,63 @@ impl Tensor {
 
     /// Matmul with `self` read as `(..., K, M)` when `ta`, `other` as `(..., N, K)` when `tb`.
     pub fn matmul_t(&self, other: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
-        let out = self.matmul_raw(other, ta, tb)?;
+        let out = self.matmul_raw(other, ta, tb, Epilogue::default())?;
         let (a, b) = (self.detach(), other.detach());
         Ok(crate::autograd::record("matmul", out, &[self, other], move |g, needs| {
-            // With op(A) (M, K) and op(B) (K, N): d op(A) = g op(B)^T, d op(B) = op(A)^T g,
-            // written for each stored layout so nothing is transposed by a copy.
-            let ga = if needs[0] {
-                let d = match (ta, tb) {
-                    (false, false) => g.matmul_raw(&b, false, true)?,
-                    (false, true) => g.matmul_raw(&b, false, false)?,
-                    (true, false) => b.matmul_raw(g, false, true)?,
-                    (true, true) => b.matmul_raw(g, true, true)?,
-                };
-                Some(d.sum_to_shape(a.shape())?)
-            } else {
-                None
-            };
-            let gb = if needs[1] {
-                // A shared 2-D B (a linear layer's weight) against a batched A: fold the batch
-                // into the rows instead of a batched product and a sum.
-                let fold = b.rank() == 2 && a.rank() > 2 && !ta;
-                let (a2, g2) = if fold {
-                    let k = a.shape()[a.rank() - 1];
-                    let n = g.shape()[g.rank() - 1];
-                    (a.reshape_to(&[a.numel() / k, k])?, g.reshape_to(&[g.numel() / n, n])?)
-                } else {
-                    (a.clone(), g.clone())
-                };
-                let d = match (ta, tb) {
-                    (false, false) => a2.matmul_raw(&g2, true, false)?,
-                    (true, false) => a2.matmul_raw(&g2, false, false)?,
-                    (false, true) => g2.matmul_raw(&a2, true, false)?,
-                    (true, true) => g2.matmul_raw(&a2, true, true)?,
-                };
-                Some(d.sum_to_shape(b.shape())?)
-            } else {
-                None
-            };
+            let (ga, gb) = matmul_backward(&a, &b, g, ta, tb, needs[0], needs[1])?;
             Ok(vec![ga, gb])
         }))
     }
 
-    fn matmul_raw(&self, other: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+    /// A linear layer: `self` (..., K) x `weight` (N, K)^T + `bias` (N) + `residual` (..., N),
+    /// the bias and the residual added as the output is written (no pass per term).
+    pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+        const OP: &str = "linear";
+        let n = weight.shape().first().copied().unwrap_or(0);
+        if let Some(b) = bias {
+            if b.shape() != [n] {
+                return Err(Error::shape(
+                    OP,
+                    format!("bias {:?} for weight {:?}: expected [{n}]", b.shape(), weight.shape()),
+                ));
+            }
+        }
+        let out = self.matmul_raw(weight, false, true, Epilogue { bias, residual })?;
+        let inputs: Vec<&Tensor> = [Some(self), Some(weight), bias, residual].into_iter().flatten().collect();
+        if !crate::autograd::will_record(&inputs) {
+            return Ok(out);
+        }
+        let (a, b) = (self.detach(), weight.detach());
+        let (has_b, has_r) = (bias.is_some(), residual.is_some());
+        Ok(crate::autograd::record(OP, out, &inputs, move |g, needs| {
+            let (ga, gb) = matmul_backward(&a, &b, g, false, true, needs[0], needs[1])?;
+            let mut grads = vec![ga, gb];
+            if has_b {
+                let rows = g.numel().checked_div(n).unwrap_or(0);
+                grads.push(needs[2].then(|| g.reshape_to(&[rows, n])?.sum(0, false)).transpose()?);
+            }
+            if has_r {
+                grads.push(needs[2 + has_b as usize].then(|| g.clone()));
+            }
+            Ok(grads)
+        }))
+    }
+
+    fn matmul_raw(&self, other: &Tensor, ta: bool, tb: bool, e: Epilogue) -> Result<Tensor> {
         const OP: &str = "matmul";
         self.ensure_f32(OP)?;
         other.ensure_f32(OP)?;
         self.same_device(OP, other)?;
         let p = plan(self.shape(), other.shape(), ta, tb)?;
+        for t in [e.bias, e.residual].into_iter().flatten() {
+            t.ensure_f32(OP)?;
+            self.same_device(OP, t)?;
+        }
+        if let Some(b) = e.bias {
+            if b.shape() != [p.n] {
+                return Err(Error::shape(OP, format!("bias {:?}: expected [{}]", b.shape(), p.n)));
+            }
+        }
         let (m, n, k) = (p.m, p.n, p.k);
         // Element strides of op(A) (M, K) and op(B) (K, N) inside one batch.
         let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
@@ -252,14 +319,35 @@ impl Tensor {
         let b_bs = if p.b_batched { k * n } else { 0 };
         let mut out_shape = p.batch_shape.clone();
         out_shape.extend([m, n]);
+        if let Some(r) = e.residual {
+            if r.shape() != out_shape {
+                return Err(Error::shape(
+                    OP,
+                    format!("residual {:?} must be the output's shape {out_shape:?}", r.shape()),
+                ));
+            }
+        }
         match self.device() {
             Device::Cpu => {
                 let (a, b) = (self.cpu_f32(OP)?, other.cpu_f32(OP)?);
-                let mut c = vec![0.0f32; p.batch * m * n];
+                // The epilogue's terms go in first and the GEMM accumulates onto them.
+                let mut c = match e.residual {
+                    Some(r) => r.cpu_f32(OP)?.to_vec(),
+                    None => vec![0.0f32; p.batch * m * n],
+                };
+                if let (Some(bias), true) = (e.bias, n > 0) {
+                    let bias = bias.cpu_f32(OP)?;
+                    if e.residual.is_some() {
+                        c.chunks_mut(n).for_each(|row| row.iter_mut().zip(bias).for_each(|(o, &v)| *o += v));
+                    } else {
+                        c.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+                    }
+                }
+                let acc = e.bias.is_some() || e.residual.is_some();
                 let one = |bi: usize, cb: &mut [f32], parallel: bool| {
                     let av = MatRef { data: &a[bi * a_bs..], rs: a_rs, cs: a_cs };
                     let bv = MatRef { data: &b[bi * b_bs..], rs: b_rs, cs: b_cs };
-                    sgemm(m, n, k, av, bv, cb, n, false, parallel);
+                    sgemm(m, n, k, av, bv, cb, n, acc, parallel);
                 };
                 let threads = rayon::current_num_threads();
                 if p.batch >= threads && m * n * k < 1 << 22 && m * n > 0 {
@@ -286,17 +374,17 @@ impl Tensor {
                     b_cs: u(b_cs)?,
                     a_bs: u(a_bs)?,
                     b_bs: u(b_bs)?,
-                    _pad: [0; 2],
+                    has_bias: e.bias.is_some() as u32,
+                    has_res: e.residual.is_some() as u32,
                 };
                 let t = tile(m, n, p.batch);
                 let groups = [n.div_ceil(t.1) as u32, m.div_ceil(t.0) as u32, p.batch as u32];
-                ctx.dispatch(
-                    tile_shader(t),
-                    "main",
-                    &params,
-                    &[self.gpu_buf(OP)?, other.gpu_buf(OP)?, out.gpu_buf(OP)?],
-                    groups,
-                )?;
+                let ab = self.gpu_buf(OP)?;
+                // `a` fills the slot of an absent term (its flag keeps the kernel from reading it).
+                let rb = e.residual.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(ab);
+                let bb = e.bias.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(ab);
+                let bufs = [ab, other.gpu_buf(OP)?, out.gpu_buf(OP)?, rb, bb];
+                ctx.dispatch(tile_shader(t), "main", &params, &bufs, groups)?;
                 Ok(out)
             }
         }
