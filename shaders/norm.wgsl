@@ -35,38 +35,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read> bias: array<f32>;     // backward: (C), or x when absent
 @group(0) @binding(7) var<storage, read_write> dz: array<f32>; // backward: (rows, row_len), or 1 when !want_dz
 
-var<workgroup> red: array<f32, 256>;
-var<workgroup> red2: array<vec2<f32>, 256>;
-
-// Tree sum over the workgroup; the trailing barrier lets the next call reuse `red`.
-fn block_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-// Two sums at once, for the backward's two row reductions.
-fn block_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
-    red2[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            red2[lid] += red2[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red2[0];
-    workgroupBarrier();
-    return r;
-}
+// `Inputs`, `begin`, `block_sum` and `block_sum2` come from the reduction fragment put before
+// this file (reduce_tree.wgsl, or reduce_subgroup.wgsl where the adapter has subgroups).
 
 // Mean (relative to `pivot`) and rstd of row `start`. Working relative to the row's first
 // element: x - pivot is exact for nearby values, so a large common offset (values around 1000)
@@ -88,9 +58,10 @@ fn row_stats(lid: u32, start: u32, pivot: f32) -> vec2<f32> {
 }
 
 @compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-    let r = wid.y * nwg.x + wid.x;
+fn main(inp: Inputs) {
+    begin(inp);
+    let lid = inp.lid;
+    let r = inp.wid.y * inp.nwg.x + inp.wid.x;
     if r >= p.rows {
         return;
     }
@@ -132,9 +103,10 @@ fn grad_in(start: u32, j: u32, c: u32, xh: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_index) lid: u32) {
-    let r = wid.y * nwg.x + wid.x;
+fn backward(inp: Inputs) {
+    begin(inp);
+    let lid = inp.lid;
+    let r = inp.wid.y * inp.nwg.x + inp.wid.x;
     if r >= p.rows {
         return;
     }

@@ -5,8 +5,29 @@ use crate::device::Shader;
 
 macro_rules! shader {
     ($ident:ident, $name:literal) => {
-        pub static $ident: Shader =
-            Shader { name: $name, file: $name, source: include_str!(concat!("../shaders/", $name, ".wgsl")) };
+        pub static $ident: Shader = Shader {
+            name: $name,
+            file: $name,
+            fragment: "",
+            source: include_str!(concat!("../shaders/", $name, ".wgsl")),
+        };
+    };
+}
+
+/// A kernel built on a fragment of `shaders/` (put before the kernel's file): `$fragment`
+/// defines what the kernel leaves open, e.g. the workgroup reductions, with or without
+/// subgroup operations.
+macro_rules! on_fragment {
+    ($ident:ident, $name:literal, $file:literal, $fragment:literal) => {
+        pub static $ident: Shader = Shader {
+            name: $name,
+            file: $file,
+            fragment: $fragment,
+            source: concat!(
+                include_str!(concat!("../shaders/", $fragment, ".wgsl")),
+                include_str!(concat!("../shaders/", $file, ".wgsl"))
+            ),
+        };
     };
 }
 
@@ -15,7 +36,9 @@ shader!(BINARY, "binary");
 shader!(WHERE, "where");
 shader!(REDUCE, "reduce");
 shader!(SOFTMAX, "softmax");
-shader!(NORM, "norm");
+// Layer and group norm on the tree reduction, and on subgroup sums where the adapter has them.
+on_fragment!(NORM, "norm", "norm", "reduce_tree");
+on_fragment!(NORM_SUBGROUP, "norm_subgroup", "norm", "reduce_subgroup");
 
 /// A tiled kernel's variant: `$prelude` (the tile's `const`s) goes before the file's source.
 macro_rules! tiled {
@@ -23,6 +46,7 @@ macro_rules! tiled {
         pub static $ident: Shader = Shader {
             name: $name,
             file: $file,
+            fragment: "",
             source: concat!($prelude, include_str!(concat!("../shaders/", $file, ".wgsl"))),
         };
     };
@@ -72,7 +96,7 @@ shader!(ADAMW, "adamw");
 shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 25] {
+pub fn all() -> [&'static Shader; 26] {
     [
         &UNARY,
         &BINARY,
@@ -80,6 +104,7 @@ pub fn all() -> [&'static Shader; 25] {
         &REDUCE,
         &SOFTMAX,
         &NORM,
+        &NORM_SUBGROUP,
         &MATMUL_64,
         &MATMUL_128X64,
         &MATMUL_64X128,

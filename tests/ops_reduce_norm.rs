@@ -425,6 +425,46 @@ fn group_norm_silu_gpu_vs_cpu_vs_f64() {
 }
 
 #[test]
+fn norm_kernels_on_subgroup_sums_and_on_the_tree_agree() {
+    // Where the adapter has subgroups the norms reduce with them; the tree is the fallback.
+    // Both against the CPU twin, forward and the fused backward, on a private context so the
+    // switch touches no other test. (lavapipe has 8-lane subgroups: 32 partials per row.)
+    let Some(shared) = gpu() else { return };
+    let g = Device::open_private(shared.gpu().unwrap().index).unwrap();
+    let ctx = g.gpu().unwrap().clone();
+    let has = ctx.features.contains(wgpu::Features::SUBGROUP);
+    assert_eq!(ctx.subgroups(), has, "the subgroup kernels follow the adapter's feature");
+    let shape = [2, 12, 9, 31];
+    let (x, w, b) = (randn(numel(&shape), 6700), uniform(12, 0.5, 1.5, 6701), randn(12, 6702));
+    let dy = randn(numel(&shape), 6703);
+    let run = |dev: &Device| {
+        let t = |v: &[f32], s: &[usize]| Tensor::from_slice(v, s, dev).unwrap();
+        let xt = t(&x, &shape).requires_grad();
+        let (wt, bt) = (t(&w, &[12]).requires_grad(), t(&b, &[12]).requires_grad());
+        let y = xt.group_norm_silu(3, Some(&wt), Some(&bt), 1e-5).unwrap();
+        let l = xt.layer_norm(None, None, 1e-5).unwrap();
+        y.backward_with(t(&dy, &shape)).unwrap();
+        let grads = [xt.grad().unwrap(), wt.grad().unwrap(), bt.grad().unwrap()].map(|g| g.to_vec().unwrap());
+        (y.to_vec().unwrap(), l.to_vec().unwrap(), grads)
+    };
+    let want = run(&Device::Cpu);
+    for on in [true, false] {
+        ctx.set_subgroups(on);
+        assert_eq!(ctx.subgroups(), on && has);
+        let got = run(&g);
+        let what = format!("subgroups {}", on && has);
+        assert_close(&format!("group_norm_silu {what}"), &got.0, &want.0, TOL, 6700);
+        assert_close(&format!("layer_norm {what}"), &got.1, &want.1, TOL, 6700);
+        for (k, (gg, wg)) in got.2.iter().zip(&want.2).enumerate() {
+            assert_close(&format!("gradient {k} {what}"), gg, wg, 5e-6, 6700);
+        }
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        assert!(has, "CI's adapter (lavapipe) has subgroups: the subgroup kernels must run there");
+    }
+}
+
+#[test]
 fn norms_and_softmax_cpu_parallel_paths_vs_f64() {
     // Above the CPU's parallel threshold.
     let seed = 6900;

@@ -10,13 +10,13 @@ use naga::valid::{Capabilities, ValidationFlags, Validator};
 const MAX_WORKGROUP_STORAGE: u32 = 16 * 1024;
 const MAX_INVOCATIONS: u32 = 256;
 
-fn check(name: &str, source: &str) -> Vec<String> {
+fn check(name: &str, source: &str, caps: Capabilities) -> Vec<String> {
     let mut errs = Vec::new();
     let module = match naga::front::wgsl::parse_str(source) {
         Ok(m) => m,
         Err(e) => return vec![format!("{name}: parse: {}", e.emit_to_string(source))],
     };
-    let info = match Validator::new(ValidationFlags::all(), Capabilities::empty()).validate(&module) {
+    let info = match Validator::new(ValidationFlags::all(), caps).validate(&module) {
         Ok(i) => i,
         Err(e) => return vec![format!("{name}: validate: {}", e.emit_to_string(source))],
     };
@@ -62,7 +62,15 @@ fn check(name: &str, source: &str) -> Vec<String> {
 fn all_shaders_validate_and_translate() {
     let mut errs = Vec::new();
     for s in vipo::shaders::all() {
-        errs.extend(check(s.name, s.source));
+        // A subgroup variant needs the adapter's subgroups (wgpu picks it only then); every
+        // other kernel must validate with none of the optional capabilities.
+        let caps =
+            if s.fragment == vipo::device::SUBGROUP_FRAGMENT { Capabilities::SUBGROUP } else { Capabilities::empty() };
+        errs.extend(check(s.name, s.source, caps));
+    }
+    // The subgroup variants are the only kernels that need the capability.
+    for s in vipo::shaders::all().iter().filter(|s| s.fragment == vipo::device::SUBGROUP_FRAGMENT) {
+        assert!(!check(s.name, s.source, Capabilities::empty()).is_empty(), "{} validates without subgroups", s.name);
     }
     assert!(errs.is_empty(), "shader problems:\n{}", errs.join("\n"));
 }
@@ -75,16 +83,22 @@ fn every_shader_file_is_registered() {
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".wgsl")).map(String::from))
         .collect();
-    let registered: BTreeSet<String> = vipo::shaders::all().iter().map(|s| s.file.to_string()).collect();
+    let mut registered: BTreeSet<String> = vipo::shaders::all().iter().map(|s| s.file.to_string()).collect();
+    registered.extend(vipo::shaders::all().iter().filter(|s| !s.fragment.is_empty()).map(|s| s.fragment.to_string()));
     assert_eq!(files, registered, "shaders/ and vipo::shaders::all() disagree");
-    // The registered source is the file on disk (include_str! of the same path), behind a
-    // prelude of `const`s only for a tiled variant.
+    // The registered source is the file on disk (include_str! of the same path), behind its
+    // fragment's file if it has one, or a prelude of `const`s for a tiled variant.
+    let read = |f: &str| std::fs::read_to_string(dir.join(format!("{f}.wgsl"))).expect("readable");
     for s in vipo::shaders::all() {
-        let disk = std::fs::read_to_string(dir.join(format!("{}.wgsl", s.file))).expect("readable");
-        let prelude =
+        let disk = read(s.file);
+        let before =
             s.source.strip_suffix(disk.as_str()).unwrap_or_else(|| panic!("{} is not {}.wgsl", s.name, s.file));
-        assert!(prelude.lines().all(|l| l.starts_with("const ")), "{}: prelude {prelude:?}", s.name);
-        assert_eq!(prelude.is_empty(), s.name == s.file, "{}: only variants have a prelude", s.name);
+        if s.fragment.is_empty() {
+            assert!(before.lines().all(|l| l.starts_with("const ")), "{}: prelude {before:?}", s.name);
+            assert_eq!(before.is_empty(), s.name == s.file, "{}: only variants have a prelude", s.name);
+        } else {
+            assert_eq!(before, read(s.fragment), "{}: not {}.wgsl before {}.wgsl", s.name, s.fragment, s.file);
+        }
     }
     let names: BTreeSet<&str> = vipo::shaders::all().iter().map(|s| s.name).collect();
     assert_eq!(names.len(), vipo::shaders::all().len(), "two shaders share a module-cache name");
@@ -94,9 +108,9 @@ fn every_shader_file_is_registered() {
 fn validator_rejects_a_broken_shader() {
     // The check above must be able to fail: an undefined name and an oversized workgroup array.
     let bad = "@compute @workgroup_size(64) fn main() { x = 1.0; }";
-    assert!(!check("bad", bad).is_empty());
+    assert!(!check("bad", bad, Capabilities::empty()).is_empty());
     let big = "var<workgroup> t: array<f32, 8192>;\n@compute @workgroup_size(512) fn main() { t[0] = 1.0; }";
-    let errs = check("big", big);
+    let errs = check("big", big, Capabilities::empty());
     assert!(errs.iter().any(|e| e.contains("workgroup storage")), "{errs:?}");
     assert!(errs.iter().any(|e| e.contains("invocations")), "{errs:?}");
 }
@@ -127,6 +141,7 @@ fn params_mirrors_match_the_shader_structs() {
     ];
     let covered: BTreeSet<&str> = mirrors.iter().map(|m| m.0).collect();
     let all: BTreeSet<&str> = vipo::shaders::all().iter().map(|s| s.file).collect();
+    // (Fragments define no Params of their own: they are checked inside their kernels.)
     assert_eq!(covered, all, "every shader file needs its Params mirror listed here");
     for s in vipo::shaders::all() {
         let module = naga::front::wgsl::parse_str(s.source).expect("parses (checked above)");

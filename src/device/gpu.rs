@@ -8,13 +8,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::error::{Error, Result};
 
 /// A WGSL source known at compile time. `name` keys the module cache; `file` is its
-/// `shaders/` file (a tiled variant is that file behind a prelude of tile constants).
+/// `shaders/` file (a tiled variant is that file behind a prelude of tile constants); a
+/// `fragment` (another file in `shaders/`, or "") goes first, e.g. the workgroup reductions.
 #[derive(Debug)]
 pub struct Shader {
     pub name: &'static str,
     pub file: &'static str,
+    pub fragment: &'static str,
     pub source: &'static str,
 }
+
+/// The fragment whose kernels need the adapter's subgroup operations.
+pub const SUBGROUP_FRAGMENT: &str = "reduce_subgroup";
 
 /// Slots per uniform arena, in units of the offset alignment; a batch takes as many arenas
 /// as its dispatches need.
@@ -84,6 +89,7 @@ pub struct GpuContext {
     uniform_bufs: Mutex<Vec<wgpu::Buffer>>,
     checks: wgpu::ShaderRuntimeChecks,
     dispatches_per_submit: std::sync::atomic::AtomicUsize,
+    subgroups: std::sync::atomic::AtomicBool,
     pool: Mutex<Pool>,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
@@ -191,6 +197,7 @@ impl GpuContext {
             uniform_bufs: Mutex::new(Vec::new()),
             checks,
             dispatches_per_submit: std::sync::atomic::AtomicUsize::new(dispatches_per_submit),
+            subgroups: std::sync::atomic::AtomicBool::new(features.contains(wgpu::Features::SUBGROUP)),
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
@@ -446,6 +453,19 @@ impl GpuContext {
     pub fn set_dispatches_per_submit(&self, n: usize) {
         let n = if n == 0 { usize::MAX } else { n };
         self.dispatches_per_submit.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether kernels use their subgroup variants (reductions): the adapter's SUBGROUP
+    /// feature, unless turned off with [`Self::set_subgroups`].
+    pub fn subgroups(&self) -> bool {
+        self.subgroups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns the subgroup variants off (or back on where the adapter has subgroups): to
+    /// compare both on one adapter.
+    pub fn set_subgroups(&self, on: bool) {
+        let on = on && self.features.contains(wgpu::Features::SUBGROUP);
+        self.subgroups.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Submits what is recorded, without waiting.

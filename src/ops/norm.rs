@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::{u32_of, PAR_MIN};
-use crate::shaders::NORM;
+use crate::shaders::{NORM, NORM_SUBGROUP};
 use crate::tensor::Tensor;
 
 #[repr(C)]
@@ -332,6 +332,15 @@ fn channel_sum(t: &Tensor, l: Layout) -> Result<Tensor> {
     }
 }
 
+/// The norm kernel on subgroup sums where the adapter has them.
+fn norm_shader(ctx: &crate::device::GpuContext) -> &'static crate::device::Shader {
+    if ctx.subgroups() {
+        &NORM_SUBGROUP
+    } else {
+        &NORM
+    }
+}
+
 /// What the fused backward kernel is asked for.
 #[derive(Clone, Copy)]
 struct BackwardWants {
@@ -555,7 +564,7 @@ impl Tensor {
                 let wb = weight.map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
                 let bb = bias.filter(|_| act).map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
                 let bufs = [xb, wb, dy.gpu_buf(name)?, dx.gpu_buf(name)?, g.gpu_buf(name)?, bb, dz.gpu_buf(name)?];
-                ctx.dispatch(&NORM, "backward", &params, &bufs, ctx.grid(l.rows as u64))?;
+                ctx.dispatch(norm_shader(&ctx), "backward", &params, &bufs, ctx.grid(l.rows as u64))?;
                 Ok((dx, wants.g.then_some(g), want_dz.then_some(dz)))
             }
         }
@@ -624,7 +633,7 @@ impl Tensor {
                 let wb = weight.map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
                 let bb = bias.map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
                 let bufs = [xb, wb, bb, out.gpu_buf(name)?];
-                ctx.dispatch(&NORM, "main", &params, &bufs, ctx.grid(l.rows as u64))?;
+                ctx.dispatch(norm_shader(&ctx), "main", &params, &bufs, ctx.grid(l.rows as u64))?;
                 Ok(out)
             }
         }
