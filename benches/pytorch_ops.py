@@ -59,6 +59,17 @@ def case_matmul(m, n, k):
     return (f"matmul {m}x{n}x{k}", setup, 2.0 * m * n * k, None)
 
 
+def case_matmul_f16(m, n, k):
+    # PyTorch's half matmul: f16 in and out; on CUDA, cuBLAS on tensor cores with f32
+    # accumulation. vipo's f16 case reads f16 and computes in f32 on the shader cores.
+    def setup():
+        a = _randn(m, k).half()
+        b = _randn(k, n).half()
+        return lambda: torch.matmul(a, b)
+
+    return (f"matmul f16 {m}x{n}x{k}", setup, 2.0 * m * n * k, None)
+
+
 def case_conv2d(c, px):
     def setup():
         x = _randn(1, c, px, px)
@@ -98,6 +109,9 @@ CASES = [
     case_matmul(4096, 4096, 4096),
     case_matmul(4096, 320, 320),
     case_matmul(4096, 1280, 320),
+    case_matmul_f16(512, 512, 512),
+    case_matmul_f16(4096, 4096, 4096),
+    case_matmul_f16(4096, 1280, 320),
     case_conv2d(320, 64),
     case_conv2d(640, 32),
     case_conv2d(1280, 16),

@@ -2,7 +2,9 @@
 // A[b, i, k] = a[b * a_bs + i * a_rs + k * a_cs], likewise B; C is contiguous (batch, M, N).
 //
 // The tile shape is prepended per variant (src/shaders.rs): `const BM`, `const BN` (64 or 128)
-// and `const BK`. 256 threads (16x16) per workgroup; each owns a register block of
+// and `const BK`, and `alias EL`, the operands' element type: f32, or f16 (with `enable f16;`,
+// on adapters with SHADER_F16): f16 storage halves the bytes read; the values are widened as
+// they are staged, so products and sums stay f32 (a product of two f16 values is exact in f32). 256 threads (16x16) per workgroup; each owns a register block of
 // RM = BM/16 rows by RN = BN/16 columns, in groups of 4: rows g*64 + ty*4 + (0..3),
 // columns h*64 + tx*4 + (0..3). So every workgroup-memory read is one vec4, the 16 threads
 // of a row read 16 consecutive vec4s (no bank conflicts), and the next K step's global loads
@@ -24,8 +26,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<EL>;
+@group(0) @binding(2) var<storage, read> b: array<EL>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;   // (batch, M, N)
 // Added as C is written, as the flags say; the host binds `a` in the place of an absent one.
 @group(0) @binding(4) var<storage, read> res: array<f32>;       // (batch, M, N)
@@ -73,7 +75,7 @@ fn load_step(tid: u32, row0: u32, col0: u32, bz: u32, k0: u32) {
         let s = a_slot(tid, e);
         var v = 0.0;
         if row0 + s.x < p.m && k0 + s.y < p.k {
-            v = a[bz * p.a_bs + (row0 + s.x) * p.a_rs + (k0 + s.y) * p.a_cs];
+            v = f32(a[bz * p.a_bs + (row0 + s.x) * p.a_rs + (k0 + s.y) * p.a_cs]);
         }
         pa[e] = v;
     }
@@ -81,7 +83,7 @@ fn load_step(tid: u32, row0: u32, col0: u32, bz: u32, k0: u32) {
         let s = b_slot(tid, e);
         var v = 0.0;
         if k0 + s.y < p.k && col0 + s.x < p.n {
-            v = b[bz * p.b_bs + (k0 + s.y) * p.b_rs + (col0 + s.x) * p.b_cs];
+            v = f32(b[bz * p.b_bs + (k0 + s.y) * p.b_rs + (col0 + s.x) * p.b_cs]);
         }
         pb[e] = v;
     }

@@ -40,7 +40,8 @@ shader!(SOFTMAX, "softmax");
 on_fragment!(NORM, "norm", "norm", "reduce_tree");
 on_fragment!(NORM_SUBGROUP, "norm_subgroup", "norm", "reduce_subgroup");
 
-/// A tiled kernel's variant: `$prelude` (the tile's `const`s) goes before the file's source.
+/// A tiled kernel's variant: `$prelude` (the tile's `const`s, an element type `alias`, and
+/// `enable f16;` where that type is f16) goes before the file's source.
 macro_rules! tiled {
     ($ident:ident, $name:literal, $file:literal, $prelude:literal) => {
         pub static $ident: Shader = Shader {
@@ -52,11 +53,56 @@ macro_rules! tiled {
     };
 }
 
-// Matmul tiles (BM x BN outputs per workgroup, BK deep); `ops::matmul::tile` picks one.
-tiled!(MATMUL_64, "matmul_64x64", "matmul", "const BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n");
-tiled!(MATMUL_128X64, "matmul_128x64", "matmul", "const BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n");
-tiled!(MATMUL_64X128, "matmul_64x128", "matmul", "const BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n");
-tiled!(MATMUL_128, "matmul_128x128", "matmul", "const BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n");
+// Matmul tiles (BM x BN outputs per workgroup, BK deep); `ops::matmul::tile` picks one. The
+// f16 variants read f16 operands (adapters with SHADER_F16) and compute in f32.
+tiled!(
+    MATMUL_64,
+    "matmul_64x64",
+    "matmul",
+    "alias EL = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+);
+tiled!(
+    MATMUL_128X64,
+    "matmul_128x64",
+    "matmul",
+    "alias EL = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_64X128,
+    "matmul_64x128",
+    "matmul",
+    "alias EL = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_128,
+    "matmul_128x128",
+    "matmul",
+    "alias EL = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16_64,
+    "matmul_f16_64x64",
+    "matmul",
+    "enable f16;\nalias EL = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+);
+tiled!(
+    MATMUL_F16_128X64,
+    "matmul_f16_128x64",
+    "matmul",
+    "enable f16;\nalias EL = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16_64X128,
+    "matmul_f16_64x128",
+    "matmul",
+    "enable f16;\nalias EL = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16_128,
+    "matmul_f16_128x128",
+    "matmul",
+    "enable f16;\nalias EL = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
 // The convolution forward on the same tiles.
 tiled!(
     CONV2D_FWD_64,
@@ -96,7 +142,7 @@ shader!(ADAMW, "adamw");
 shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 26] {
+pub fn all() -> [&'static Shader; 30] {
     [
         &UNARY,
         &BINARY,
@@ -109,6 +155,10 @@ pub fn all() -> [&'static Shader; 26] {
         &MATMUL_128X64,
         &MATMUL_64X128,
         &MATMUL_128,
+        &MATMUL_F16_64,
+        &MATMUL_F16_128X64,
+        &MATMUL_F16_64X128,
+        &MATMUL_F16_128,
         &CONV2D,
         &CONV2D_FWD_64,
         &CONV2D_FWD_128X64,

@@ -196,6 +196,14 @@ impl Tensor {
         }
     }
 
+    /// The buffer of a GPU tensor of any dtype (f16: packed two per word).
+    pub(crate) fn gpu_buf_any(&self, op: &'static str) -> Result<&GpuBuffer> {
+        match &*self.storage {
+            Storage::Gpu(b) => Ok(b),
+            Storage::Cpu(_) => Err(Error::Device { op, msg: format!("expected a GPU tensor, got {self:?}") }),
+        }
+    }
+
     pub(crate) fn ensure_f32(&self, op: &'static str) -> Result<()> {
         if self.dtype != DType::F32 {
             return Err(Error::DType { op, dtype: self.dtype.to_string(), supported: "f32" });

@@ -126,6 +126,55 @@ fn linear_epilogue_every_tile_gpu_vs_cpu_vs_f64() {
 }
 
 #[test]
+fn matmul_f16_operands_every_tile_and_layout() {
+    // f16 storage, f32 arithmetic: the f16 kernels against the CPU twin (which widens the same
+    // f16 values) and against float64 loops on those values; one shape per tile, every layout.
+    // A product of two f16 values is exact in f32, so only the summation order differs.
+    use vipo::tensor::DType;
+    let cases = [(70, 90, 37, 1), (1500, 1000, 13, 1), (1000, 1500, 11, 1), (1800, 1830, 9, 1), (40, 39, 21, 3)];
+    let g = gpu();
+    if let Some(d) = &g {
+        let has = d.gpu().unwrap().features.contains(wgpu::Features::SHADER_F16);
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            assert!(has, "CI's adapter (lavapipe) has SHADER_F16: the f16 kernels must run there");
+        }
+    }
+    for (ci, &(m, n, k, batch)) in cases.iter().enumerate() {
+        for (ti, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)].into_iter().enumerate() {
+            let seed = 980 + (ci * 4 + ti) as u64;
+            let ash = if ta { vec![batch, k, m] } else { vec![batch, m, k] };
+            let bsh = if tb { vec![batch, n, k] } else { vec![batch, k, n] };
+            let half = |v: Vec<f32>, s: &[usize], dev: &Device| {
+                Tensor::from_slice(&v, s, &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap().to(dev).unwrap()
+            };
+            let (av, bv) = (randn(batch * m * k, seed), randn(batch * k * n, seed + 1));
+            let (a, b) = (half(av.clone(), &ash, &Device::Cpu), half(bv.clone(), &bsh, &Device::Cpu));
+            let what = format!("f16 matmul {batch}x{m}x{n}x{k} ta={ta} tb={tb}");
+            let want = a.matmul_t(&b, ta, tb).unwrap();
+            assert_eq!(want.dtype(), DType::F32, "{what}: the product is f32");
+            // The last batch on the CPU against float64 on the rounded values.
+            let (a16, b16) = (a.to_vec().unwrap(), b.to_vec().unwrap());
+            let bi = batch - 1;
+            let w = want.to_vec().unwrap();
+            let reference = matmul_f64(&a16[bi * m * k..], &b16[bi * k * n..], m, n, k, ta, tb);
+            assert_close(&format!("{what} cpu vs f64"), &w[bi * m * n..], &reference, 1e-5, seed);
+            if let Some(d) = &g {
+                let (ag, bg) = (half(av, &ash, d), half(bv, &bsh, d));
+                let got = ag.matmul_t(&bg, ta, tb).unwrap_or_else(|e| panic!("{what} on gpu: {e}"));
+                assert_close(&format!("{what} gpu vs cpu"), &got.to_vec().unwrap(), &w, 1e-5, seed);
+            }
+        }
+    }
+    // Mixed dtypes and a tracked f16 operand are errors that say so.
+    let a = Tensor::from_slice(&randn(6, 1), &[2, 3], &Device::Cpu).unwrap();
+    let h = a.to_dtype(DType::F16).unwrap();
+    let e = a.matmul_t(&h, false, true).unwrap_err().to_string();
+    assert!(e.contains("f32 x f16"), "{e}");
+    let e = h.requires_grad().matmul_t(&h, false, true).unwrap_err().to_string();
+    assert!(e.contains("no backward"), "{e}");
+}
+
+#[test]
 fn matmul_batched_and_broadcast() {
     let (m, n, k) = (19, 23, 37);
     // Both batched (2, 3, ...), and a shared 2-D weight on either side.

@@ -58,19 +58,34 @@ fn check(name: &str, source: &str, caps: Capabilities) -> Vec<String> {
     errs
 }
 
+/// The optional capabilities a kernel variant is built for.
+fn needs(s: &vipo::device::Shader) -> Capabilities {
+    let mut caps = Capabilities::empty();
+    if s.fragment == vipo::device::SUBGROUP_FRAGMENT {
+        caps |= Capabilities::SUBGROUP;
+    }
+    if s.source.starts_with("enable f16;") {
+        caps |= Capabilities::SHADER_FLOAT16;
+    }
+    caps
+}
+
 #[test]
 fn all_shaders_validate_and_translate() {
     let mut errs = Vec::new();
     for s in vipo::shaders::all() {
-        // A subgroup variant needs the adapter's subgroups (wgpu picks it only then); every
-        // other kernel must validate with none of the optional capabilities.
-        let caps =
-            if s.fragment == vipo::device::SUBGROUP_FRAGMENT { Capabilities::SUBGROUP } else { Capabilities::empty() };
-        errs.extend(check(s.name, s.source, caps));
+        // A subgroup variant needs the adapter's subgroups and an f16 variant its SHADER_F16
+        // (each is picked only then); every other kernel must validate with neither.
+        errs.extend(check(s.name, s.source, needs(s)));
     }
-    // The subgroup variants are the only kernels that need the capability.
-    for s in vipo::shaders::all().iter().filter(|s| s.fragment == vipo::device::SUBGROUP_FRAGMENT) {
-        assert!(!check(s.name, s.source, Capabilities::empty()).is_empty(), "{} validates without subgroups", s.name);
+    // Those variants are the only kernels that need the capabilities.
+    for s in vipo::shaders::all().iter().filter(|s| !needs(s).is_empty()) {
+        assert!(
+            !check(s.name, s.source, Capabilities::empty()).is_empty(),
+            "{} validates without {:?}",
+            s.name,
+            needs(s)
+        );
     }
     assert!(errs.is_empty(), "shader problems:\n{}", errs.join("\n"));
 }
@@ -94,7 +109,8 @@ fn every_shader_file_is_registered() {
         let before =
             s.source.strip_suffix(disk.as_str()).unwrap_or_else(|| panic!("{} is not {}.wgsl", s.name, s.file));
         if s.fragment.is_empty() {
-            assert!(before.lines().all(|l| l.starts_with("const ")), "{}: prelude {before:?}", s.name);
+            let prelude_line = |l: &str| ["const ", "alias ", "enable f16;"].iter().any(|p| l.starts_with(p));
+            assert!(before.lines().all(prelude_line), "{}: prelude {before:?}", s.name);
             assert_eq!(before.is_empty(), s.name == s.file, "{}: only variants have a prelude", s.name);
         } else {
             assert_eq!(before, read(s.fragment), "{}: not {}.wgsl before {}.wgsl", s.name, s.fragment, s.file);

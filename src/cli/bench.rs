@@ -48,6 +48,8 @@ struct Case {
     is_bytes: bool,
     quick: bool,
     shapes: Vec<Vec<usize>>,
+    /// Inputs cast to f16 before timing (GPU: adapters with SHADER_F16 only).
+    f16: bool,
     run: fn(&[Tensor]) -> Result<Tensor>,
 }
 
@@ -67,6 +69,19 @@ fn cases() -> Vec<Case> {
             is_bytes: false,
             quick,
             shapes: vec![vec![m, k], vec![k, n]],
+            f16: false,
+            run: |t| t[0].matmul(&t[1]),
+        });
+    }
+    // f16 storage, f32 arithmetic (the CPU path widens the same f16 values).
+    for (m, n, k, quick) in [(512, 512, 512, true), (4096, 4096, 4096, false), (4096, 1280, 320, false)] {
+        v.push(Case {
+            name: format!("matmul f16 {m}x{n}x{k}"),
+            work: 2.0 * m as f64 * n as f64 * k as f64,
+            is_bytes: false,
+            quick,
+            shapes: vec![vec![m, k], vec![k, n]],
+            f16: true,
             run: |t| t[0].matmul(&t[1]),
         });
     }
@@ -77,6 +92,7 @@ fn cases() -> Vec<Case> {
             is_bytes: false,
             quick,
             shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3], vec![c]],
+            f16: false,
             run: |t| t[0].conv2d(&t[1], Some(&t[2]), (1, 1), (1, 1)),
         });
     }
@@ -86,6 +102,7 @@ fn cases() -> Vec<Case> {
         is_bytes: false,
         quick: false,
         shapes: vec![vec![1, 8, 4096, 40], vec![1, 8, 4096, 40], vec![1, 8, 4096, 40]],
+        f16: false,
         run: |t| t[0].attention(&t[1], &t[2], None),
     });
     v.push(Case {
@@ -94,6 +111,7 @@ fn cases() -> Vec<Case> {
         is_bytes: false,
         quick: true,
         shapes: vec![vec![1, 8, 4096, 40], vec![1, 8, 77, 40], vec![1, 8, 77, 40]],
+        f16: false,
         run: |t| t[0].attention(&t[1], &t[2], None),
     });
     for (shape, quick) in [(vec![1, 320, 64, 64], false), (vec![2, 1280, 16, 16], true)] {
@@ -104,6 +122,7 @@ fn cases() -> Vec<Case> {
             is_bytes: true,
             quick,
             shapes: vec![shape.clone(), vec![shape[1]], vec![shape[1]]],
+            f16: false,
             run: |t| t[0].group_norm(32, Some(&t[1]), Some(&t[2]), 1e-5),
         });
     }
@@ -207,8 +226,19 @@ fn device_name(device: &Device) -> String {
 
 /// Times one case; also returns its output (read back once, after the timing).
 fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<(Record, Vec<f32>)> {
-    let inputs: Vec<Tensor> =
-        case.shapes.iter().enumerate().map(|(i, s)| Tensor::randn(s, 1 + i as u64, device)).collect::<Result<_>>()?;
+    let inputs: Vec<Tensor> = case
+        .shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let t = Tensor::randn(s, 1 + i as u64, device)?;
+            if case.f16 {
+                t.to_dtype(crate::tensor::DType::F16)
+            } else {
+                Ok(t)
+            }
+        })
+        .collect::<Result<_>>()?;
     if let Device::Gpu(g) = device {
         g.sync()?;
         g.reset_peak();
@@ -342,7 +372,9 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
                 .map(|&(c, s, b)| time_train(c, s, b, &device, args.min_time).map(|r| (r, Vec::new())))
                 .collect()
         } else {
-            selected.iter().map(|case| time_case(case, &device, args.min_time)).collect()
+            // f16 cases where the device can run them (the CPU path always can).
+            let f16_ok = device.gpu().is_none_or(|g| g.features.contains(wgpu::Features::SHADER_F16));
+            selected.iter().filter(|c| f16_ok || !c.f16).map(|case| time_case(case, &device, args.min_time)).collect()
         };
         for r in runs {
             let (mut r, out) = r?;

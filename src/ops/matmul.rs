@@ -4,7 +4,11 @@
 use crate::device::Device;
 use crate::device::Shader;
 use crate::error::{Error, Result};
-use crate::shaders::{MATMUL_128, MATMUL_128X64, MATMUL_64, MATMUL_64X128};
+use crate::shaders::{
+    MATMUL_128, MATMUL_128X64, MATMUL_64, MATMUL_64X128, MATMUL_F16_128, MATMUL_F16_128X64, MATMUL_F16_64,
+    MATMUL_F16_64X128,
+};
+use crate::tensor::DType;
 use crate::tensor::Tensor;
 
 /// Workgroups a dispatch should have before bigger tiles pay: about 1.5 waves on a
@@ -30,12 +34,16 @@ pub fn tile(m: usize, n: usize, batch: usize) -> (usize, usize) {
     }
 }
 
-fn tile_shader(t: (usize, usize)) -> &'static Shader {
-    match t {
-        (128, 128) => &MATMUL_128,
-        (128, 64) => &MATMUL_128X64,
-        (64, 128) => &MATMUL_64X128,
-        _ => &MATMUL_64,
+fn tile_shader(t: (usize, usize), f16: bool) -> &'static Shader {
+    match (t, f16) {
+        ((128, 128), false) => &MATMUL_128,
+        ((128, 64), false) => &MATMUL_128X64,
+        ((64, 128), false) => &MATMUL_64X128,
+        (_, false) => &MATMUL_64,
+        ((128, 128), true) => &MATMUL_F16_128,
+        ((128, 64), true) => &MATMUL_F16_128X64,
+        ((64, 128), true) => &MATMUL_F16_64X128,
+        (_, true) => &MATMUL_F16_64,
     }
 }
 
@@ -253,8 +261,15 @@ impl Tensor {
     }
 
     /// Matmul with `self` read as `(..., K, M)` when `ta`, `other` as `(..., N, K)` when `tb`.
+    /// Both f32, or both f16 (the product is f32: f16 storage, f32 arithmetic; no gradient).
     pub fn matmul_t(&self, other: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
         let out = self.matmul_raw(other, ta, tb, Epilogue::default())?;
+        if self.dtype() == DType::F16 {
+            if self.is_tracked() || other.is_tracked() {
+                return Err(Error::Invalid("matmul: f16 operands have no backward (cast to f32 to train)".into()));
+            }
+            return Ok(out);
+        }
         let (a, b) = (self.detach(), other.detach());
         Ok(crate::autograd::record("matmul", out, &[self, other], move |g, needs| {
             let (ga, gb) = matmul_backward(&a, &b, g, ta, tb, needs[0], needs[1])?;
@@ -298,8 +313,14 @@ impl Tensor {
 
     fn matmul_raw(&self, other: &Tensor, ta: bool, tb: bool, e: Epilogue) -> Result<Tensor> {
         const OP: &str = "matmul";
-        self.ensure_f32(OP)?;
-        other.ensure_f32(OP)?;
+        let f16 = self.dtype() == DType::F16;
+        if self.dtype() != other.dtype() {
+            return Err(Error::DType {
+                op: OP,
+                dtype: format!("{} x {}", self.dtype(), other.dtype()),
+                supported: "f32 x f32, f16 x f16",
+            });
+        }
         self.same_device(OP, other)?;
         let p = plan(self.shape(), other.shape(), ta, tb)?;
         for t in [e.bias, e.residual].into_iter().flatten() {
@@ -329,7 +350,14 @@ impl Tensor {
         }
         match self.device() {
             Device::Cpu => {
-                let (a, b) = (self.cpu_f32(OP)?, other.cpu_f32(OP)?);
+                // f16 operands are widened: their products are exact in f32, as on the GPU.
+                let widened;
+                let (a, b) = if f16 {
+                    widened = (self.f16_to_vec_f32()?, other.f16_to_vec_f32()?);
+                    (widened.0.as_slice(), widened.1.as_slice())
+                } else {
+                    (self.cpu_f32(OP)?, other.cpu_f32(OP)?)
+                };
                 // The epilogue's terms go in first and the GEMM accumulates onto them.
                 let mut c = match e.residual {
                     Some(r) => r.cpu_f32(OP)?.to_vec(),
@@ -379,12 +407,19 @@ impl Tensor {
                 };
                 let t = tile(m, n, p.batch);
                 let groups = [n.div_ceil(t.1) as u32, m.div_ceil(t.0) as u32, p.batch as u32];
-                let ab = self.gpu_buf(OP)?;
-                // `a` fills the slot of an absent term (its flag keeps the kernel from reading it).
+                if f16 && !ctx.features.contains(wgpu::Features::SHADER_F16) {
+                    return Err(Error::Gpu(format!(
+                        "matmul: f16 operands need an adapter with SHADER_F16; {} has none (cast them to f32)",
+                        ctx.info.name
+                    )));
+                }
+                let ab = self.gpu_buf_any(OP)?;
+                // `a` fills the slot of an absent term (its flag keeps the kernel from reading
+                // it; a slot is raw bytes, so an f16 `a` binds as well).
                 let rb = e.residual.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(ab);
                 let bb = e.bias.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(ab);
-                let bufs = [ab, other.gpu_buf(OP)?, out.gpu_buf(OP)?, rb, bb];
-                ctx.dispatch(tile_shader(t), "main", &params, &bufs, groups)?;
+                let bufs = [ab, other.gpu_buf_any(OP)?, out.gpu_buf(OP)?, rb, bb];
+                ctx.dispatch(tile_shader(t, f16), "main", &params, &bufs, groups)?;
                 Ok(out)
             }
         }
