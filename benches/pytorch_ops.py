@@ -80,6 +80,16 @@ def case_conv2d(c, px):
     return (f"conv2d {c}ch {px}px", setup, 2.0 * c * c * 9 * px * px, None)
 
 
+def case_conv2d_f16(c, px):
+    # PyTorch's half conv (no bias: vipo's f16 case has none either).
+    def setup():
+        x = _randn(1, c, px, px).half()
+        w = (_randn(c, c, 3, 3) * (1.0 / math.sqrt(c * 9))).half()
+        return lambda: F.conv2d(x, w, None, stride=1, padding=1)
+
+    return (f"conv2d f16 {c}ch {px}px", setup, 2.0 * c * c * 9 * px * px, None)
+
+
 def case_attention(kind, lq, lk, heads, d, batch=1):
     def setup():
         q = _randn(batch, heads, lq, d)
@@ -116,6 +126,8 @@ CASES = [
     case_conv2d(640, 32),
     case_conv2d(1280, 16),
     case_conv2d(1280, 8),
+    case_conv2d_f16(320, 64),
+    case_conv2d_f16(1280, 8),
     case_attention("self", 4096, 4096, 8, 40),
     case_attention("cross", 4096, 77, 8, 40),
     case_group_norm(320, 64, 32, batch=1),

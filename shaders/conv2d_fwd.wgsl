@@ -4,7 +4,8 @@
 // gathered from X as it is staged. (Backward GEMMs: conv2d.wgsl.)
 //
 // The tile shape is prepended per variant (src/shaders.rs): `const BM`, `const BN` (64 or 128)
-// and `const BK`, chosen by `ops::matmul::tile`. 256 threads (16x16); each owns rows
+// and `const BK`, chosen by `ops::matmul::tile`, and `alias EL`, the type of X and W: f32, or
+// f16 (storage only: widened as staged, f32 arithmetic; see matmul.wgsl). 256 threads (16x16); each owns rows
 // g*64 + ty*4 + (0..3) and columns h*64 + tx*4 + (0..3) of the tile (see matmul.wgsl).
 //
 // main: in1 = X (N, Cin, H, W), in2 = W (Cout, Cin, KH, KW), dst = Y (N, Cout, OH, OW), and
@@ -40,8 +41,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> in1: array<f32>;
-@group(0) @binding(2) var<storage, read> in2: array<f32>;
+@group(0) @binding(1) var<storage, read> in1: array<EL>;
+@group(0) @binding(2) var<storage, read> in2: array<EL>;
 @group(0) @binding(3) var<storage, read_write> dst: array<f32>;
 // `res` first: grad_input_s1 shares `store`, so it binds `res` too (in1 in its place).
 @group(0) @binding(4) var<storage, read> res: array<f32>;
@@ -67,9 +68,9 @@ var<private> flipped: bool;
 fn a_value(row: u32, kidx: u32) -> f32 {
     if flipped {
         let khw = p.kh * p.kw;
-        return in2[((kidx / khw) * p.cout + row) * khw + khw - 1u - kidx % khw];
+        return f32(in2[((kidx / khw) * p.cout + row) * khw + khw - 1u - kidx % khw]);
     }
-    return in2[row * p.k + kidx];
+    return f32(in2[row * p.k + kidx]);
 }
 
 // A = W is row-major (Cout, K): threads walk K. Element e of this thread: (row, kk).
@@ -136,7 +137,7 @@ fn tiles(wid: vec3<u32>, lid: vec3<u32>) -> array<vec4<f32>, RM * GN> {
                     let iy = iy0 + i32(rem / p.kw);
                     let ix = ix0 + i32(rem % p.kw);
                     if iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w) {
-                        v = in1[x_base + (ci * p.h + u32(iy)) * p.w + u32(ix)];
+                        v = f32(in1[x_base + (ci * p.h + u32(iy)) * p.w + u32(ix)]);
                     }
                 }
                 pb[e] = v;

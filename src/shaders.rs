@@ -108,25 +108,49 @@ tiled!(
     CONV2D_FWD_64,
     "conv2d_fwd_64x64",
     "conv2d_fwd",
-    "const BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "alias EL = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     CONV2D_FWD_128X64,
     "conv2d_fwd_128x64",
     "conv2d_fwd",
-    "const BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "alias EL = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_64X128,
     "conv2d_fwd_64x128",
     "conv2d_fwd",
-    "const BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "alias EL = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_128,
     "conv2d_fwd_128x128",
     "conv2d_fwd",
-    "const BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "alias EL = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16_64,
+    "conv2d_fwd_f16_64x64",
+    "conv2d_fwd",
+    "enable f16;\nalias EL = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16_128X64,
+    "conv2d_fwd_f16_128x64",
+    "conv2d_fwd",
+    "enable f16;\nalias EL = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16_64X128,
+    "conv2d_fwd_f16_64x128",
+    "conv2d_fwd",
+    "enable f16;\nalias EL = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16_128,
+    "conv2d_fwd_f16_128x128",
+    "conv2d_fwd",
+    "enable f16;\nalias EL = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 shader!(CONV2D, "conv2d");
 shader!(UPSAMPLE, "upsample");
@@ -142,7 +166,7 @@ shader!(ADAMW, "adamw");
 shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 30] {
+pub fn all() -> [&'static Shader; 34] {
     [
         &UNARY,
         &BINARY,
@@ -164,6 +188,10 @@ pub fn all() -> [&'static Shader; 30] {
         &CONV2D_FWD_128X64,
         &CONV2D_FWD_64X128,
         &CONV2D_FWD_128,
+        &CONV2D_FWD_F16_64,
+        &CONV2D_FWD_F16_128X64,
+        &CONV2D_FWD_F16_64X128,
+        &CONV2D_FWD_F16_128,
         &UPSAMPLE,
         &COPY,
         &TIMESTEP,

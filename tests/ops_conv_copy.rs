@@ -205,6 +205,59 @@ fn conv2d_add_epilogue_gpu_vs_cpu_vs_f64_loop() {
 }
 
 #[test]
+fn conv2d_f16_input_and_weight_every_tile() {
+    // f16 storage, f32 arithmetic: GPU f16 kernels against the CPU twin (the same f16 values
+    // widened) and the CPU against float64 on the rounded values; the epilogue stays f32.
+    use vipo::ops::conv2d::ConvAdd;
+    use vipo::DType;
+    let cases: &[([usize; 4], usize, (usize, usize))] = &[
+        ([1, 2, 70, 70], 520, (1, 1)),
+        ([2, 1, 33, 33], 1100, (1, 1)),
+        ([3, 2, 60, 60], 130, (1, 1)),
+        ([1, 300, 5, 7], 70, (1, 1)),
+        ([2, 5, 9, 8], 17, (2, 2)),
+    ];
+    for (ci, &(xs, cout, stride)) in cases.iter().enumerate() {
+        let seed = 1700 + ci as u64;
+        let ws = [cout, xs[1], 3, 3];
+        let half =
+            |v: &[f32], s: &[usize]| Tensor::from_slice(v, s, &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap();
+        let (x, w) = (half(&randn(numel(&xs), seed), &xs), half(&randn(numel(&ws), seed + 1), &ws));
+        let b = Tensor::from_slice(&randn(cout, seed + 2), &[cout], &Device::Cpu).unwrap();
+        let want = x.conv2d(&w, Some(&b), stride, (1, 1)).unwrap();
+        assert_eq!(want.dtype(), DType::F32);
+        let (x16, w16) = (x.to_vec().unwrap(), w.to_vec().unwrap());
+        let (reference, _) = conv_ref(&x16, xs, &w16, ws, Some(&b.to_vec().unwrap()), stride, (1, 1));
+        let what = format!("f16 conv2d x{xs:?} w{ws:?} s{stride:?}");
+        assert_close(&format!("{what} cpu vs f64"), &want.to_vec().unwrap(), &reference, CONV_TOL, seed);
+        if let Some(g) = gpu() {
+            let to = |t: &Tensor| t.to(&g).unwrap();
+            let got = to(&x).conv2d(&to(&w), Some(&to(&b)), stride, (1, 1)).unwrap();
+            assert_close(
+                &format!("{what} gpu vs cpu"),
+                &got.to_vec().unwrap(),
+                &want.to_vec().unwrap(),
+                CONV_TOL,
+                seed,
+            );
+            // With the residual epilogue too.
+            let r = to(&want);
+            let add = ConvAdd { temb: None, residual: Some(&r) };
+            let got2 = to(&x).conv2d_add(&to(&w), None, stride, (1, 1), add).unwrap().to_vec().unwrap();
+            let w_vec = want.to_vec().unwrap();
+            let b_vec = b.to_vec().unwrap();
+            let plane = want.shape()[2] * want.shape()[3];
+            let want2: Vec<f32> = w_vec.iter().enumerate().map(|(i, &v)| 2.0 * v - b_vec[(i / plane) % cout]).collect();
+            assert_close(&format!("{what} + residual gpu"), &got2, &want2, CONV_TOL, seed);
+        }
+    }
+    let x = Tensor::from_slice(&randn(2 * 3 * 25, 1), &[2, 3, 5, 5], &Device::Cpu).unwrap();
+    let w = Tensor::from_slice(&randn(4 * 27, 2), &[4, 3, 3, 3], &Device::Cpu).unwrap();
+    let e = x.conv2d(&w.to_dtype(DType::F16).unwrap(), None, (1, 1), (1, 1)).unwrap_err().to_string();
+    assert!(e.contains("f32 x f16"), "{e}");
+}
+
+#[test]
 fn conv2d_rejects_bad_arguments() {
     let cpu = Device::Cpu;
     let x = Tensor::zeros(&[1, 3, 4, 4], &cpu).unwrap();

@@ -96,6 +96,17 @@ fn cases() -> Vec<Case> {
             run: |t| t[0].conv2d(&t[1], Some(&t[2]), (1, 1), (1, 1)),
         });
     }
+    for (c, px, quick) in [(320, 64, false), (1280, 8, true)] {
+        v.push(Case {
+            name: format!("conv2d f16 {c}ch {px}px"),
+            work: 2.0 * (c * c * 9) as f64 * (px * px) as f64,
+            is_bytes: false,
+            quick,
+            shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3]],
+            f16: true,
+            run: |t| t[0].conv2d(&t[1], None, (1, 1), (1, 1)),
+        });
+    }
     v.push(Case {
         name: "attention self 4096x4096 h8 d40".into(),
         work: 4.0 * 8.0 * 4096.0 * 4096.0 * 40.0,

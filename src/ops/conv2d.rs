@@ -9,8 +9,11 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::matmul::{sgemm, sgemm_raw, MatRef};
 use crate::ops::{u32_of, PAR_MIN};
-use crate::shaders::{CONV2D, CONV2D_FWD_128, CONV2D_FWD_128X64, CONV2D_FWD_64, CONV2D_FWD_64X128};
-use crate::tensor::Tensor;
+use crate::shaders::{
+    CONV2D, CONV2D_FWD_128, CONV2D_FWD_128X64, CONV2D_FWD_64, CONV2D_FWD_64X128, CONV2D_FWD_F16_128,
+    CONV2D_FWD_F16_128X64, CONV2D_FWD_F16_64, CONV2D_FWD_F16_64X128,
+};
+use crate::tensor::{DType, Tensor};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -480,13 +483,17 @@ fn gpu_params(g: &Geom, chunk: usize) -> Result<Conv2dParams> {
     })
 }
 
-/// The forward kernel's variant for a tile from `matmul::tile`.
-fn fwd_shader(t: (usize, usize)) -> &'static crate::device::Shader {
-    match t {
-        (128, 128) => &CONV2D_FWD_128,
-        (128, 64) => &CONV2D_FWD_128X64,
-        (64, 128) => &CONV2D_FWD_64X128,
-        _ => &CONV2D_FWD_64,
+/// The forward kernel's variant for a tile from `matmul::tile`, on f16 or f32 X and W.
+fn fwd_shader(t: (usize, usize), f16: bool) -> &'static crate::device::Shader {
+    match (t, f16) {
+        ((128, 128), false) => &CONV2D_FWD_128,
+        ((128, 64), false) => &CONV2D_FWD_128X64,
+        ((64, 128), false) => &CONV2D_FWD_64X128,
+        (_, false) => &CONV2D_FWD_64,
+        ((128, 128), true) => &CONV2D_FWD_F16_128,
+        ((128, 64), true) => &CONV2D_FWD_F16_128X64,
+        ((64, 128), true) => &CONV2D_FWD_F16_64X128,
+        (_, true) => &CONV2D_FWD_F16_64,
     }
 }
 
@@ -525,6 +532,9 @@ impl Tensor {
             [Some(self), Some(weight), bias, add.temb, add.residual].into_iter().flatten().collect();
         if !crate::autograd::will_record(&inputs) {
             return Ok(out);
+        }
+        if self.dtype() == DType::F16 {
+            return Err(Error::Invalid("conv2d: f16 input and weight have no backward (cast to f32 to train)".into()));
         }
         let x_saved = weight.is_tracked().then(|| self.detach());
         let w_saved = self.is_tracked().then(|| weight.detach());
@@ -614,7 +624,7 @@ impl Tensor {
                     let dyb = self.gpu_buf(NAME)?;
                     // dY also fills the epilogue's residual slot (never read here).
                     let bufs = [dyb, weight.gpu_buf(NAME)?, out.gpu_buf(NAME)?, dyb];
-                    ctx.dispatch(fwd_shader(t), "grad_input_s1", &params, &bufs, groups)?;
+                    ctx.dispatch(fwd_shader(t, false), "grad_input_s1", &params, &bufs, groups)?;
                     return Ok(out);
                 }
                 let phase_cols = g.h.div_ceil(g.sh) * g.w.div_ceil(g.sw);
@@ -676,8 +686,12 @@ impl Tensor {
         padding: (usize, usize),
         add: ConvAdd,
     ) -> Result<Tensor> {
-        self.ensure_f32(OP)?;
-        weight.ensure_f32(OP)?;
+        // X and W both f32, or both f16 (storage; f32 arithmetic, f32 output).
+        let f16 = self.dtype() == DType::F16;
+        if self.dtype() != weight.dtype() {
+            let dtype = format!("{} x {}", self.dtype(), weight.dtype());
+            return Err(Error::DType { op: OP, dtype, supported: "f32 x f32, f16 x f16" });
+        }
         self.same_device(OP, weight)?;
         for t in [bias, add.temb, add.residual].into_iter().flatten() {
             t.ensure_f32(OP)?;
@@ -707,7 +721,13 @@ impl Tensor {
                     add.temb.map(|t| t.cpu_f32(OP)).transpose()?,
                     add.residual.map(|t| t.cpu_f32(OP)).transpose()?,
                 );
-                let y = conv_cpu(&g, self.cpu_f32(OP)?, weight.cpu_f32(OP)?, Epilogue { bias: b, temb: t, res: r });
+                let e = Epilogue { bias: b, temb: t, res: r };
+                let y = if f16 {
+                    // The same f16 values widened: products exact in f32, as on the GPU.
+                    conv_cpu(&g, &self.f16_to_vec_f32()?, &weight.f16_to_vec_f32()?, e)
+                } else {
+                    conv_cpu(&g, self.cpu_f32(OP)?, weight.cpu_f32(OP)?, e)
+                };
                 Ok(Tensor::cpu(y, &out_shape))
             }
             Device::Gpu(ctx) => {
@@ -722,13 +742,20 @@ impl Tensor {
                 // Output channels are the GEMM's rows, pixels its columns, images its batch.
                 let t = crate::ops::matmul::tile(g.cout, g.ncol(), g.n);
                 let groups = [u(g.ncol().div_ceil(t.1))?, u(g.cout.div_ceil(t.0))?, u(g.n)?];
-                let xb = self.gpu_buf(OP)?;
-                // x fills the slot of an absent term (its flag keeps the kernel from reading it).
+                if f16 && !ctx.features.contains(wgpu::Features::SHADER_F16) {
+                    return Err(Error::Gpu(format!(
+                        "conv2d: f16 input and weight need an adapter with SHADER_F16; {} has none",
+                        ctx.info.name
+                    )));
+                }
+                let xb = self.gpu_buf_any(OP)?;
+                // x fills the slot of an absent term (its flag keeps the kernel from reading it;
+                // a slot is raw bytes, so an f16 x binds as well).
                 let rb = add.residual.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
                 let bb = bias.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
                 let tb = add.temb.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
-                let bufs = [xb, weight.gpu_buf(OP)?, out.gpu_buf(OP)?, rb, bb, tb];
-                ctx.dispatch(fwd_shader(t), "main", &params, &bufs, groups)?;
+                let bufs = [xb, weight.gpu_buf_any(OP)?, out.gpu_buf(OP)?, rb, bb, tb];
+                ctx.dispatch(fwd_shader(t, f16), "main", &params, &bufs, groups)?;
                 Ok(out)
             }
         }
