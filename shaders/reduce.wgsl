@@ -21,7 +21,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;        // (outer, len, inner)
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;  // rows: (outer, nchunks); cols: (outer, nchunks, inner)
 
-var<workgroup> red: array<f32, 256>;
+// `Inputs`, `begin`, `block_sum` and `block_max` (for `rows`) come from the reduction fragment
+// put before this file (reduce_tree.wgsl, or reduce_subgroup.wgsl with subgroups).
 
 fn combine(a: f32, b: f32) -> f32 {
     if p.op == 1u {
@@ -31,9 +32,10 @@ fn combine(a: f32, b: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-    let g = wid.y * nwg.x + wid.x;
+fn rows(inp: Inputs) {
+    begin(inp);
+    let lid = inp.lid;
+    let g = inp.wid.y * inp.nwg.x + inp.wid.x;
     if g >= p.outer * p.nchunks {
         return;
     }
@@ -49,19 +51,14 @@ fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var i = start + lid; i < end; i += 256u) {
         acc = combine(acc, x[i]);
     }
-    red[lid] = acc;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            red[lid] = combine(red[lid], red[lid + s]);
-        }
-        workgroupBarrier();
+    // `p.op` is uniform: every thread takes the same branch.
+    var r: f32;
+    if p.op == 1u {
+        r = block_max(lid, acc);
+    } else {
+        r = block_sum(lid, acc) * p.scale;
     }
     if lid == 0u {
-        var r = red[0];
-        if p.op == 0u {
-            r *= p.scale;
-        }
         y[g] = r;
     }
 }

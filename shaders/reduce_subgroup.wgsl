@@ -43,3 +43,17 @@ fn block_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
 fn block_sum(lid: u32, v: f32) -> f32 {
     return block_sum2(lid, vec2<f32>(v, 0.0)).x;
 }
+
+fn block_max(lid: u32, v: f32) -> f32 {
+    let s = subgroupMax(v);
+    if sg_lane == 0u {
+        partial2[sg_id].x = s;
+    }
+    workgroupBarrier();
+    var t = partial2[0].x;
+    for (var i = 1u; i < sg_count; i++) {
+        t = max(t, partial2[i].x);
+    }
+    workgroupBarrier();
+    return t;
+}

@@ -14,41 +14,14 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;  // (rows, cols); backward: dx
 @group(0) @binding(3) var<storage, read> dy: array<f32>;       // (rows, cols), backward only
 
-var<workgroup> red: array<f32, 256>;
-
-// Tree reductions over the workgroup; the trailing barrier lets the next call reuse `red`.
-fn block_max(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            red[lid] = max(red[lid], red[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn block_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
+// `Inputs`, `begin`, `block_max` and `block_sum` come from the reduction fragment put before
+// this file (reduce_tree.wgsl, or reduce_subgroup.wgsl where the adapter has subgroups).
 
 @compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-    let row = wid.y * nwg.x + wid.x;
+fn main(inp: Inputs) {
+    begin(inp);
+    let lid = inp.lid;
+    let row = inp.wid.y * inp.nwg.x + inp.wid.x;
     if row >= p.rows {
         return;
     }
@@ -74,9 +47,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
 // x holds the forward's output y here; `y` receives dx.
 @compute @workgroup_size(256)
-fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_index) lid: u32) {
-    let row = wid.y * nwg.x + wid.x;
+fn backward(inp: Inputs) {
+    begin(inp);
+    let lid = inp.lid;
+    let row = inp.wid.y * inp.nwg.x + inp.wid.x;
     if row >= p.rows {
         return;
     }

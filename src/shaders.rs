@@ -34,9 +34,12 @@ macro_rules! on_fragment {
 shader!(UNARY, "unary");
 shader!(BINARY, "binary");
 shader!(WHERE, "where");
-shader!(REDUCE, "reduce");
-shader!(SOFTMAX, "softmax");
-// Layer and group norm on the tree reduction, and on subgroup sums where the adapter has them.
+// Kernels with workgroup reductions: on the tree, and on subgroup operations where the adapter
+// has them (`GpuContext::subgroups`).
+on_fragment!(REDUCE, "reduce", "reduce", "reduce_tree");
+on_fragment!(REDUCE_SUBGROUP, "reduce_on_subgroups", "reduce", "reduce_subgroup");
+on_fragment!(SOFTMAX, "softmax", "softmax", "reduce_tree");
+on_fragment!(SOFTMAX_SUBGROUP, "softmax_subgroup", "softmax", "reduce_subgroup");
 on_fragment!(NORM, "norm", "norm", "reduce_tree");
 on_fragment!(NORM_SUBGROUP, "norm_subgroup", "norm", "reduce_subgroup");
 
@@ -166,13 +169,15 @@ shader!(ADAMW, "adamw");
 shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 34] {
+pub fn all() -> [&'static Shader; 36] {
     [
         &UNARY,
         &BINARY,
         &WHERE,
         &REDUCE,
+        &REDUCE_SUBGROUP,
         &SOFTMAX,
+        &SOFTMAX_SUBGROUP,
         &NORM,
         &NORM_SUBGROUP,
         &MATMUL_64,
@@ -203,4 +208,18 @@ pub fn all() -> [&'static Shader; 34] {
         &ADAMW,
         &CAST,
     ]
+}
+
+/// The variant of a kernel with workgroup reductions for `ctx`: on subgroup operations where
+/// it has them (`GpuContext::subgroups`), else on the tree.
+pub fn with_reductions(
+    ctx: &crate::device::GpuContext,
+    tree: &'static Shader,
+    subgroup: &'static Shader,
+) -> &'static Shader {
+    if ctx.subgroups() {
+        subgroup
+    } else {
+        tree
+    }
 }

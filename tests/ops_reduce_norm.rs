@@ -425,8 +425,9 @@ fn group_norm_silu_gpu_vs_cpu_vs_f64() {
 }
 
 #[test]
-fn norm_kernels_on_subgroup_sums_and_on_the_tree_agree() {
-    // Where the adapter has subgroups the norms reduce with them; the tree is the fallback.
+fn reduction_kernels_on_subgroups_and_on_the_tree_agree() {
+    // Where the adapter has subgroups the norms, softmax and row reductions reduce with them;
+    // the tree is the fallback.
     // Both against the CPU twin, forward and the fused backward, on a private context so the
     // switch touches no other test. (lavapipe has 8-lane subgroups: 32 partials per row.)
     let Some(shared) = gpu() else { return };
@@ -445,7 +446,21 @@ fn norm_kernels_on_subgroup_sums_and_on_the_tree_agree() {
         let l = xt.layer_norm(None, None, 1e-5).unwrap();
         y.backward_with(t(&dy, &shape)).unwrap();
         let grads = [xt.grad().unwrap(), wt.grad().unwrap(), bt.grad().unwrap()].map(|g| g.to_vec().unwrap());
-        (y.to_vec().unwrap(), l.to_vec().unwrap(), grads)
+        // The other kernels on the same reductions: softmax (forward and backward) and the
+        // row reductions (sum, mean and max over a long contiguous axis, split in chunks).
+        let _ng = vipo::autograd::no_grad();
+        let rows = t(&x, &[shape[0] * shape[1] * shape[2], shape[3]]);
+        let sm = rows.softmax_last().unwrap();
+        let smb = sm.softmax_backward(&rows.mul_scalar(0.5).unwrap()).unwrap();
+        let long = t(&x, &[2, numel(&shape) / 2]);
+        let red = [
+            long.sum(1, false).unwrap(),
+            long.mean(1, false).unwrap(),
+            long.max(1, false).unwrap(),
+            rows.max(1, false).unwrap(),
+        ];
+        let others = [sm, smb].into_iter().chain(red).map(|t| t.to_vec().unwrap()).collect::<Vec<_>>();
+        (y.to_vec().unwrap(), l.to_vec().unwrap(), grads, others)
     };
     let want = run(&Device::Cpu);
     for on in [true, false] {
@@ -457,6 +472,10 @@ fn norm_kernels_on_subgroup_sums_and_on_the_tree_agree() {
         assert_close(&format!("layer_norm {what}"), &got.1, &want.1, TOL, 6700);
         for (k, (gg, wg)) in got.2.iter().zip(&want.2).enumerate() {
             assert_close(&format!("gradient {k} {what}"), gg, wg, 5e-6, 6700);
+        }
+        let names = ["softmax", "softmax backward", "sum", "mean", "max (long)", "max (rows)"];
+        for ((name, go), wo) in names.iter().zip(&got.3).zip(&want.3) {
+            assert_close(&format!("{name} {what}"), go, wo, TOL, 6700);
         }
     }
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {

@@ -334,11 +334,7 @@ fn channel_sum(t: &Tensor, l: Layout) -> Result<Tensor> {
 
 /// The norm kernel on subgroup sums where the adapter has them.
 fn norm_shader(ctx: &crate::device::GpuContext) -> &'static crate::device::Shader {
-    if ctx.subgroups() {
-        &NORM_SUBGROUP
-    } else {
-        &NORM
-    }
+    crate::shaders::with_reductions(ctx, &NORM, &NORM_SUBGROUP)
 }
 
 /// What the fused backward kernel is asked for.

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::{u32_of, PAR_MIN};
-use crate::shaders::REDUCE;
+use crate::shaders::{with_reductions, REDUCE, REDUCE_SUBGROUP};
 use crate::tensor::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,14 +327,32 @@ impl Tensor {
                     let part = Tensor::gpu_empty(&ctx, name, &[outer, nchunks])?; // (outer, nchunks)
                     let p1 = params(outer, len, 1, GPU_CHUNK, nchunks, 1.0)?;
                     let bufs = [self.gpu_buf(name)?, part.gpu_buf(name)?];
-                    ctx.dispatch(&REDUCE, "rows", &p1, &bufs, ctx.grid((outer * nchunks) as u64))?;
+                    ctx.dispatch(
+                        with_reductions(&ctx, &REDUCE, &REDUCE_SUBGROUP),
+                        "rows",
+                        &p1,
+                        &bufs,
+                        ctx.grid((outer * nchunks) as u64),
+                    )?;
                     let p2 = params(outer, nchunks, 1, nchunks, 1, scale)?;
                     let bufs = [part.gpu_buf(name)?, out.gpu_buf(name)?];
-                    ctx.dispatch(&REDUCE, "rows", &p2, &bufs, ctx.grid(outer as u64))?;
+                    ctx.dispatch(
+                        with_reductions(&ctx, &REDUCE, &REDUCE_SUBGROUP),
+                        "rows",
+                        &p2,
+                        &bufs,
+                        ctx.grid(outer as u64),
+                    )?;
                 } else {
                     let p = params(outer, len, 1, len, 1, scale)?;
                     let bufs = [self.gpu_buf(name)?, out.gpu_buf(name)?];
-                    ctx.dispatch(&REDUCE, "rows", &p, &bufs, ctx.grid(outer as u64))?;
+                    ctx.dispatch(
+                        with_reductions(&ctx, &REDUCE, &REDUCE_SUBGROUP),
+                        "rows",
+                        &p,
+                        &bufs,
+                        ctx.grid(outer as u64),
+                    )?;
                 }
                 Ok(out)
             }

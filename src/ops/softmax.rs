@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::{u32_of, PAR_MIN};
-use crate::shaders::SOFTMAX;
+use crate::shaders::{with_reductions, SOFTMAX, SOFTMAX_SUBGROUP};
 use crate::tensor::Tensor;
 
 #[repr(C)]
@@ -85,7 +85,13 @@ impl Tensor {
                 let params = SoftmaxParams { rows: u32_of(NAME, rows)?, cols: u32_of(NAME, cols)?, _pad: [0; 2] };
                 u32_of(NAME, n)?;
                 let bufs = [self.gpu_buf(NAME)?, out.gpu_buf(NAME)?, dy.gpu_buf(NAME)?];
-                ctx.dispatch(&SOFTMAX, "backward", &params, &bufs, ctx.grid(rows as u64))?;
+                ctx.dispatch(
+                    with_reductions(&ctx, &SOFTMAX, &SOFTMAX_SUBGROUP),
+                    "backward",
+                    &params,
+                    &bufs,
+                    ctx.grid(rows as u64),
+                )?;
                 Ok(out)
             }
         }
@@ -124,7 +130,13 @@ impl Tensor {
                 let params = SoftmaxParams { rows: u32_of(NAME, rows)?, cols: u32_of(NAME, cols)?, _pad: [0; 2] };
                 u32_of(NAME, n)?;
                 let bufs = [self.gpu_buf(NAME)?, out.gpu_buf(NAME)?];
-                ctx.dispatch(&SOFTMAX, "main", &params, &bufs, ctx.grid(rows as u64))?;
+                ctx.dispatch(
+                    with_reductions(&ctx, &SOFTMAX, &SOFTMAX_SUBGROUP),
+                    "main",
+                    &params,
+                    &bufs,
+                    ctx.grid(rows as u64),
+                )?;
                 Ok(out)
             }
         }
