@@ -51,6 +51,42 @@ fn linear_with_bias_and_residual_grads() {
 }
 
 #[test]
+fn frozen_weights_keep_no_activations_alive() {
+    // Under LoRA the base weights are frozen: dX needs the weight, not X, so a linear layer
+    // must not keep its input alive for a weight gradient nobody asked for.
+    let Some(shared) = gpu() else { return };
+    let dev = vipo::Device::open_private(shared.gpu().unwrap().index).unwrap();
+    let ctx = dev.gpu().unwrap().clone();
+    let x = vipo::Tensor::randn(&[512, 64], 1, &dev).unwrap().requires_grad();
+    let live_after_forward = |trainable: bool| {
+        let ws: Vec<vipo::Tensor> = (0..6)
+            .map(|i| {
+                let w = vipo::Tensor::randn(&[64, 64], 10 + i, &dev).unwrap().mul_scalar(0.1).unwrap();
+                if trainable {
+                    w.requires_grad()
+                } else {
+                    w
+                }
+            })
+            .collect();
+        ctx.sync().unwrap();
+        let before = ctx.pool_stats().live_bytes;
+        let mut h = x.clone();
+        for w in &ws {
+            h = h.linear(w, None, None).unwrap();
+        }
+        let live = ctx.pool_stats().live_bytes - before;
+        h.square().unwrap().mean_all().unwrap().backward().unwrap();
+        assert_eq!(x.grad().unwrap().shape(), &[512, 64]);
+        live
+    };
+    let frozen = live_after_forward(false);
+    let trainable = live_after_forward(true);
+    // Trainable weights keep the five (512, 64) inputs after x; frozen ones keep none of them.
+    assert!(frozen * 3 < trainable, "frozen weights: {frozen} bytes live after the forward, trainable {trainable}");
+}
+
+#[test]
 fn attention_grads() {
     // (batch, heads, Lq, Lk, D, Dv): self, cross, two keys, tiles not full, and a head wider
     // than the fused kernel (its GPU path is differentiated through the ops it is built from).

@@ -206,10 +206,29 @@ struct Epilogue<'a> {
     residual: Option<&'a Tensor>,
 }
 
+/// What a matmul's backward keeps: each operand only when the other needs a gradient (dA
+/// needs B, dB needs A), so a frozen weight keeps no activation alive; the shapes always.
+struct Saved {
+    a: Option<Tensor>,
+    b: Option<Tensor>,
+    a_shape: Vec<usize>,
+    b_shape: Vec<usize>,
+}
+
+impl Saved {
+    fn of(a: &Tensor, b: &Tensor) -> Saved {
+        Saved {
+            a: b.is_tracked().then(|| a.detach()),
+            b: a.is_tracked().then(|| b.detach()),
+            a_shape: a.shape().to_vec(),
+            b_shape: b.shape().to_vec(),
+        }
+    }
+}
+
 /// Gradients of `op(a) x op(b)` for `g`, where needed.
 fn matmul_backward(
-    a: &Tensor,
-    b: &Tensor,
+    s: &Saved,
     g: &Tensor,
     ta: bool,
     tb: bool,
@@ -217,23 +236,26 @@ fn matmul_backward(
     need_b: bool,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let none = Epilogue::default();
+    let unsaved = || Error::Invalid("matmul backward: an operand it needs was not saved".into());
     // With op(A) (M, K) and op(B) (K, N): d op(A) = g op(B)^T, d op(B) = op(A)^T g,
     // written for each stored layout so nothing is transposed by a copy.
     let ga = if need_a {
+        let b = s.b.as_ref().ok_or_else(unsaved)?;
         let d = match (ta, tb) {
             (false, false) => g.matmul_raw(b, false, true, none)?,
             (false, true) => g.matmul_raw(b, false, false, none)?,
             (true, false) => b.matmul_raw(g, false, true, none)?,
             (true, true) => b.matmul_raw(g, true, true, none)?,
         };
-        Some(d.sum_to_shape(a.shape())?)
+        Some(d.sum_to_shape(&s.a_shape)?)
     } else {
         None
     };
     let gb = if need_b {
+        let a = s.a.as_ref().ok_or_else(unsaved)?;
         // A shared 2-D B (a linear layer's weight) against a batched A: fold the batch
         // into the rows instead of a batched product and a sum.
-        let fold = b.rank() == 2 && a.rank() > 2 && !ta;
+        let fold = s.b_shape.len() == 2 && a.rank() > 2 && !ta;
         let (a2, g2) = if fold {
             let k = a.shape()[a.rank() - 1];
             let n = g.shape()[g.rank() - 1];
@@ -247,7 +269,7 @@ fn matmul_backward(
             (false, true) => g2.matmul_raw(&a2, true, false, none)?,
             (true, true) => g2.matmul_raw(&a2, true, true, none)?,
         };
-        Some(d.sum_to_shape(b.shape())?)
+        Some(d.sum_to_shape(&s.b_shape)?)
     } else {
         None
     };
@@ -270,9 +292,9 @@ impl Tensor {
             }
             return Ok(out);
         }
-        let (a, b) = (self.detach(), other.detach());
+        let saved = Saved::of(self, other);
         Ok(crate::autograd::record("matmul", out, &[self, other], move |g, needs| {
-            let (ga, gb) = matmul_backward(&a, &b, g, ta, tb, needs[0], needs[1])?;
+            let (ga, gb) = matmul_backward(&saved, g, ta, tb, needs[0], needs[1])?;
             Ok(vec![ga, gb])
         }))
     }
@@ -295,10 +317,10 @@ impl Tensor {
         if !crate::autograd::will_record(&inputs) {
             return Ok(out);
         }
-        let (a, b) = (self.detach(), weight.detach());
+        let saved = Saved::of(self, weight);
         let (has_b, has_r) = (bias.is_some(), residual.is_some());
         Ok(crate::autograd::record(OP, out, &inputs, move |g, needs| {
-            let (ga, gb) = matmul_backward(&a, &b, g, false, true, needs[0], needs[1])?;
+            let (ga, gb) = matmul_backward(&saved, g, false, true, needs[0], needs[1])?;
             let mut grads = vec![ga, gb];
             if has_b {
                 let rows = g.numel().checked_div(n).unwrap_or(0);
