@@ -247,25 +247,35 @@ fn conv_cpu(g: &Geom, x: &[f32], wt: &[f32], e: Epilogue) -> Vec<f32> {
     let (img_in, img_out) = (g.cin * g.h * g.w, g.cout * g.ncol());
     // What the epilogue adds goes in first and the GEMM accumulates onto it: no second pass.
     let acc = e.bias.is_some() || e.temb.is_some() || e.res.is_some();
-    let mut y = match e.res {
-        Some(r) => r.to_vec(),
-        None => vec![0.0f32; g.n * img_out],
+    // Built in one pass (no zeroing first): the residual plus the per-channel terms, or those
+    // terms alone, or zeros.
+    let ncol = g.ncol();
+    let chan = |i: usize, c: usize| e.bias.map_or(0.0, |b| b[c]) + e.temb.map_or(0.0, |t| t[i * g.cout + c]);
+    let mut y = match (e.res, e.bias.is_some() || e.temb.is_some()) {
+        (Some(r), false) => r.to_vec(),
+        (Some(r), true) => {
+            let mut y = r.to_vec();
+            for (i, yi) in y.chunks_mut(img_out).enumerate() {
+                for (c, plane) in yi.chunks_mut(ncol).enumerate() {
+                    let v = chan(i, c);
+                    plane.iter_mut().for_each(|o| *o += v);
+                }
+            }
+            y
+        }
+        (None, true) => {
+            let mut y = Vec::with_capacity(g.n * img_out);
+            for i in 0..g.n {
+                for c in 0..g.cout {
+                    y.extend(std::iter::repeat_n(chan(i, c), ncol));
+                }
+            }
+            y
+        }
+        (None, false) => vec![0.0f32; g.n * img_out],
     };
     if y.is_empty() {
         return y;
-    }
-    if e.bias.is_some() || e.temb.is_some() {
-        let ncol = g.ncol();
-        for (i, yi) in y.chunks_mut(img_out).enumerate() {
-            for (c, plane) in yi.chunks_mut(ncol).enumerate() {
-                let v = e.bias.map_or(0.0, |b| b[c]) + e.temb.map_or(0.0, |t| t[i * g.cout + c]);
-                if e.res.is_some() {
-                    plane.iter_mut().for_each(|o| *o += v);
-                } else {
-                    plane.fill(v);
-                }
-            }
-        }
     }
     let col_len = if g.is_pointwise() { 0 } else { g.k() * g.ncol() };
     let work = g.cout * g.ncol() * g.k();

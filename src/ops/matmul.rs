@@ -381,18 +381,21 @@ impl Tensor {
                     (self.cpu_f32(OP)?, other.cpu_f32(OP)?)
                 };
                 // The epilogue's terms go in first and the GEMM accumulates onto them.
-                let mut c = match e.residual {
-                    Some(r) => r.cpu_f32(OP)?.to_vec(),
-                    None => vec![0.0f32; p.batch * m * n],
-                };
-                if let (Some(bias), true) = (e.bias, n > 0) {
-                    let bias = bias.cpu_f32(OP)?;
-                    if e.residual.is_some() {
-                        c.chunks_mut(n).for_each(|row| row.iter_mut().zip(bias).for_each(|(o, &v)| *o += v));
-                    } else {
-                        c.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+                // Built in one pass (no zeroing first).
+                let rows = p.batch * m;
+                let mut c = match (e.residual, e.bias) {
+                    (Some(r), None) => r.cpu_f32(OP)?.to_vec(),
+                    (Some(r), Some(bias)) => {
+                        let bias = bias.cpu_f32(OP)?;
+                        let mut c = r.cpu_f32(OP)?.to_vec();
+                        if n > 0 {
+                            c.chunks_mut(n).for_each(|row| row.iter_mut().zip(bias).for_each(|(o, &v)| *o += v));
+                        }
+                        c
                     }
-                }
+                    (None, Some(bias)) => bias.cpu_f32(OP)?.repeat(rows),
+                    (None, None) => vec![0.0f32; rows * n],
+                };
                 let acc = e.bias.is_some() || e.residual.is_some();
                 let one = |bi: usize, cb: &mut [f32], parallel: bool| {
                     let av = MatRef { data: &a[bi * a_bs..], rs: a_rs, cs: a_cs };
