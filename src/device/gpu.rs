@@ -352,12 +352,14 @@ impl GpuContext {
 
     /// The compute pass that consecutive dispatches share.
     fn shared_pass<'a>(&self, b: &'a mut Batch) -> &'a mut wgpu::ComputePass<'static> {
-        if b.pass.is_none() {
-            let desc = wgpu::ComputePassDescriptor { label: Some("vipo"), timestamp_writes: None };
-            let pass = self.encoder(b).begin_compute_pass(&desc).forget_lifetime();
-            b.pass = Some(pass);
-        }
-        b.pass.get_or_insert_with(|| unreachable!("set above"))
+        let pass = match b.pass.take() {
+            Some(p) => p,
+            None => {
+                let desc = wgpu::ComputePassDescriptor { label: Some("vipo"), timestamp_writes: None };
+                self.encoder(b).begin_compute_pass(&desc).forget_lifetime()
+            }
+        };
+        b.pass.insert(pass)
     }
 
     fn submit_locked(&self, b: &mut Batch) {
