@@ -58,8 +58,8 @@ fn conv2d_add_grads() {
     // Gradients of the fused epilogue's terms: temb gets dY summed over pixels, the residual dY;
     // strided and stride-1 (the GPU's fused input-gradient path) kernels; frozen weight as LoRA.
     use vipo::ops::conv2d::ConvAdd;
-    let cases: &[([usize; 4], [usize; 4], (usize, usize))] =
-        &[([2, 3, 7, 6], [5, 3, 3, 3], (1, 1)), ([3, 4, 9, 8], [6, 4, 3, 3], (2, 2))];
+    type AddCase = ([usize; 4], [usize; 4], (usize, usize));
+    let cases: &[AddCase] = &[([2, 3, 7, 6], [5, 3, 3, 3], (1, 1)), ([3, 4, 9, 8], [6, 4, 3, 3], (2, 2))];
     for (ci, &(xs, ws, stride)) in cases.iter().enumerate() {
         let seed = 790 + ci as u64;
         let oh = (xs[2] + 2 - 3) / stride.0 + 1;

@@ -346,6 +346,9 @@ struct BackwardWants {
     dz: bool,
 }
 
+/// A row's optional outputs of the CPU backward: `g` and `dz`.
+type RowOuts<'a> = (Option<&'a mut [f32]>, Option<&'a mut [f32]>);
+
 /// The backward's outputs: dx, and `g`, `dz` where asked for.
 type NormGrads = (Tensor, Option<Tensor>, Option<Tensor>);
 
@@ -519,9 +522,7 @@ impl Tensor {
                     }
                 }
                 let (g_rows, dz_rows) = (rows_of(&mut g, row_len, l.rows), rows_of(&mut dz, row_len, l.rows));
-                let task = |(r, (o, (gr, dzr))): (usize, (&mut [f32], (Option<&mut [f32]>, Option<&mut [f32]>)))| {
-                    row(r, o, gr, dzr)
-                };
+                let task = |(r, (o, (gr, dzr))): (usize, (&mut [f32], RowOuts))| row(r, o, gr, dzr);
                 if n >= PAR_MIN {
                     let min_rows = (PAR_MIN / row_len).max(1);
                     dx.par_chunks_mut(row_len)
