@@ -12,7 +12,7 @@
 #
 # Usage: benches/gpu_vs_pytorch.sh [OUT_DIR]     (default target/bench/gpu)
 #   VIPO=path/to/vipo (default target/release/vipo), PYTHON=an interpreter with torch (CUDA)
-#   and diffusers, STEP_LIMIT=seconds per step (default 150), CHECKS=0 skips step 2, CKPT=0
+#   and diffusers, STEP_LIMIT=seconds per step (default 150), CHECKS=0 skips step 2, HALF=0 skips the f16-weight run, CKPT=0
 #   step 5. PyTorch runs with cuDNN's per-shape algorithm search on (TORCH_FLAGS, default
 #   --cudnn-benchmark): without it, cuDNN's default fp32 algorithm for some conv shapes (640
 #   channels at 32x32 on an H100) is 40x slower than for the others, which flatters vipo.
@@ -52,6 +52,9 @@ step "3-4. UNet forward and LoRA Poly-DPO step: PyTorch CUDA"
 run "$py" benches/pytorch_unet.py --device cuda $tflags --repeats 5 --json > "$out/torch_unet.json"
 step "3-4. UNet forward and LoRA Poly-DPO step: vipo"
 run "$vipo" bench model --on gpu --repeats 2 $(peer "$out/torch_unet.json") | tee "$out/vipo_unet.txt"
+step "3-4b. the same with the frozen weights in f16 (f16 storage, f32 arithmetic; no PyTorch peer)"
+[ "${HALF:-1}" = 0 ] && echo skipped
+[ "${HALF:-1}" = 0 ] || run "$vipo" bench model --on gpu --repeats 2 --half-weights | tee "$out/vipo_unet_f16w.txt"
 
 step "5. 512 px LoRA Poly-DPO step, 1 pair, activation checkpointing"
 [ "${CKPT:-1}" = 0 ] && echo skipped
@@ -61,4 +64,4 @@ step "5. 512 px LoRA Poly-DPO step, 1 pair, activation checkpointing"
   | tee "$out/vipo_unet_ckpt.txt"
 
 step summary
-cat "$out/vipo_ops.txt" "$out/checks.txt" "$out/vipo_unet.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("
+cat "$out/vipo_ops.txt" "$out/checks.txt" "$out/vipo_unet.txt" "$out/vipo_unet_f16w.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("

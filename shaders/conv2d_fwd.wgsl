@@ -4,8 +4,9 @@
 // gathered from X as it is staged. (Backward GEMMs: conv2d.wgsl.)
 //
 // The tile shape is prepended per variant (src/shaders.rs): `const BM`, `const BN` (64 or 128)
-// and `const BK`, chosen by `ops::matmul::tile`, and `alias EL`, the type of X and W: f32, or
-// f16 (storage only: widened as staged, f32 arithmetic; see matmul.wgsl). 256 threads (16x16); each owns rows
+// and `const BK`, chosen by `ops::matmul::tile`, and `alias ELA` (X, or dY for grad_input_s1)
+// and `alias ELB` (W): f32, or f16 for both or for W alone (storage only: widened as staged,
+// f32 arithmetic; see matmul.wgsl). 256 threads (16x16); each owns rows
 // g*64 + ty*4 + (0..3) and columns h*64 + tx*4 + (0..3) of the tile (see matmul.wgsl).
 //
 // main: in1 = X (N, Cin, H, W), in2 = W (Cout, Cin, KH, KW), dst = Y (N, Cout, OH, OW), and
@@ -41,8 +42,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> in1: array<EL>;
-@group(0) @binding(2) var<storage, read> in2: array<EL>;
+@group(0) @binding(1) var<storage, read> in1: array<ELA>;
+@group(0) @binding(2) var<storage, read> in2: array<ELB>;
 @group(0) @binding(3) var<storage, read_write> dst: array<f32>;
 // `res` first: grad_input_s1 shares `store`, so it binds `res` too (in1 in its place).
 @group(0) @binding(4) var<storage, read> res: array<f32>;

@@ -2,9 +2,10 @@
 // A[b, i, k] = a[b * a_bs + i * a_rs + k * a_cs], likewise B; C is contiguous (batch, M, N).
 //
 // The tile shape is prepended per variant (src/shaders.rs): `const BM`, `const BN` (64 or 128)
-// and `const BK`, and `alias EL`, the operands' element type: f32, or f16 (with `enable f16;`,
-// on adapters with SHADER_F16): f16 storage halves the bytes read; the values are widened as
-// they are staged, so products and sums stay f32 (a product of two f16 values is exact in f32). 256 threads (16x16) per workgroup; each owns a register block of
+// and `const BK`, and `alias ELA`, `alias ELB`, the operands' element types: f32, or f16 (with
+// `enable f16;`, on adapters with SHADER_F16) for both or for B alone (a linear layer's weight
+// stored in f16): f16 storage halves the bytes read; the values are widened as they are
+// staged, so products and sums stay f32 (a product of two f16 values is exact in f32). 256 threads (16x16) per workgroup; each owns a register block of
 // RM = BM/16 rows by RN = BN/16 columns, in groups of 4: rows g*64 + ty*4 + (0..3),
 // columns h*64 + tx*4 + (0..3). So every workgroup-memory read is one vec4, the 16 threads
 // of a row read 16 consecutive vec4s (no bank conflicts), and the next K step's global loads
@@ -26,8 +27,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<EL>;
-@group(0) @binding(2) var<storage, read> b: array<EL>;
+@group(0) @binding(1) var<storage, read> a: array<ELA>;
+@group(0) @binding(2) var<storage, read> b: array<ELB>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;   // (batch, M, N)
 // Added as C is written, as the flags say; the host binds `a` in the place of an absent one.
 @group(0) @binding(4) var<storage, read> res: array<f32>;       // (batch, M, N)

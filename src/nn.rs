@@ -49,7 +49,8 @@ impl Linear {
     /// the matmul writes its output.
     pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let b = self.bias.as_ref().map(|b| b.value());
-        let y = x.linear(&self.weight.value(), b.as_ref(), residual)?;
+        // A frozen weight stored in f16 is read as f16 by the kernel (no f32 copy).
+        let y = x.linear(&self.weight.weight_value(), b.as_ref(), residual)?;
         // The adapter's delta last: at B = 0 it is exactly zero and the policy's output is the
         // reference's to the bit (Diffusion-DPO's first logit is then exactly 0).
         match self.active_lora() {
@@ -94,7 +95,7 @@ impl Conv2d {
     pub fn forward_add(&self, x: &Tensor, add: ConvAdd) -> Result<Tensor> {
         let b = self.bias.as_ref().map(|b| b.value());
         let (s, p) = ((self.stride, self.stride), (self.padding, self.padding));
-        x.conv2d_add(&self.weight.value(), b.as_ref(), s, p, add)
+        x.conv2d_add(&self.weight.weight_value(), b.as_ref(), s, p, add)
     }
 }
 

@@ -139,6 +139,20 @@ impl Param {
         }
     }
 
+    /// The value for the weight operand of a matmul or a convolution: a frozen f16-stored value
+    /// as it is, where those kernels can read it (the CPU path; GPUs with SHADER_F16), so no
+    /// f32 copy is made; otherwise [`Self::value`].
+    pub fn weight_value(&self) -> Tensor {
+        if !self.is_trainable() {
+            let v = self.stored_value();
+            let readable = v.device().gpu().is_none_or(|g| g.features.contains(wgpu::Features::SHADER_F16));
+            if v.dtype() == DType::F16 && readable {
+                return v;
+            }
+        }
+        self.value()
+    }
+
     /// The value as stored (f16 for a param set to f16 storage), without autograd history:
     /// for savers and host caches, which need no f32 copy on the device (`to_vec` widens).
     pub fn stored_value(&self) -> Tensor {

@@ -57,103 +57,152 @@ macro_rules! tiled {
 }
 
 // Matmul tiles (BM x BN outputs per workgroup, BK deep); `ops::matmul::tile` picks one. The
-// f16 variants read f16 operands (adapters with SHADER_F16) and compute in f32.
+// f16 variants read f16 operands (adapters with SHADER_F16) and compute in f32; the f16b ones
+// read an f32 A and an f16 B (a weight stored in f16).
 tiled!(
     MATMUL_64,
     "matmul_64x64",
     "matmul",
-    "alias EL = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     MATMUL_128X64,
     "matmul_128x64",
     "matmul",
-    "alias EL = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_64X128,
     "matmul_64x128",
     "matmul",
-    "alias EL = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_128,
     "matmul_128x128",
     "matmul",
-    "alias EL = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_F16_64,
     "matmul_f16_64x64",
     "matmul",
-    "enable f16;\nalias EL = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     MATMUL_F16_128X64,
     "matmul_f16_128x64",
     "matmul",
-    "enable f16;\nalias EL = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_F16_64X128,
     "matmul_f16_64x128",
     "matmul",
-    "enable f16;\nalias EL = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_F16_128,
     "matmul_f16_128x128",
     "matmul",
-    "enable f16;\nalias EL = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16B_64,
+    "matmul_f16b_64x64",
+    "matmul",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+);
+tiled!(
+    MATMUL_F16B_128X64,
+    "matmul_f16b_128x64",
+    "matmul",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16B_64X128,
+    "matmul_f16b_64x128",
+    "matmul",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16B_128,
+    "matmul_f16b_128x128",
+    "matmul",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 // The convolution forward on the same tiles.
 tiled!(
     CONV2D_FWD_64,
     "conv2d_fwd_64x64",
     "conv2d_fwd",
-    "alias EL = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     CONV2D_FWD_128X64,
     "conv2d_fwd_128x64",
     "conv2d_fwd",
-    "alias EL = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_64X128,
     "conv2d_fwd_64x128",
     "conv2d_fwd",
-    "alias EL = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_128,
     "conv2d_fwd_128x128",
     "conv2d_fwd",
-    "alias EL = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_F16_64,
     "conv2d_fwd_f16_64x64",
     "conv2d_fwd",
-    "enable f16;\nalias EL = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     CONV2D_FWD_F16_128X64,
     "conv2d_fwd_f16_128x64",
     "conv2d_fwd",
-    "enable f16;\nalias EL = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_F16_64X128,
     "conv2d_fwd_f16_64x128",
     "conv2d_fwd",
-    "enable f16;\nalias EL = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_F16_128,
     "conv2d_fwd_f16_128x128",
     "conv2d_fwd",
-    "enable f16;\nalias EL = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16W_64,
+    "conv2d_fwd_f16w_64x64",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16W_128X64,
+    "conv2d_fwd_f16w_128x64",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16W_64X128,
+    "conv2d_fwd_f16w_64x128",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16W_128,
+    "conv2d_fwd_f16w_128x128",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 shader!(CONV2D, "conv2d");
 shader!(UPSAMPLE, "upsample");
@@ -169,7 +218,7 @@ shader!(ADAMW, "adamw");
 shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 36] {
+pub fn all() -> [&'static Shader; 44] {
     [
         &UNARY,
         &BINARY,
@@ -188,6 +237,10 @@ pub fn all() -> [&'static Shader; 36] {
         &MATMUL_F16_128X64,
         &MATMUL_F16_64X128,
         &MATMUL_F16_128,
+        &MATMUL_F16B_64,
+        &MATMUL_F16B_128X64,
+        &MATMUL_F16B_64X128,
+        &MATMUL_F16B_128,
         &CONV2D,
         &CONV2D_FWD_64,
         &CONV2D_FWD_128X64,
@@ -197,6 +250,10 @@ pub fn all() -> [&'static Shader; 36] {
         &CONV2D_FWD_F16_128X64,
         &CONV2D_FWD_F16_64X128,
         &CONV2D_FWD_F16_128,
+        &CONV2D_FWD_F16W_64,
+        &CONV2D_FWD_F16W_128X64,
+        &CONV2D_FWD_F16W_64X128,
+        &CONV2D_FWD_F16W_128,
         &UPSAMPLE,
         &COPY,
         &TIMESTEP,

@@ -253,8 +253,45 @@ fn conv2d_f16_input_and_weight_every_tile() {
     }
     let x = Tensor::from_slice(&randn(2 * 3 * 25, 1), &[2, 3, 5, 5], &Device::Cpu).unwrap();
     let w = Tensor::from_slice(&randn(4 * 27, 2), &[4, 3, 3, 3], &Device::Cpu).unwrap();
-    let e = x.conv2d(&w.to_dtype(DType::F16).unwrap(), None, (1, 1), (1, 1)).unwrap_err().to_string();
-    assert!(e.contains("f32 x f16"), "{e}");
+    let e = x.to_dtype(DType::F16).unwrap().conv2d(&w, None, (1, 1), (1, 1)).unwrap_err().to_string();
+    assert!(e.contains("f16 x f32"), "{e}");
+}
+
+#[test]
+fn conv2d_with_an_f16_weight_is_the_f32_conv_of_its_rounding() {
+    // A frozen f16-stored weight read as f16 (f32 input): forward and the input gradient
+    // (stride 1: the fused kernel reads the f16 weight; strided: widened for the phase
+    // kernel) equal the f32 path on the rounded weight bit for bit, every tile.
+    use vipo::DType;
+    let cases: &[([usize; 4], usize, (usize, usize))] = &[
+        ([1, 2, 70, 70], 520, (1, 1)),
+        ([2, 1, 33, 33], 1100, (1, 1)),
+        ([3, 2, 60, 60], 130, (1, 1)),
+        ([1, 300, 5, 7], 70, (1, 1)),
+        ([2, 5, 9, 8], 17, (2, 2)),
+    ];
+    let mut devs = vec![Device::Cpu];
+    devs.extend(gpu());
+    for dev in devs {
+        for (ci, &(xs, cout, stride)) in cases.iter().enumerate() {
+            let seed = 1800 + ci as u64;
+            let ws = [cout, xs[1], 3, 3];
+            let x = Tensor::from_slice(&randn(numel(&xs), seed), &xs, &dev).unwrap().requires_grad();
+            let w16 =
+                Tensor::from_slice(&randn(numel(&ws), seed + 1), &ws, &dev).unwrap().to_dtype(DType::F16).unwrap();
+            let w32 = w16.to_dtype(DType::F32).unwrap();
+            let what = format!("conv2d f16 weight x{xs:?} w{ws:?} s{stride:?} on {dev}");
+            let got = x.conv2d(&w16, None, stride, (1, 1)).unwrap();
+            let want = x.conv2d(&w32, None, stride, (1, 1)).unwrap();
+            assert!(got.to_vec().unwrap() == want.to_vec().unwrap(), "{what}: not the f32 result");
+            let dy = Tensor::from_slice(&randn(got.numel(), seed + 2), got.shape(), &dev).unwrap();
+            got.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let g16 = x.grad().unwrap().to_vec().unwrap();
+            x.zero_grad();
+            want.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(g16 == x.grad().unwrap().to_vec().unwrap(), "{what}: dX differs");
+        }
+    }
 }
 
 #[test]

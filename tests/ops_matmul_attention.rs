@@ -165,13 +165,46 @@ fn matmul_f16_operands_every_tile_and_layout() {
             }
         }
     }
-    // Mixed dtypes and a tracked f16 operand are errors that say so.
+    // An f16 left operand with an f32 right one, and a tracked f16 operand, are errors.
     let a = Tensor::from_slice(&randn(6, 1), &[2, 3], &Device::Cpu).unwrap();
     let h = a.to_dtype(DType::F16).unwrap();
-    let e = a.matmul_t(&h, false, true).unwrap_err().to_string();
-    assert!(e.contains("f32 x f16"), "{e}");
+    let e = h.matmul_t(&a, false, true).unwrap_err().to_string();
+    assert!(e.contains("f16 x f32"), "{e}");
     let e = h.requires_grad().matmul_t(&h, false, true).unwrap_err().to_string();
     assert!(e.contains("no backward"), "{e}");
+}
+
+#[test]
+fn linear_with_an_f16_weight_is_the_f32_linear_of_its_rounding() {
+    // A frozen weight stored in f16 is read as f16 by the kernels (f32 activations): the
+    // result must be the f32 kernel's on the rounded weight, bit for bit (the products of
+    // widened values are the same, in the same order), per tile and for dX in the backward.
+    use vipo::tensor::DType;
+    let cases = [(70, 90, 37, 1), (1500, 1000, 13, 1), (1000, 1500, 11, 1), (1800, 1830, 9, 1), (40, 39, 21, 3)];
+    let mut devs = vec![Device::Cpu];
+    devs.extend(gpu());
+    for dev in devs {
+        for (ci, &(m, n, k, batch)) in cases.iter().enumerate() {
+            let seed = 1100 + ci as u64;
+            let x = Tensor::from_slice(&randn(batch * m * k, seed), &[batch, m, k], &dev).unwrap().requires_grad();
+            let w16 = Tensor::from_slice(&randn(n * k, seed + 1), &[n, k], &dev).unwrap().to_dtype(DType::F16).unwrap();
+            let w32 = w16.to_dtype(DType::F32).unwrap();
+            let b = Tensor::from_slice(&randn(n, seed + 2), &[n], &dev).unwrap();
+            let what = format!("linear f16 weight {batch}x{m}x{n}x{k} on {dev}");
+            let got = x.linear(&w16, Some(&b), None).unwrap();
+            let want = x.linear(&w32, Some(&b), None).unwrap();
+            assert!(
+                got.to_vec().unwrap() == want.to_vec().unwrap(),
+                "{what}: not the f32 result on the rounded weight"
+            );
+            let dy = Tensor::from_slice(&randn(batch * m * n, seed + 3), &[batch, m, n], &dev).unwrap();
+            got.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let g16 = x.grad().unwrap().to_vec().unwrap();
+            x.zero_grad();
+            want.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(g16 == x.grad().unwrap().to_vec().unwrap(), "{what}: dX differs");
+        }
+    }
 }
 
 #[test]

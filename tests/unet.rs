@@ -381,3 +381,32 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         }
     }
 }
+
+#[test]
+fn bench_model_runs_the_tiny_unet_with_f32_and_f16_weights() {
+    // `vipo bench model` end to end on the tiny SD1.5-shaped config: the forward and the LoRA
+    // step, with the frozen weights in f32 and in f16 (kernels reading f16), on the CPU and
+    // on the GPU under test; every record has a time and a peak.
+    let cfg = fixture_dir().join("config.json");
+    let mut on = vec!["cpu".to_string()];
+    if let Some(g) = gpu() {
+        on.push(format!("gpu:{}", g.gpu().unwrap().index));
+    }
+    for half in [false, true] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vipo"));
+        cmd.args(["bench", "model", "--latent", "8", "--pairs", "1", "--repeats", "1", "--json", "--on"]);
+        cmd.arg(on.join(",")).arg("--config").arg(&cfg);
+        if half {
+            cmd.arg("--half-weights");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "half {half}: {}", String::from_utf8_lossy(&out.stderr));
+        let recs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(recs.len(), 2 * on.len(), "{recs:?}");
+        for r in &recs {
+            let case = r["case"].as_str().unwrap();
+            assert_eq!(case.ends_with(" f16w"), half, "{case}");
+            assert!(r["seconds"].as_f64().unwrap() > 0.0 && r["peak_bytes"].as_u64().unwrap() > 0, "{r}");
+        }
+    }
+}

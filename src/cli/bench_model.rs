@@ -45,6 +45,11 @@ pub struct ModelArgs {
     /// Forward only (no training step).
     #[arg(long)]
     pub forward_only: bool,
+    /// Keep the UNet's frozen weights in f16 (the kernels read them as f16 where the device
+    /// can: the CPU path, GPUs with SHADER_F16), as `vipo sample --half-weights`; LoRA's
+    /// adapters stay f32. The cases' names say "f16w".
+    #[arg(long)]
+    pub half_weights: bool,
     /// Devices to run on: `cpu`, `gpu`, `gpu:N`; default: the CPU and every hardware GPU.
     #[arg(long = "on", value_delimiter = ',')]
     pub on: Option<Vec<String>>,
@@ -117,7 +122,16 @@ fn peak(dev: &Device) -> Option<u64> {
 
 /// Runs the cases on one device.
 pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, name: &str) -> Result<Vec<ModelResult>> {
-    let (unet, _store) = UNet2DConditionModel::init_params(cfg, 0, dev)?;
+    let (unet, store) = UNet2DConditionModel::init_params(cfg, 0, dev)?;
+    // The base is frozen, as in LoRA training (and PyTorch's `requires_grad_(False)` in
+    // benches/pytorch_unet.py): no weight gradients, no activations kept for them.
+    store.freeze_all();
+    let tag = if a.half_weights {
+        store.store_frozen_as(crate::tensor::DType::F16)?;
+        " f16w"
+    } else {
+        ""
+    };
     let ctx_dim =
         cfg.cross_attention_dim.expand("cross_attention_dim", 1).ok().and_then(|v| v.first().copied()).unwrap_or(768);
     let (c, s) = (cfg.in_channels, a.latent);
@@ -133,7 +147,7 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
         })?
     };
     out.push(ModelResult {
-        case: format!("unet forward b{} {s}x{s}", a.batch),
+        case: format!("unet forward b{} {s}x{s}{tag}", a.batch),
         device: name.to_string(),
         seconds: fwd.0,
         pairs_per_s: None,
@@ -170,7 +184,7 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
         Ok(())
     })?;
     out.push(ModelResult {
-        case: format!("lora poly-dpo step {n} pairs {s}x{s}{}", if a.checkpointing { " ckpt" } else { "" }),
+        case: format!("lora poly-dpo step {n} pairs {s}x{s}{}{tag}", if a.checkpointing { " ckpt" } else { "" }),
         device: name.to_string(),
         seconds: step.0,
         pairs_per_s: Some(n as f64 / step.0),

@@ -8,10 +8,11 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::matmul::{sgemm, sgemm_raw, MatRef};
-use crate::ops::{u32_of, PAR_MIN};
+use crate::ops::{u32_of, Operands, PAR_MIN};
 use crate::shaders::{
-    CONV2D, CONV2D_FWD_128, CONV2D_FWD_128X64, CONV2D_FWD_64, CONV2D_FWD_64X128, CONV2D_FWD_F16_128,
-    CONV2D_FWD_F16_128X64, CONV2D_FWD_F16_64, CONV2D_FWD_F16_64X128,
+    CONV2D, CONV2D_FWD_128, CONV2D_FWD_128X64, CONV2D_FWD_64, CONV2D_FWD_64X128, CONV2D_FWD_F16W_128,
+    CONV2D_FWD_F16W_128X64, CONV2D_FWD_F16W_64, CONV2D_FWD_F16W_64X128, CONV2D_FWD_F16_128, CONV2D_FWD_F16_128X64,
+    CONV2D_FWD_F16_64, CONV2D_FWD_F16_64X128,
 };
 use crate::tensor::{DType, Tensor};
 
@@ -493,17 +494,22 @@ fn gpu_params(g: &Geom, chunk: usize) -> Result<Conv2dParams> {
     })
 }
 
-/// The forward kernel's variant for a tile from `matmul::tile`, on f16 or f32 X and W.
-fn fwd_shader(t: (usize, usize), f16: bool) -> &'static crate::device::Shader {
-    match (t, f16) {
-        ((128, 128), false) => &CONV2D_FWD_128,
-        ((128, 64), false) => &CONV2D_FWD_128X64,
-        ((64, 128), false) => &CONV2D_FWD_64X128,
-        (_, false) => &CONV2D_FWD_64,
-        ((128, 128), true) => &CONV2D_FWD_F16_128,
-        ((128, 64), true) => &CONV2D_FWD_F16_128X64,
-        ((64, 128), true) => &CONV2D_FWD_F16_64X128,
-        (_, true) => &CONV2D_FWD_F16_64,
+/// The forward kernel's variant for a tile from `matmul::tile`, on f32 or f16 X and W.
+fn fwd_shader(t: (usize, usize), ops: Operands) -> &'static crate::device::Shader {
+    use Operands::*;
+    match (t, ops) {
+        ((128, 128), F32) => &CONV2D_FWD_128,
+        ((128, 64), F32) => &CONV2D_FWD_128X64,
+        ((64, 128), F32) => &CONV2D_FWD_64X128,
+        (_, F32) => &CONV2D_FWD_64,
+        ((128, 128), F16) => &CONV2D_FWD_F16_128,
+        ((128, 64), F16) => &CONV2D_FWD_F16_128X64,
+        ((64, 128), F16) => &CONV2D_FWD_F16_64X128,
+        (_, F16) => &CONV2D_FWD_F16_64,
+        ((128, 128), F16Weight) => &CONV2D_FWD_F16W_128,
+        ((128, 64), F16Weight) => &CONV2D_FWD_F16W_128X64,
+        ((64, 128), F16Weight) => &CONV2D_FWD_F16W_64X128,
+        (_, F16Weight) => &CONV2D_FWD_F16W_64,
     }
 }
 
@@ -544,7 +550,7 @@ impl Tensor {
             return Ok(out);
         }
         if self.dtype() == DType::F16 {
-            return Err(Error::Invalid("conv2d: f16 input and weight have no backward (cast to f32 to train)".into()));
+            return Err(Error::Invalid("conv2d: an f16 input has no backward (cast it to f32 to train)".into()));
         }
         let x_saved = weight.is_tracked().then(|| self.detach());
         let w_saved = self.is_tracked().then(|| weight.detach());
@@ -590,12 +596,16 @@ impl Tensor {
     ) -> Result<Tensor> {
         const NAME: &str = "conv2d grad_input";
         self.ensure_f32(NAME)?;
-        weight.ensure_f32(NAME)?;
+        // An f16 weight (stored in f16, frozen) is read as such by the stride-1 kernel.
+        let ops = Operands::of(NAME, self.dtype(), weight.dtype())?;
         self.same_device(NAME, weight)?;
         let g = geometry(input_shape, weight.shape(), None, stride, padding)?;
         check_dy(NAME, &g, self.shape(), input_shape)?;
         match self.device() {
-            Device::Cpu => Ok(Tensor::cpu(grad_input_cpu(&g, weight.cpu_f32(NAME)?, self.cpu_f32(NAME)?), input_shape)),
+            Device::Cpu => {
+                let wt = Operands::cpu_values(NAME, weight)?;
+                Ok(Tensor::cpu(grad_input_cpu(&g, &wt, self.cpu_f32(NAME)?), input_shape))
+            }
             Device::Gpu(ctx) => {
                 let out = Tensor::gpu_empty(&ctx, NAME, input_shape)?;
                 if out.numel() == 0 {
@@ -631,14 +641,23 @@ impl Tensor {
                     };
                     let t = crate::ops::matmul::tile(g.cin, g.h * g.w, g.n);
                     let groups = [u((g.h * g.w).div_ceil(t.1))?, u(g.cin.div_ceil(t.0))?, u(g.n)?];
+                    ops.check_adapter(NAME, &ctx)?;
                     let dyb = self.gpu_buf(NAME)?;
                     // dY also fills the epilogue's residual slot (never read here).
-                    let bufs = [dyb, weight.gpu_buf(NAME)?, out.gpu_buf(NAME)?, dyb];
-                    ctx.dispatch(fwd_shader(t, false), "grad_input_s1", &params, &bufs, groups)?;
+                    let bufs = [dyb, weight.gpu_buf_any(NAME)?, out.gpu_buf(NAME)?, dyb];
+                    ctx.dispatch(fwd_shader(t, ops), "grad_input_s1", &params, &bufs, groups)?;
                     return Ok(out);
                 }
                 let phase_cols = g.h.div_ceil(g.sh) * g.w.div_ceil(g.sw);
                 let groups = [u(phase_cols.div_ceil(64))?, u(g.cin.div_ceil(64))?, u(g.n * g.sh * g.sw)?];
+                // The strided kernel reads f32 weights: an f16 one is widened for it.
+                let wide;
+                let weight = if weight.dtype() == DType::F32 {
+                    weight
+                } else {
+                    wide = weight.to_dtype(DType::F32)?;
+                    &wide
+                };
                 let bufs = [self.gpu_buf(NAME)?, weight.gpu_buf(NAME)?, out.gpu_buf(NAME)?];
                 ctx.dispatch(&CONV2D, "grad_input", &gpu_params(&g, 0)?, &bufs, groups)?;
                 Ok(out)
@@ -696,12 +715,8 @@ impl Tensor {
         padding: (usize, usize),
         add: ConvAdd,
     ) -> Result<Tensor> {
-        // X and W both f32, or both f16 (storage; f32 arithmetic, f32 output).
-        let f16 = self.dtype() == DType::F16;
-        if self.dtype() != weight.dtype() {
-            let dtype = format!("{} x {}", self.dtype(), weight.dtype());
-            return Err(Error::DType { op: OP, dtype, supported: "f32 x f32, f16 x f16" });
-        }
+        // X and W both f32, both f16, or an f16 W (storage; f32 arithmetic, f32 output).
+        let ops = Operands::of(OP, self.dtype(), weight.dtype())?;
         self.same_device(OP, weight)?;
         for t in [bias, add.temb, add.residual].into_iter().flatten() {
             t.ensure_f32(OP)?;
@@ -732,12 +747,9 @@ impl Tensor {
                     add.residual.map(|t| t.cpu_f32(OP)).transpose()?,
                 );
                 let e = Epilogue { bias: b, temb: t, res: r };
-                let y = if f16 {
-                    // The same f16 values widened: products exact in f32, as on the GPU.
-                    conv_cpu(&g, &self.f16_to_vec_f32()?, &weight.f16_to_vec_f32()?, e)
-                } else {
-                    conv_cpu(&g, self.cpu_f32(OP)?, weight.cpu_f32(OP)?, e)
-                };
+                // f16 values widened: products exact in f32, as on the GPU.
+                let (x, w) = (Operands::cpu_values(OP, self)?, Operands::cpu_values(OP, weight)?);
+                let y = conv_cpu(&g, &x, &w, e);
                 Ok(Tensor::cpu(y, &out_shape))
             }
             Device::Gpu(ctx) => {
@@ -752,12 +764,7 @@ impl Tensor {
                 // Output channels are the GEMM's rows, pixels its columns, images its batch.
                 let t = crate::ops::matmul::tile(g.cout, g.ncol(), g.n);
                 let groups = [u(g.ncol().div_ceil(t.1))?, u(g.cout.div_ceil(t.0))?, u(g.n)?];
-                if f16 && !ctx.features.contains(wgpu::Features::SHADER_F16) {
-                    return Err(Error::Gpu(format!(
-                        "conv2d: f16 input and weight need an adapter with SHADER_F16; {} has none",
-                        ctx.info.name
-                    )));
-                }
+                ops.check_adapter(OP, &ctx)?;
                 let xb = self.gpu_buf_any(OP)?;
                 // x fills the slot of an absent term (its flag keeps the kernel from reading it;
                 // a slot is raw bytes, so an f16 x binds as well).
@@ -765,7 +772,7 @@ impl Tensor {
                 let bb = bias.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
                 let tb = add.temb.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
                 let bufs = [xb, weight.gpu_buf_any(OP)?, out.gpu_buf(OP)?, rb, bb, tb];
-                ctx.dispatch(fwd_shader(t, f16), "main", &params, &bufs, groups)?;
+                ctx.dispatch(fwd_shader(t, ops), "main", &params, &bufs, groups)?;
                 Ok(out)
             }
         }

@@ -4,9 +4,10 @@
 use crate::device::Device;
 use crate::device::Shader;
 use crate::error::{Error, Result};
+use crate::ops::Operands;
 use crate::shaders::{
-    MATMUL_128, MATMUL_128X64, MATMUL_64, MATMUL_64X128, MATMUL_F16_128, MATMUL_F16_128X64, MATMUL_F16_64,
-    MATMUL_F16_64X128,
+    MATMUL_128, MATMUL_128X64, MATMUL_64, MATMUL_64X128, MATMUL_F16B_128, MATMUL_F16B_128X64, MATMUL_F16B_64,
+    MATMUL_F16B_64X128, MATMUL_F16_128, MATMUL_F16_128X64, MATMUL_F16_64, MATMUL_F16_64X128,
 };
 use crate::tensor::DType;
 use crate::tensor::Tensor;
@@ -34,16 +35,21 @@ pub fn tile(m: usize, n: usize, batch: usize) -> (usize, usize) {
     }
 }
 
-fn tile_shader(t: (usize, usize), f16: bool) -> &'static Shader {
-    match (t, f16) {
-        ((128, 128), false) => &MATMUL_128,
-        ((128, 64), false) => &MATMUL_128X64,
-        ((64, 128), false) => &MATMUL_64X128,
-        (_, false) => &MATMUL_64,
-        ((128, 128), true) => &MATMUL_F16_128,
-        ((128, 64), true) => &MATMUL_F16_128X64,
-        ((64, 128), true) => &MATMUL_F16_64X128,
-        (_, true) => &MATMUL_F16_64,
+fn tile_shader(t: (usize, usize), ops: Operands) -> &'static Shader {
+    use Operands::*;
+    match (t, ops) {
+        ((128, 128), F32) => &MATMUL_128,
+        ((128, 64), F32) => &MATMUL_128X64,
+        ((64, 128), F32) => &MATMUL_64X128,
+        (_, F32) => &MATMUL_64,
+        ((128, 128), F16) => &MATMUL_F16_128,
+        ((128, 64), F16) => &MATMUL_F16_128X64,
+        ((64, 128), F16) => &MATMUL_F16_64X128,
+        (_, F16) => &MATMUL_F16_64,
+        ((128, 128), F16Weight) => &MATMUL_F16B_128,
+        ((128, 64), F16Weight) => &MATMUL_F16B_128X64,
+        ((64, 128), F16Weight) => &MATMUL_F16B_64X128,
+        (_, F16Weight) => &MATMUL_F16B_64,
     }
 }
 
@@ -283,7 +289,8 @@ impl Tensor {
     }
 
     /// Matmul with `self` read as `(..., K, M)` when `ta`, `other` as `(..., N, K)` when `tb`.
-    /// Both f32, or both f16 (the product is f32: f16 storage, f32 arithmetic; no gradient).
+    /// Both f32; both f16 (the product is f32: f16 storage, f32 arithmetic; no gradient); or an
+    /// f32 `self` and an f16 `other` (a weight stored in f16: gradients reach `self`).
     pub fn matmul_t(&self, other: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
         let out = self.matmul_raw(other, ta, tb, Epilogue::default())?;
         if self.dtype() == DType::F16 {
@@ -335,14 +342,7 @@ impl Tensor {
 
     fn matmul_raw(&self, other: &Tensor, ta: bool, tb: bool, e: Epilogue) -> Result<Tensor> {
         const OP: &str = "matmul";
-        let f16 = self.dtype() == DType::F16;
-        if self.dtype() != other.dtype() {
-            return Err(Error::DType {
-                op: OP,
-                dtype: format!("{} x {}", self.dtype(), other.dtype()),
-                supported: "f32 x f32, f16 x f16",
-            });
-        }
+        let ops = Operands::of(OP, self.dtype(), other.dtype())?;
         self.same_device(OP, other)?;
         let p = plan(self.shape(), other.shape(), ta, tb)?;
         for t in [e.bias, e.residual].into_iter().flatten() {
@@ -373,13 +373,8 @@ impl Tensor {
         match self.device() {
             Device::Cpu => {
                 // f16 operands are widened: their products are exact in f32, as on the GPU.
-                let widened;
-                let (a, b) = if f16 {
-                    widened = (self.f16_to_vec_f32()?, other.f16_to_vec_f32()?);
-                    (widened.0.as_slice(), widened.1.as_slice())
-                } else {
-                    (self.cpu_f32(OP)?, other.cpu_f32(OP)?)
-                };
+                let (a, b) = (Operands::cpu_values(OP, self)?, Operands::cpu_values(OP, other)?);
+                let (a, b) = (&a[..], &b[..]);
                 // The epilogue's terms go in first and the GEMM accumulates onto them.
                 // Built in one pass (no zeroing first).
                 let rows = p.batch * m;
@@ -432,19 +427,14 @@ impl Tensor {
                 };
                 let t = tile(m, n, p.batch);
                 let groups = [n.div_ceil(t.1) as u32, m.div_ceil(t.0) as u32, p.batch as u32];
-                if f16 && !ctx.features.contains(wgpu::Features::SHADER_F16) {
-                    return Err(Error::Gpu(format!(
-                        "matmul: f16 operands need an adapter with SHADER_F16; {} has none (cast them to f32)",
-                        ctx.info.name
-                    )));
-                }
+                ops.check_adapter(OP, &ctx)?;
                 let ab = self.gpu_buf_any(OP)?;
                 // `a` fills the slot of an absent term (its flag keeps the kernel from reading
                 // it; a slot is raw bytes, so an f16 `a` binds as well).
                 let rb = e.residual.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(ab);
                 let bb = e.bias.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(ab);
                 let bufs = [ab, other.gpu_buf_any(OP)?, out.gpu_buf(OP)?, rb, bb];
-                ctx.dispatch(tile_shader(t, f16), "main", &params, &bufs, groups)?;
+                ctx.dispatch(tile_shader(t, ops), "main", &params, &bufs, groups)?;
                 Ok(out)
             }
         }

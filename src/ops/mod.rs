@@ -74,6 +74,55 @@ pub const MAX_RANK: usize = 8;
 /// Elements below this run on one CPU thread; above, rayon splits them.
 pub(crate) const PAR_MIN: usize = 1 << 15;
 
+/// The operand types of a matmul or convolution kernel: both f32, both f16, or an f32 input
+/// with an f16 weight (B of a matmul, W of a convolution). f16 is storage only: the kernels
+/// widen as they load and compute in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Operands {
+    F32,
+    F16,
+    F16Weight,
+}
+
+impl Operands {
+    /// The kind for an input of dtype `a` and a weight (or right operand) of dtype `b`.
+    pub(crate) fn of(op: &'static str, a: crate::tensor::DType, b: crate::tensor::DType) -> Result<Operands> {
+        use crate::tensor::DType::{F16, F32};
+        match (a, b) {
+            (F32, F32) => Ok(Operands::F32),
+            (F16, F16) => Ok(Operands::F16),
+            (F32, F16) => Ok(Operands::F16Weight),
+            (a, b) => Err(crate::Error::DType {
+                op,
+                dtype: format!("{a} x {b}"),
+                supported: "f32 x f32, f16 x f16, f32 x f16 (an f16 weight)",
+            }),
+        }
+    }
+
+    /// An f32 copy of `t` for the CPU path: f16 values widen exactly.
+    pub(crate) fn cpu_values<'a>(
+        op: &'static str,
+        t: &'a crate::tensor::Tensor,
+    ) -> Result<std::borrow::Cow<'a, [f32]>> {
+        match t.dtype() {
+            crate::tensor::DType::F32 => Ok(std::borrow::Cow::Borrowed(t.cpu_f32(op)?)),
+            _ => Ok(std::borrow::Cow::Owned(t.f16_to_vec_f32()?)),
+        }
+    }
+
+    /// Errors where the adapter cannot read f16.
+    pub(crate) fn check_adapter(self, op: &'static str, ctx: &crate::device::GpuContext) -> Result<()> {
+        if self != Operands::F32 && !ctx.features.contains(wgpu::Features::SHADER_F16) {
+            return Err(crate::Error::Gpu(format!(
+                "{op}: f16 operands need an adapter with SHADER_F16; {} has none (cast them to f32)",
+                ctx.info.name
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Pads a dims list to the shaders' 8 slots.
 pub(crate) fn pack8(op: &'static str, v: &[usize]) -> Result<[u32; MAX_RANK]> {
     if v.len() > MAX_RANK {
