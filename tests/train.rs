@@ -12,7 +12,7 @@ use vipo::params::ParamStore;
 use vipo::train::config::{FinetuneKind, ObjectiveKind, TrainConfig};
 use vipo::train::lora::Lora;
 use vipo::train::trainer::{Trainer, LORA_FILE, METRICS_FILE, OPTIMIZER_FILE, STATE_FILE, UNET_DIR, UNET_FILE};
-use vipo::Device;
+use vipo::{DType, Device};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
@@ -497,4 +497,34 @@ fn latent_cache_refuses_augmentation() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not a number"), "{e}");
+}
+
+#[test]
+fn half_weights_keep_the_frozen_weights_in_f16_and_train() {
+    // LoRA with the frozen base, text encoder and VAE in f16: a new LoRA still starts exactly
+    // at ln 2 (policy and reference read the same f16 base), a few steps lower the loss on a
+    // fixed batch, and the adapters stay f32; on the CPU and on the GPU under test.
+    let mut devs = vec![Device::Cpu];
+    devs.extend(gpu());
+    for dev in devs {
+        let mut cfg = config(&format!("half-{}", dev.is_cpu()), false);
+        cfg.objective = ObjectiveKind::Dpo;
+        cfg.lr = 2e-3;
+        cfg.lora_rank = 8;
+        cfg.lora_alpha = 8.0;
+        cfg.half_weights = true;
+        let mut t = Trainer::new(cfg, &dev).unwrap();
+        assert!(t.trainable_params().iter().all(|p| p.storage_dtype() == DType::F32), "adapters stay f32");
+        let base = t.sd.unet_params.params();
+        assert!(base.iter().all(|p| p.storage_dtype() == DType::F16), "the frozen base is f16 on {dev}");
+        assert!(t.sd.text_encoder.params().iter().all(|p| p.storage_dtype() == DType::F16));
+        let batch = t.draw_batch(0).unwrap();
+        let l0 = t.evaluate_batch(&batch).unwrap().loss;
+        assert!((l0 - std::f64::consts::LN_2).abs() < 1e-9, "a new LoRA starts at ln 2 on {dev}, got {l0}");
+        for _ in 0..15 {
+            t.train_on(std::slice::from_ref(&batch)).unwrap();
+        }
+        let l1 = t.evaluate_batch(&batch).unwrap().loss;
+        assert!(l1 < 0.5 * l0, "half weights on {dev}: loss {l0} -> {l1}: did not fall by half");
+    }
 }

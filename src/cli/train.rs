@@ -72,6 +72,9 @@ pub struct Args {
     /// Recompute activations in the backward (less memory, about a third more compute).
     #[arg(long)]
     pub gradient_checkpointing: Option<bool>,
+    /// Keep the frozen weights (text encoder, VAE, LoRA's base UNet or the reference) in f16.
+    #[arg(long)]
+    pub half_weights: Option<bool>,
     #[arg(long)]
     pub resolution: Option<usize>,
     /// Pairs per micro-batch.
@@ -142,6 +145,7 @@ pub fn effective_config(a: &Args) -> Result<TrainConfig> {
         lora_targets,
         offload_reference,
         gradient_checkpointing,
+        half_weights,
         resolution,
         batch,
         grad_accum,

@@ -95,6 +95,10 @@ pub struct TrainConfig {
     /// Recompute each resnet's and transformer's activations in the backward instead of
     /// keeping them (diffusers' `--gradient_checkpointing`): less memory, more compute.
     pub gradient_checkpointing: bool,
+    /// Keep the frozen weights in f16 (the text encoder, the VAE, LoRA's base UNet or full
+    /// fine-tuning's reference copy): half their memory; the matmul and conv kernels read them
+    /// as f16 and compute in f32. The trained weights stay f32.
+    pub half_weights: bool,
 
     /// Training image side in pixels (center crop).
     pub resolution: usize,
@@ -155,6 +159,7 @@ impl Default for TrainConfig {
             lora_targets: ["to_q", "to_k", "to_v", "to_out.0"].iter().map(|s| s.to_string()).collect(),
             offload_reference: false,
             gradient_checkpointing: false,
+            half_weights: false,
             resolution: 512,
             batch: 1,
             grad_accum: 1,

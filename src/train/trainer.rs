@@ -220,6 +220,17 @@ impl Trainer {
                 (None, reference, sd.unet_params.trainable())
             }
         };
+        if cfg.half_weights {
+            // Frozen params only: the text encoder, the VAE, LoRA's base, the reference copy.
+            sd.text_encoder.params().iter().try_for_each(|p| p.set_storage_dtype(DType::F16))?;
+            if let Some(vae) = &sd.vae {
+                vae.store().store_frozen_as(DType::F16)?;
+            }
+            sd.unet_params.store_frozen_as(DType::F16)?;
+            if let Some((_, store)) = &reference {
+                store.store_frozen_as(DType::F16)?;
+            }
+        }
         let opt = AdamW::new(cfg.adamw_config())?;
         let loader_opts = LoaderOptions {
             size: cfg.resolution,
