@@ -230,7 +230,7 @@ fn conv2d_f16_input_and_weight_every_tile() {
         let (reference, _) = conv_ref(&x16, xs, &w16, ws, Some(&b.to_vec().unwrap()), stride, (1, 1));
         let what = format!("f16 conv2d x{xs:?} w{ws:?} s{stride:?}");
         assert_close(&format!("{what} cpu vs f64"), &want.to_vec().unwrap(), &reference, CONV_TOL, seed);
-        if let Some(g) = gpu() {
+        if let Some(g) = gpu_f16() {
             let to = |t: &Tensor| t.to(&g).unwrap();
             let got = to(&x).conv2d(&to(&w), Some(&to(&b)), stride, (1, 1)).unwrap();
             assert_close(
@@ -271,7 +271,7 @@ fn conv2d_with_an_f16_weight_is_the_f32_conv_of_its_rounding() {
         ([2, 5, 9, 8], 17, (2, 2)),
     ];
     let mut devs = vec![Device::Cpu];
-    devs.extend(gpu());
+    devs.extend(gpu_f16());
     for dev in devs {
         for (ci, &(xs, cout, stride)) in cases.iter().enumerate() {
             let seed = 1800 + ci as u64;

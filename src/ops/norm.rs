@@ -28,6 +28,26 @@ pub struct NormParams {
     pub _pad: u32,
 }
 
+impl NormParams {
+    /// The layout's fields; every flag off but `act`.
+    fn of(name: &'static str, l: Layout, eps: f32, act: bool) -> Result<NormParams> {
+        Ok(NormParams {
+            rows: u32_of(name, l.rows)?,
+            row_len: u32_of(name, l.cpg * l.spatial)?,
+            spatial: u32_of(name, l.spatial)?,
+            cpg: u32_of(name, l.cpg)?,
+            groups: u32_of(name, l.groups)?,
+            has_w: 0,
+            has_b: 0,
+            eps,
+            want_g: 0,
+            act: act as u32,
+            want_dz: 0,
+            _pad: 0,
+        })
+    }
+}
+
 /// The rows to normalise: `rows` of `cpg * spatial` elements; row `r` holds channels
 /// `(r % groups) * cpg ..` of `spatial` elements each.
 #[derive(Clone, Copy)]
@@ -173,35 +193,39 @@ struct RowOpts<'a> {
     act: bool,
 }
 
-/// CPU twin of the shader's `forward` for one row of `cpg` channels x `spatial`: statistics as
-/// [`RowStats`], then per channel one scale and shift in f32 (the shader's precision), then
-/// SiLU when `o.act`.
-fn norm_row(x: &[f32], y: &mut [f32], o: RowOpts) {
+/// Writes `out[j] = f(j, z_j)` for every element of one row, z = the normalised value times
+/// w plus b as the shader computes it: statistics as [`RowStats`], then per channel one scale
+/// and shift in f32 (layer norm: per element).
+#[inline(always)]
+fn map_affine(x: &[f32], out: &mut [f32], o: RowOpts, f: impl Fn(usize, f32) -> f32) {
     let st = RowStats::of(x, o.eps);
-    let rstd = st.rstd;
     let (c0, w, b) = (o.c0, o.w, o.b);
     if o.spatial == 1 {
         // Layer norm: one channel per element.
-        let r = rstd as f32;
-        for (j, (out, &v)) in y.iter_mut().zip(x).enumerate() {
-            let z = st.dev(v) * (r * w.map_or(1.0, |w| w[c0 + j])) + b.map_or(0.0, |b| b[c0 + j]);
-            *out = if o.act { silu(z) } else { z };
+        let r = st.rstd as f32;
+        for (j, (out, &v)) in out.iter_mut().zip(x).enumerate() {
+            *out = f(j, st.dev(v) * (r * w.map_or(1.0, |w| w[c0 + j])) + b.map_or(0.0, |b| b[c0 + j]));
         }
         return;
     }
-    for (ci, (yc, xc)) in y.chunks_mut(o.spatial).zip(x.chunks(o.spatial)).enumerate() {
+    for (ci, (oc, xc)) in out.chunks_mut(o.spatial).zip(x.chunks(o.spatial)).enumerate() {
         let c = c0 + ci;
-        let scale = (rstd * w.map_or(1.0, |w| w[c] as f64)) as f32;
+        let scale = (st.rstd * w.map_or(1.0, |w| w[c] as f64)) as f32;
         let shift = b.map_or(0.0, |b| b[c]);
-        if o.act {
-            for (out, &v) in yc.iter_mut().zip(xc) {
-                *out = silu(st.dev(v) * scale + shift);
-            }
-        } else {
-            for (out, &v) in yc.iter_mut().zip(xc) {
-                *out = st.dev(v) * scale + shift;
-            }
+        let j0 = ci * o.spatial;
+        for (k, (out, &v)) in oc.iter_mut().zip(xc).enumerate() {
+            *out = f(j0 + k, st.dev(v) * scale + shift);
         }
+    }
+}
+
+/// CPU twin of the shader's `forward` for one row of `cpg` channels x `spatial`: the affine
+/// values, then SiLU when `o.act`.
+fn norm_row(x: &[f32], y: &mut [f32], o: RowOpts) {
+    if o.act {
+        map_affine(x, y, o, |_, z| silu(z))
+    } else {
+        map_affine(x, y, o, |_, z| z)
     }
 }
 
@@ -213,25 +237,7 @@ thread_local! {
 
 /// dz = dy * silu'(z) for one row, z recomputed exactly as [`norm_row`] computes it.
 fn silu_dz_row(x: &[f32], dy: &[f32], dz: &mut [f32], o: RowOpts) {
-    let st = RowStats::of(x, o.eps);
-    let (c0, w, b) = (o.c0, o.w, o.b);
-    if o.spatial == 1 {
-        let r = st.rstd as f32;
-        for (j, (out, (&d, &v))) in dz.iter_mut().zip(dy.iter().zip(x)).enumerate() {
-            let z = st.dev(v) * (r * w.map_or(1.0, |w| w[c0 + j])) + b.map_or(0.0, |b| b[c0 + j]);
-            *out = d * silu_grad(z);
-        }
-        return;
-    }
-    let chunks = dz.chunks_mut(o.spatial).zip(dy.chunks(o.spatial).zip(x.chunks(o.spatial)));
-    for (ci, (dzc, (dyc, xc))) in chunks.enumerate() {
-        let c = c0 + ci;
-        let scale = (st.rstd * w.map_or(1.0, |w| w[c] as f64)) as f32;
-        let shift = b.map_or(0.0, |b| b[c]);
-        for (out, (&d, &v)) in dzc.iter_mut().zip(dyc.iter().zip(xc)) {
-            *out = d * silu_grad(st.dev(v) * scale + shift);
-        }
-    }
+    map_affine(x, dz, o, |j, z| dy[j] * silu_grad(z))
 }
 
 /// The fused backward for one row: dz into `dz_out` (or a scratch row), then the norm's
@@ -543,20 +549,11 @@ impl Tensor {
                 // An output the kernel is not asked for gets a 1-element buffer for its slot.
                 let g = Tensor::gpu_empty(&ctx, name, if wants.g { self.shape() } else { &[1] })?;
                 let dz = Tensor::gpu_empty(&ctx, name, if want_dz { self.shape() } else { &[1] })?;
-                let params = NormParams {
-                    rows: u32_of(name, l.rows)?,
-                    row_len: u32_of(name, row_len)?,
-                    spatial: u32_of(name, l.spatial)?,
-                    cpg: u32_of(name, l.cpg)?,
-                    groups: u32_of(name, l.groups)?,
-                    has_w: weight.is_some() as u32,
-                    has_b: (act && bias.is_some()) as u32,
-                    eps,
-                    want_g: wants.g as u32,
-                    act: act as u32,
-                    want_dz: want_dz as u32,
-                    _pad: 0,
-                };
+                let mut params = NormParams::of(name, l, eps, act)?;
+                params.has_w = weight.is_some() as u32;
+                params.has_b = (act && bias.is_some()) as u32;
+                params.want_g = wants.g as u32;
+                params.want_dz = want_dz as u32;
                 let xb = self.gpu_buf(name)?;
                 let wb = weight.map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
                 let bb = bias.filter(|_| act).map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);
@@ -611,20 +608,9 @@ impl Tensor {
                     return Ok(out);
                 }
                 u32_of(name, n)?;
-                let params = NormParams {
-                    rows: u32_of(name, l.rows)?,
-                    row_len: u32_of(name, row_len)?,
-                    spatial: u32_of(name, l.spatial)?,
-                    cpg: u32_of(name, l.cpg)?,
-                    groups: u32_of(name, l.groups)?,
-                    has_w: weight.is_some() as u32,
-                    has_b: bias.is_some() as u32,
-                    eps,
-                    want_g: 0,
-                    act: act as u32,
-                    want_dz: 0,
-                    _pad: 0,
-                };
+                let mut params = NormParams::of(name, l, eps, act)?;
+                params.has_w = weight.is_some() as u32;
+                params.has_b = bias.is_some() as u32;
                 // An absent weight or bias binds `x` in its place (read-only; the flag skips it).
                 let xb = self.gpu_buf(name)?;
                 let wb = weight.map(|t| t.gpu_buf(name)).transpose()?.unwrap_or(xb);

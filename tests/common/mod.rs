@@ -23,6 +23,17 @@ pub fn gpu() -> Option<Device> {
     .clone()
 }
 
+/// The GPU under test when it can read f16 (SHADER_F16), for the f16 kernels; None otherwise.
+/// CI's lavapipe has it, so there its absence is a failure, not a skip.
+pub fn gpu_f16() -> Option<Device> {
+    let g = gpu()?;
+    let has = g.gpu().is_some_and(|c| c.features.contains(wgpu::Features::SHADER_F16));
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        assert!(has, "CI's adapter (lavapipe) has SHADER_F16: the f16 kernels must run there");
+    }
+    has.then_some(g)
+}
+
 /// Seeded standard-normal values.
 pub fn randn(n: usize, seed: u64) -> Vec<f32> {
     vipo::rng::Rng::new(seed).normal_vec(n)
