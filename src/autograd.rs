@@ -9,7 +9,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -195,8 +195,12 @@ impl Tensor {
                 )));
             };
             let needs: Vec<bool> = node.inputs.iter().map(|i| i.is_some()).collect();
+            let t0 = PROFILE.load(Ordering::Relaxed).then(std::time::Instant::now);
             let input_grads = f(&g, &needs)?;
             drop(g);
+            if let Some(t0) = t0 {
+                profile_add(node.op, t0.elapsed().as_secs_f64());
+            }
             for (inp, ig) in node.inputs.iter().zip(input_grads) {
                 let (Some(inp), Some(ig)) = (inp, ig) else { continue };
                 let ig = ig.detach();
@@ -207,6 +211,42 @@ impl Tensor {
             }
         }
         Ok(())
+    }
+}
+
+static PROFILE: AtomicBool = AtomicBool::new(false);
+static PROFILE_TIMES: Mutex<Vec<OpTime>> = Mutex::new(Vec::new());
+
+/// Time spent in the backward functions of one kind of op (`Node::op`), summed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OpTime {
+    pub op: &'static str,
+    pub seconds: f64,
+    pub calls: usize,
+}
+
+/// Starts (clearing what was collected) or stops timing each backward function by op. The
+/// times are the host's: on the CPU the work itself, on a GPU only the recording of it.
+pub fn profile_backward(on: bool) {
+    lock(&PROFILE_TIMES).clear();
+    PROFILE.store(on, Ordering::Relaxed);
+}
+
+/// What `profile_backward` collected since it started, slowest op first.
+pub fn backward_profile() -> Vec<OpTime> {
+    let mut v = lock(&PROFILE_TIMES).clone();
+    v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    v
+}
+
+fn profile_add(op: &'static str, seconds: f64) {
+    let mut v = lock(&PROFILE_TIMES);
+    match v.iter_mut().find(|t| t.op == op) {
+        Some(t) => {
+            t.seconds += seconds;
+            t.calls += 1;
+        }
+        None => v.push(OpTime { op, seconds, calls: 1 }),
     }
 }
 

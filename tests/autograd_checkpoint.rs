@@ -27,8 +27,16 @@ fn grads(dev: &Device, ckpt: bool) -> Vec<Vec<f32>> {
     [x, w1, w2].iter().map(|t| t.grad().unwrap().to_vec().unwrap()).collect()
 }
 
+/// The backward profile is process-wide: the tests of this binary run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn checkpointed_blocks_give_the_same_gradients() {
+    let _s = serial();
     let mut devices = vec![Device::Cpu];
     devices.extend(gpu());
     for dev in devices {
@@ -42,6 +50,7 @@ fn checkpointed_blocks_give_the_same_gradients() {
 
 #[test]
 fn checkpoint_keeps_no_activations() {
+    let _s = serial();
     let Some(shared) = gpu() else { return };
     let dev = Device::open_private(shared.gpu().unwrap().index).unwrap();
     let ctx = dev.gpu().unwrap().clone();
@@ -68,4 +77,26 @@ fn checkpoint_keeps_no_activations() {
     let ckpt = live_after_forward(true);
     // Plain keeps each block's (256, 256) hidden activations; checkpointed keeps block outputs only.
     assert!(ckpt * 3 < plain, "checkpointed forward holds {ckpt} bytes, plain {plain}");
+}
+
+#[test]
+fn backward_profile_times_each_op_kind_while_on() {
+    // Its ops (two matmuls, the gelu) are counted while on; off clears and stops it.
+    let _s = serial();
+    let dev = Device::Cpu;
+    let run = || {
+        let x = Tensor::from_slice(&randn(6 * 5, 4), &[6, 5], &dev).unwrap().requires_grad();
+        let w1 = Tensor::from_slice(&randn(5 * 7, 5), &[5, 7], &dev).unwrap();
+        let w2 = Tensor::from_slice(&randn(7 * 5, 6), &[7, 5], &dev).unwrap();
+        block(&x, &w1, &w2).unwrap().square().unwrap().mean_all().unwrap().backward().unwrap();
+    };
+    vipo::autograd::profile_backward(true);
+    run();
+    let p = vipo::autograd::backward_profile();
+    let calls = |op: &str| p.iter().find(|t| t.op == op).map_or(0, |t| t.calls);
+    assert!(calls("matmul") == 2 && calls("unary") >= 1, "{p:?}");
+    assert!(p.iter().all(|t| t.seconds >= 0.0) && p.windows(2).all(|w| w[0].seconds >= w[1].seconds), "{p:?}");
+    vipo::autograd::profile_backward(false);
+    run();
+    assert!(vipo::autograd::backward_profile().is_empty());
 }

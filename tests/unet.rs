@@ -386,7 +386,8 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 fn bench_model_runs_the_tiny_unet_with_f32_and_f16_weights() {
     // `vipo bench model` end to end on the tiny SD1.5-shaped config: the forward and the LoRA
     // step, with the frozen weights in f32 and in f16 (kernels reading f16), on the CPU and
-    // on the GPU under test; every record has a time and a peak.
+    // on the GPU under test; every record has a time and a peak, and `--profile` (f32 run)
+    // the training step's phases.
     let cfg = fixture_dir().join("config.json");
     let mut on = vec!["cpu".to_string()];
     if let Some(g) = gpu() {
@@ -398,6 +399,8 @@ fn bench_model_runs_the_tiny_unet_with_f32_and_f16_weights() {
         cmd.arg(on.join(",")).arg("--config").arg(&cfg);
         if half {
             cmd.arg("--half-weights");
+        } else {
+            cmd.arg("--profile");
         }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "half {half}: {}", String::from_utf8_lossy(&out.stderr));
@@ -407,6 +410,25 @@ fn bench_model_runs_the_tiny_unet_with_f32_and_f16_weights() {
             let case = r["case"].as_str().unwrap();
             assert_eq!(case.ends_with(" f16w"), half, "{case}");
             assert!(r["seconds"].as_f64().unwrap() > 0.0 && r["peak_bytes"].as_u64().unwrap() > 0, "{r}");
+            // --profile: the step's phases; on the CPU its backward by op, within the phase.
+            let p = &r["profile"];
+            if half || !case.starts_with("lora") {
+                assert!(p.is_null(), "{r}");
+                continue;
+            }
+            let backward = p["backward"].as_f64().unwrap();
+            assert!(p["forwards"].as_f64().unwrap() > 0.0 && backward > 0.0, "{r}");
+            let ops = p["backward_ops"].as_array().unwrap();
+            if r["device"] == "cpu" {
+                let op = |name: &str| ops.iter().find(|o| o["op"] == name);
+                for name in ["conv2d", "attention", "linear", "group_norm_silu"] {
+                    assert!(op(name).is_some_and(|o| o["calls"].as_u64().unwrap() > 0), "{name} missing: {r}");
+                }
+                let sum: f64 = ops.iter().map(|o| o["seconds"].as_f64().unwrap()).sum();
+                assert!(sum > 0.0 && sum <= backward * 1.001, "ops {sum} s, backward {backward} s");
+            } else {
+                assert!(ops.is_empty(), "{r}");
+            }
         }
     }
 }

@@ -50,6 +50,10 @@ pub struct ModelArgs {
     /// adapters stay f32. The cases' names say "f16w".
     #[arg(long)]
     pub half_weights: bool,
+    /// Where the training step's time goes: its phases (both forwards and the loss head,
+    /// backward, optimizer; a GPU waits after each) and, on the CPU, the backward by op.
+    #[arg(long)]
+    pub profile: bool,
     /// Devices to run on: `cpu`, `gpu`, `gpu:N`; default: the CPU and every hardware GPU.
     #[arg(long = "on", value_delimiter = ',')]
     pub on: Option<Vec<String>>,
@@ -75,6 +79,19 @@ pub struct ModelResult {
     /// GPU command buffers submitted by one run (readbacks and full batches).
     pub submits: Option<u64>,
     pub peer_seconds: Option<f64>,
+    /// `--profile`: the training step's phases and backward ops, per step.
+    pub profile: Option<StepProfile>,
+}
+
+/// Seconds per training step (mean over the timed runs) in each phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepProfile {
+    /// Reference and policy forwards, errors and the loss head (`unet_step`).
+    pub forwards: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+    /// The backward by op (CPU only: a GPU's backward functions only record work).
+    pub backward_ops: Vec<crate::autograd::OpTime>,
 }
 
 /// The process's peak resident set (Linux `VmHWM`), bytes.
@@ -154,6 +171,7 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
         peak_bytes: peak(dev),
         submits: fwd.1,
         peer_seconds: None,
+        profile: None,
     });
     if a.forward_only {
         return Ok(out);
@@ -176,13 +194,48 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
         level: NoiseLevel::Timesteps((0..n).map(|_| rng.below(1000)).collect()),
         encoder_hidden_states: Tensor::randn(&[n, 77, ctx_dim], 7, dev)?,
     };
+    // Phase times of each run (the first is the warm-up, left out).
+    let mut phases: Vec<[f64; 3]> = Vec::new();
+    let wait = || dev.gpu().map_or(Ok(()), |g| g.sync());
     let step = time_runs(a.repeats, dev, || {
+        if a.profile && phases.len() == 1 {
+            crate::autograd::profile_backward(true);
+        }
+        let t0 = Instant::now();
         crate::optim::zero_grad(&params);
         let o = unet_step(&objective, &process, &batch, &unet, Reference::AdaptersOff)?;
+        if a.profile {
+            wait()?;
+        }
+        let t1 = Instant::now();
         o.loss.backward()?;
+        if a.profile {
+            wait()?;
+        }
+        let t2 = Instant::now();
         opt.step(&params, 1e-5)?;
+        if a.profile {
+            wait()?;
+            let t3 = Instant::now();
+            phases.push([t1 - t0, t2 - t1, t3 - t2].map(|d| d.as_secs_f64()));
+        }
         Ok(())
     })?;
+    let profile = a.profile.then(|| {
+        let timed = &phases[1.min(phases.len())..];
+        let runs = timed.len().max(1) as f64;
+        let mean = |i: usize| timed.iter().map(|p| p[i]).sum::<f64>() / runs;
+        let mut ops = crate::autograd::backward_profile();
+        crate::autograd::profile_backward(false);
+        if !dev.is_cpu() {
+            ops.clear();
+        }
+        for t in &mut ops {
+            t.seconds /= runs;
+            t.calls = (t.calls as f64 / runs).round() as usize;
+        }
+        StepProfile { forwards: mean(0), backward: mean(1), optimizer: mean(2), backward_ops: ops }
+    });
     out.push(ModelResult {
         case: format!("lora poly-dpo step {n} pairs {s}x{s}{}{tag}", if a.checkpointing { " ckpt" } else { "" }),
         device: name.to_string(),
@@ -191,6 +244,7 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
         peak_bytes: peak(dev),
         submits: step.1,
         peer_seconds: None,
+        profile,
     });
     Ok(out)
 }
@@ -241,6 +295,9 @@ pub fn run(a: &ModelArgs) -> Result<()> {
                     r.submits.map(|n| format!("  {n} submits")).unwrap_or_default(),
                     ratio
                 );
+                if let Some(p) = &r.profile {
+                    print_profile(p);
+                }
             }
         }
         all.extend(rs);
@@ -249,4 +306,23 @@ pub fn run(a: &ModelArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&all).map_err(|e| Error::Invalid(e.to_string()))?);
     }
     Ok(())
+}
+
+fn print_profile(p: &StepProfile) {
+    let total = p.forwards + p.backward + p.optimizer;
+    let pct = |v: f64| 100.0 * v / total.max(f64::MIN_POSITIVE);
+    println!(
+        "  per step: forwards + loss {:.3} s ({:.0}%), backward {:.3} s ({:.0}%), optimizer {:.3} s ({:.0}%)",
+        p.forwards,
+        pct(p.forwards),
+        p.backward,
+        pct(p.backward),
+        p.optimizer,
+        pct(p.optimizer)
+    );
+    for t in &p.backward_ops {
+        if t.seconds >= 0.0005 * total {
+            println!("    backward {:<24} {:>8.3} s  {:>5.1}%  {:>5} calls", t.op, t.seconds, pct(t.seconds), t.calls);
+        }
+    }
 }

@@ -281,16 +281,19 @@ fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], lse: &mut [f32]
     });
 }
 
+/// Independent partial maxima and sums per row: one AVX-512 register's worth.
+const LANES: usize = 16;
+
 simd_fn! {
     /// Score rows `st` (rows, Lk) of raw Q.K to exp(scale s - m) in place, with each row's
     /// log-sum-exp in `lse` and 1 / sum in `inv`: two passes over a row (max; exp and sum).
     fn softmax_rows(st: &mut [f32], lk: usize, scale: f32, lse: &mut [f32], inv: &mut [f32]) {
         for ((row, l), iv) in st.chunks_mut(lk).zip(lse.iter_mut()).zip(inv.iter_mut()) {
-            let mut mx = [f32::NEG_INFINITY; 8];
-            let chunks = row.chunks_exact(8);
+            let mut mx = [f32::NEG_INFINITY; LANES];
+            let chunks = row.chunks_exact(LANES);
             let tail = chunks.remainder();
             for c in chunks {
-                for i in 0..8 {
+                for i in 0..LANES {
                     let v = c[i] * scale;
                     mx[i] = if v > mx[i] { v } else { mx[i] };
                 }
@@ -300,10 +303,10 @@ simd_fn! {
                 let v = x * scale;
                 m = if v > m { v } else { m };
             }
-            let mut acc = [0f32; 8];
-            let mut chunks = row.chunks_exact_mut(8);
+            let mut acc = [0f32; LANES];
+            let mut chunks = row.chunks_exact_mut(LANES);
             for c in &mut chunks {
-                for i in 0..8 {
+                for i in 0..LANES {
                     let e = fast_exp(c[i] * scale - m);
                     c[i] = e;
                     acc[i] += e;
@@ -326,6 +329,15 @@ simd_fn! {
     fn prob_rows(pt: &mut [f32], lk: usize, scale: f32, lse: &[f32]) {
         for (row, &l) in pt.chunks_mut(lk).zip(lse) {
             row.iter_mut().for_each(|x| *x = fast_exp(*x * scale - l));
+        }
+    }
+}
+
+simd_fn! {
+    /// dS = scale P (dP - dsum) in place: `dst` (rows, Lk) holds dP, `pt` P, `dsum` (rows,).
+    fn ds_rows(dst: &mut [f32], pt: &[f32], lk: usize, scale: f32, dsum: &[f32]) {
+        for ((drow, prow), &s) in dst.chunks_mut(lk).zip(pt.chunks(lk)).zip(dsum) {
+            drow.iter_mut().zip(prow).for_each(|(x, &pv)| *x = scale * pv * (*x - s));
         }
     }
 }
@@ -385,10 +397,7 @@ fn cpu_attention_backward(io: &CpuBackward, dq: &mut [f32], dk: &mut [f32], dv_o
             prob_rows(pt, lk, scale, &lh[r0..r0 + rows]);
             // dP = dO V^T, then dS = scale P (dP - dsum) in place.
             sgemm(rows, lk, dv, doc, MatRef { data: vh, rs: 1, cs: dv }, dst, lk, false, false);
-            for (i, (drow, prow)) in dst.chunks_mut(lk).zip(pt.chunks(lk)).enumerate() {
-                let s = sh[r0 + i];
-                drow.iter_mut().zip(prow).for_each(|(x, &pv)| *x = scale * pv * (*x - s));
-            }
+            ds_rows(dst, pt, lk, scale, &sh[r0..r0 + rows]);
             if want_kv {
                 let pt_t = MatRef { data: pt, rs: 1, cs: lk };
                 sgemm(lk, dv, rows, pt_t, doc, dvh, dv, true, false);
@@ -405,7 +414,7 @@ fn cpu_attention_backward(io: &CpuBackward, dq: &mut [f32], dk: &mut [f32], dv_o
 #[cfg(test)]
 mod simd_tests {
     /// The AVX-512 and AVX2 builds of the softmax loops against the baseline one, on rows
-    /// with a tail past the 8-lane blocks: the same arithmetic in the same order, so the
+    /// with a tail past the 16-lane blocks: the same arithmetic in the same order, so the
     /// same bits (each is only a different compilation of one body).
     #[test]
     fn softmax_versions_agree() {
@@ -415,31 +424,40 @@ mod simd_tests {
         let lse_in: Vec<f32> = (0..rows).map(|i| 3.0 + i as f32).collect();
         let run = |which: &str| {
             let (mut st, mut lse, mut inv) = (scores.clone(), vec![0f32; rows], vec![0f32; rows]);
-            let mut pt = scores.clone();
+            let (mut pt, mut ds) = (scores.clone(), scores.iter().map(|x| x * 0.5 - 1.0).collect::<Vec<f32>>());
             match which {
                 "base" => {
                     super::softmax_rows::base(&mut st, lk, scale, &mut lse, &mut inv);
                     super::prob_rows::base(&mut pt, lk, scale, &lse_in);
+                    super::ds_rows::base(&mut ds, &pt, lk, scale, &lse_in);
                 }
                 #[cfg(target_arch = "x86_64")]
                 "v3" => unsafe {
                     super::softmax_rows::v3(&mut st, lk, scale, &mut lse, &mut inv);
                     super::prob_rows::v3(&mut pt, lk, scale, &lse_in);
+                    super::ds_rows::v3(&mut ds, &pt, lk, scale, &lse_in);
                 },
                 #[cfg(target_arch = "x86_64")]
                 "v4" => unsafe {
                     super::softmax_rows::v4(&mut st, lk, scale, &mut lse, &mut inv);
                     super::prob_rows::v4(&mut pt, lk, scale, &lse_in);
+                    super::ds_rows::v4(&mut ds, &pt, lk, scale, &lse_in);
                 },
                 _ => unreachable!(),
             }
-            (st, lse, inv, pt)
+            (st, lse, inv, pt, ds)
         };
         let want = run("base");
         // The baseline itself: each row sums to 1 after the 1/sum it reports.
         for (r, row) in want.0.chunks(lk).enumerate() {
             let s: f64 = row.iter().map(|&x| x as f64).sum::<f64>() * want.2[r] as f64;
             assert!((s - 1.0).abs() < 1e-5, "row {r} sums to {s}");
+        }
+        // dS = scale P (dP - dsum), element by element, against f64.
+        for (i, &got) in want.4.iter().enumerate() {
+            let (p, dp, s) = (want.3[i] as f64, (scores[i] * 0.5 - 1.0) as f64, lse_in[i / lk] as f64);
+            let w = scale as f64 * p * (dp - s);
+            assert!((got as f64 - w).abs() <= 1e-6 * w.abs().max(1e-30), "dS {i}: {got} vs {w}");
         }
         #[cfg(target_arch = "x86_64")]
         {
