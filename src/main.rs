@@ -2,6 +2,7 @@ use clap::Parser;
 use vipo::cli::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
+    vipo::cli::keep_freed_memory();
     let cli = Cli::parse();
     match &cli.command {
         Command::Devices(a) => vipo::cli::devices::run(a, &cli.device)?,

@@ -11,6 +11,25 @@ pub mod world;
 
 use clap::{Parser, Subcommand};
 
+/// Keeps freed memory in the process for the next tensor of the same size, on glibc.
+///
+/// The CPU path allocates and frees the same large buffers every step (activations, saved
+/// tensors). glibc's default raises its mmap threshold to the largest freed block and then
+/// trims the heap top above twice that, so buffers go back to the kernel and come back as
+/// fresh pages: a page fault and a zeroing per 4 KiB each step. A fixed 32 MiB threshold (the
+/// most glibc allows: bigger blocks are still mapped per use) and a 2 GiB trim threshold keep
+/// them: a LoRA step at 32x32 latents took 11.9 s instead of 12.9 s on a 2-core VM. Setting
+/// the trim threshold alone is worse (it fixes the mmap threshold at 128 KiB). Elsewhere
+/// (macOS, Windows, musl) this does nothing.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "vipo",
