@@ -204,20 +204,23 @@ fn conv2d_add_epilogue_gpu_vs_cpu_vs_f64_loop() {
     assert!(e.to_string().contains("residual [2, 4, 5, 4]") && e.to_string().contains("[2, 4, 5, 5]"), "{e}");
 }
 
+/// (N, Cin, H, W), Cout, stride of the f16 tests: one per GPU tile (as in
+/// `conv2d_every_tile_shape`) and a strided one; 3x3 kernels, padding 1.
+const F16_CASES: &[([usize; 4], usize, (usize, usize))] = &[
+    ([1, 2, 70, 70], 520, (1, 1)),
+    ([2, 1, 33, 33], 1100, (1, 1)),
+    ([3, 2, 60, 60], 130, (1, 1)),
+    ([1, 300, 5, 7], 70, (1, 1)),
+    ([2, 5, 9, 8], 17, (2, 2)),
+];
+
 #[test]
 fn conv2d_f16_input_and_weight_every_tile() {
     // f16 storage, f32 arithmetic: GPU f16 kernels against the CPU twin (the same f16 values
     // widened) and the CPU against float64 on the rounded values; the epilogue stays f32.
     use vipo::ops::conv2d::ConvAdd;
     use vipo::DType;
-    let cases: &[([usize; 4], usize, (usize, usize))] = &[
-        ([1, 2, 70, 70], 520, (1, 1)),
-        ([2, 1, 33, 33], 1100, (1, 1)),
-        ([3, 2, 60, 60], 130, (1, 1)),
-        ([1, 300, 5, 7], 70, (1, 1)),
-        ([2, 5, 9, 8], 17, (2, 2)),
-    ];
-    for (ci, &(xs, cout, stride)) in cases.iter().enumerate() {
+    for (ci, &(xs, cout, stride)) in F16_CASES.iter().enumerate() {
         let seed = 1700 + ci as u64;
         let ws = [cout, xs[1], 3, 3];
         let half =
@@ -263,17 +266,10 @@ fn conv2d_with_an_f16_weight_is_the_f32_conv_of_its_rounding() {
     // (stride 1: the fused kernel reads the f16 weight; strided: widened for the phase
     // kernel) equal the f32 path on the rounded weight bit for bit, every tile.
     use vipo::DType;
-    let cases: &[([usize; 4], usize, (usize, usize))] = &[
-        ([1, 2, 70, 70], 520, (1, 1)),
-        ([2, 1, 33, 33], 1100, (1, 1)),
-        ([3, 2, 60, 60], 130, (1, 1)),
-        ([1, 300, 5, 7], 70, (1, 1)),
-        ([2, 5, 9, 8], 17, (2, 2)),
-    ];
     let mut devs = vec![Device::Cpu];
     devs.extend(gpu_f16());
     for dev in devs {
-        for (ci, &(xs, cout, stride)) in cases.iter().enumerate() {
+        for (ci, &(xs, cout, stride)) in F16_CASES.iter().enumerate() {
             let seed = 1800 + ci as u64;
             let ws = [cout, xs[1], 3, 3];
             let x = Tensor::from_slice(&randn(numel(&xs), seed), &xs, &dev).unwrap().requires_grad();

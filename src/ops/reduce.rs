@@ -308,6 +308,8 @@ impl Tensor {
                         _pad: 0,
                     })
                 };
+                // The row kernels reduce across a workgroup: tree or subgroup, as the adapter allows.
+                let rows_shader = with_reductions(&ctx, &REDUCE, &REDUCE_SUBGROUP);
                 if inner > 1 && len > GPU_COL_SPLIT_LEN && outer * inner < GPU_COL_FEW {
                     let nchunks = len.div_ceil(GPU_COL_CHUNK);
                     let part = Tensor::gpu_empty(&ctx, name, &[outer, nchunks, inner])?; // (outer, nchunks, inner)
@@ -327,32 +329,14 @@ impl Tensor {
                     let part = Tensor::gpu_empty(&ctx, name, &[outer, nchunks])?; // (outer, nchunks)
                     let p1 = params(outer, len, 1, GPU_CHUNK, nchunks, 1.0)?;
                     let bufs = [self.gpu_buf(name)?, part.gpu_buf(name)?];
-                    ctx.dispatch(
-                        with_reductions(&ctx, &REDUCE, &REDUCE_SUBGROUP),
-                        "rows",
-                        &p1,
-                        &bufs,
-                        ctx.grid((outer * nchunks) as u64),
-                    )?;
+                    ctx.dispatch(rows_shader, "rows", &p1, &bufs, ctx.grid((outer * nchunks) as u64))?;
                     let p2 = params(outer, nchunks, 1, nchunks, 1, scale)?;
                     let bufs = [part.gpu_buf(name)?, out.gpu_buf(name)?];
-                    ctx.dispatch(
-                        with_reductions(&ctx, &REDUCE, &REDUCE_SUBGROUP),
-                        "rows",
-                        &p2,
-                        &bufs,
-                        ctx.grid(outer as u64),
-                    )?;
+                    ctx.dispatch(rows_shader, "rows", &p2, &bufs, ctx.grid(outer as u64))?;
                 } else {
                     let p = params(outer, len, 1, len, 1, scale)?;
                     let bufs = [self.gpu_buf(name)?, out.gpu_buf(name)?];
-                    ctx.dispatch(
-                        with_reductions(&ctx, &REDUCE, &REDUCE_SUBGROUP),
-                        "rows",
-                        &p,
-                        &bufs,
-                        ctx.grid(outer as u64),
-                    )?;
+                    ctx.dispatch(rows_shader, "rows", &p, &bufs, ctx.grid(outer as u64))?;
                 }
                 Ok(out)
             }
