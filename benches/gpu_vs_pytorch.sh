@@ -6,14 +6,15 @@
 #   2. the 4096^3 matmul and a conv under each VIPO_SHADER_CHECKS setting (what wgpu's run-time
 #      checks cost);
 #   3. the SD1.5 UNet (real config, random weights) forward at 64x64 latents, batch 1;
-#   4. the LoRA Poly-DPO step, 2 pairs (batch 4), policy + reference;
+#   4. the LoRA Poly-DPO step, 2 pairs (batch 4), policy + reference; then both once more with
+#      every dispatch timed (`--profile`): how busy the GPU is, and which kernels take the time;
 #   5. the same step at 1 pair with activation checkpointing: peak GPU memory at 512 px.
 # Each step has a time limit so a slow one cannot starve the rest; logs and JSON go to OUT_DIR.
 #
 # Usage: benches/gpu_vs_pytorch.sh [OUT_DIR]     (default target/bench/gpu)
 #   VIPO=path/to/vipo (default target/release/vipo), PYTHON=an interpreter with torch (CUDA)
 #   and diffusers, STEP_LIMIT=seconds per step (default 150), CHECKS=0 skips step 2, HALF=0 skips the f16-weight run, CKPT=0
-#   step 5. PyTorch runs with cuDNN's per-shape algorithm search on (TORCH_FLAGS, default
+#   step 5, PROFILE=0 the profiled run. PyTorch runs with cuDNN's per-shape algorithm search on (TORCH_FLAGS, default
 #   --cudnn-benchmark): without it, cuDNN's default fp32 algorithm for some conv shapes (640
 #   channels at 32x32 on an H100) is 40x slower than for the others, which flatters vipo.
 set -u -o pipefail
@@ -56,6 +57,10 @@ step "3-4b. the same with the frozen weights in f16 (f16 storage, f32 arithmetic
 [ "${HALF:-1}" = 0 ] && echo skipped
 [ "${HALF:-1}" = 0 ] || run "$vipo" bench model --on gpu --repeats 2 --half-weights | tee "$out/vipo_unet_f16w.txt"
 
+step "3-4c. where the GPU time goes (--profile: phases, kernels)"
+[ "${PROFILE:-1}" = 0 ] && echo skipped
+[ "${PROFILE:-1}" = 0 ] || run "$vipo" bench model --on gpu --repeats 2 --profile | tee "$out/vipo_unet_profile.txt"
+
 step "5. 512 px LoRA Poly-DPO step, 1 pair, activation checkpointing"
 [ "${CKPT:-1}" = 0 ] && echo skipped
 [ "${CKPT:-1}" = 0 ] || run "$py" benches/pytorch_unet.py --device cuda $tflags --pairs 1 --checkpointing --repeats 2 --json \
@@ -64,4 +69,4 @@ step "5. 512 px LoRA Poly-DPO step, 1 pair, activation checkpointing"
   | tee "$out/vipo_unet_ckpt.txt"
 
 step summary
-cat "$out/vipo_ops.txt" "$out/checks.txt" "$out/vipo_unet.txt" "$out/vipo_unet_f16w.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("
+cat "$out/vipo_ops.txt" "$out/checks.txt" "$out/vipo_unet.txt" "$out/vipo_unet_f16w.txt" "$out/vipo_unet_profile.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("

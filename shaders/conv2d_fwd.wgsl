@@ -45,7 +45,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> in1: array<ELA>;
 @group(0) @binding(2) var<storage, read> in2: array<ELB>;
 @group(0) @binding(3) var<storage, read_write> dst: array<f32>;
-// `res` first: grad_input_s1 shares `store`, so it binds `res` too (in1 in its place).
+// grad_input_s1 binds in1, in2 and dst only (it adds nothing).
 @group(0) @binding(4) var<storage, read> res: array<f32>;
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read> temb: array<f32>;
@@ -175,9 +175,8 @@ fn out_row(wid: vec3<u32>, lid: vec3<u32>, r: u32) -> u32 {
     return wid.y * BM + (r / 4u) * 64u + lid.y * 4u + r % 4u;
 }
 
-// `bv`: the bias of each register row (zeros without bias); `add_res`: add `res` (same layout
-// as dst).
-fn store(wid: vec3<u32>, lid: vec3<u32>, acc: array<vec4<f32>, RM * GN>, bv: array<f32, RM>, add_res: bool) {
+// `bv`: the bias of each register row (zeros without bias).
+fn store(wid: vec3<u32>, lid: vec3<u32>, acc: array<vec4<f32>, RM * GN>, bv: array<f32, RM>) {
     let y_base = wid.z * p.cout * p.ncol;
     for (var g = 0u; g < GM; g++) {
         for (var i = 0u; i < 4u; i++) {
@@ -192,11 +191,7 @@ fn store(wid: vec3<u32>, lid: vec3<u32>, acc: array<vec4<f32>, RM * GN>, bv: arr
                 let o = y_base + row * p.ncol + col;
                 for (var j = 0u; j < 4u; j++) {
                     if col + j < p.ncol {
-                        if add_res {
-                            dst[o + j] = v[j] + res[o + j];
-                        } else {
-                            dst[o + j] = v[j];
-                        }
+                        dst[o + j] = v[j];
                     }
                 }
             }
@@ -218,7 +213,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         }
         bv[r] = v;
     }
-    store(wid, lid, tiles(wid, lid), bv, p.has_res == 1u);
+    store(wid, lid, tiles(wid, lid), bv);
+    if p.has_res == 1u {
+        add_res(wid, lid);
+    }
+}
+
+// dst += res over this thread's outputs, after `store`: a second pass rather than a branch in
+// the store loop, which keeps that loop small enough for drivers to unroll (an accumulator
+// array indexed by a loop variable lives in local memory; see matmul.wgsl).
+fn add_res(wid: vec3<u32>, lid: vec3<u32>) {
+    let y_base = wid.z * p.cout * p.ncol;
+    for (var r = 0u; r < RM; r++) {
+        let row = out_row(wid, lid, r);
+        if row >= p.cout {
+            continue;
+        }
+        for (var h = 0u; h < GN; h++) {
+            let col = wid.x * BN + h * 64u + lid.x * 4u;
+            let o = y_base + row * p.ncol + col;
+            for (var j = 0u; j < 4u; j++) {
+                if col + j < p.ncol {
+                    dst[o + j] += res[o + j];
+                }
+            }
+        }
+    }
 }
 
 @compute @workgroup_size(16, 16)
@@ -228,5 +248,5 @@ fn grad_input_s1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     for (var r = 0u; r < RM; r++) {
         bv[r] = 0.0;
     }
-    store(wid, lid, tiles(wid, lid), bv, false);
+    store(wid, lid, tiles(wid, lid), bv);
 }

@@ -161,11 +161,24 @@ fn gpu_timer_sums_the_dispatches_between_start_and_stop() {
     let t0 = std::time::Instant::now();
     let c = a.matmul(&b).unwrap().gelu().unwrap();
     c.to_vec().unwrap();
-    let secs = ctx.gpu_timer_stop().expect("the timer was running");
+    let times = ctx.gpu_timer_stop().expect("the timer was running");
     let wall = t0.elapsed().as_secs_f64();
+    let secs = times.seconds;
     // Two kernels ran, on a queue that runs one pass at a time: some time, never more than the
     // wall time around them (with slack for clock domains).
     assert!(secs > 0.0 && secs.is_finite(), "GPU time {secs}");
     assert!(secs <= wall * 1.5 + 1e-3, "GPU time {secs} s > wall time {wall} s");
+    // By kernel: a matmul tile and the unary kernel, once each, most time first, adding up.
+    let names: Vec<&str> = times.kernels.iter().map(|k| k.shader).collect();
+    assert!(names.iter().any(|n| n.starts_with("matmul_")), "no matmul kernel in {names:?}");
+    assert!(names.contains(&"unary"), "no unary kernel in {names:?}");
+    for k in &times.kernels {
+        assert!(k.seconds >= 0.0 && k.dispatches >= 1, "{k:?}");
+    }
+    let matmul = times.kernels.iter().find(|k| k.shader.starts_with("matmul_")).map(|k| k.dispatches);
+    assert_eq!(matmul, Some(1), "{:?}", times.kernels);
+    assert!(times.kernels.windows(2).all(|w| w[0].seconds >= w[1].seconds), "{:?}", times.kernels);
+    let sum: f64 = times.kernels.iter().map(|k| k.seconds).sum();
+    assert!((sum - secs).abs() <= 1e-9 * secs.max(1.0), "kernels sum to {sum}, total {secs}");
     assert_eq!(ctx.gpu_timer_stop(), None, "stop ends the timer");
 }

@@ -410,6 +410,25 @@ fn bench_model_runs_the_tiny_unet_with_f32_and_f16_weights() {
             let case = r["case"].as_str().unwrap();
             assert_eq!(case.ends_with(" f16w"), half, "{case}");
             assert!(r["seconds"].as_f64().unwrap() > 0.0 && r["peak_bytes"].as_u64().unwrap() > 0, "{r}");
+            // --profile on a GPU (lavapipe has timestamps): every case once more with each
+            // dispatch timed, by kernel; the step's list has the backward's kernels too.
+            let k = &r["gpu_kernels"];
+            if half || r["device"] == "cpu" {
+                assert!(k.is_null(), "{r}");
+            } else {
+                let names: Vec<String> = k["kernels"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|k| format!("{}/{}", k["shader"].as_str().unwrap(), k["entry"].as_str().unwrap()))
+                    .collect();
+                for want in ["conv2d_fwd_", "attention_", "matmul_", "norm"] {
+                    assert!(names.iter().any(|n| n.starts_with(want)), "no {want} kernel in {names:?}");
+                }
+                assert_eq!(case.starts_with("lora"), names.iter().any(|n| n.ends_with("/backward_dq")), "{names:?}");
+                let secs = k["seconds"].as_f64().unwrap();
+                assert!(secs > 0.0 && secs.is_finite(), "{r}");
+            }
             // --profile: the step's phases; on the CPU its backward by op, within the phase.
             let p = &r["profile"];
             if half || !case.starts_with("lora") {

@@ -293,7 +293,7 @@ fn time_case(case: &Case, device: &Device, min_time: f64) -> Result<(Record, Vec
             for _ in 0..QUEUED {
                 drop((case.run)(&inputs)?);
             }
-            g.gpu_timer_stop().map(|s| s * 1e3 / QUEUED as f64)
+            g.gpu_timer_stop().map(|t| t.seconds * 1e3 / QUEUED as f64)
         }
         _ => None,
     };

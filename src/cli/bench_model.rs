@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::autograd::no_grad;
-use crate::device::{Device, DeviceRequest};
+use crate::device::{Device, DeviceRequest, GpuTimes};
 use crate::error::{Error, Result};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::optim::{AdamW, AdamWConfig};
@@ -50,8 +50,9 @@ pub struct ModelArgs {
     /// adapters stay f32. The cases' names say "f16w".
     #[arg(long)]
     pub half_weights: bool,
-    /// Where the training step's time goes: its phases (both forwards and the loss head,
-    /// backward, optimizer; a GPU waits after each) and, on the CPU, the backward by op.
+    /// Where the time goes: the training step's phases (both forwards and the loss head,
+    /// backward, optimizer; a GPU waits after each); on the CPU the backward by op; on a GPU
+    /// with timestamp queries one more run of each case with every dispatch timed, by kernel.
     #[arg(long)]
     pub profile: bool,
     /// Devices to run on: `cpu`, `gpu`, `gpu:N`; default: the CPU and every hardware GPU.
@@ -81,6 +82,9 @@ pub struct ModelResult {
     pub peer_seconds: Option<f64>,
     /// `--profile`: the training step's phases and backward ops, per step.
     pub profile: Option<StepProfile>,
+    /// `--profile` on a GPU: one more run with every dispatch timed; `seconds` against the
+    /// case's `seconds` is how busy the GPU was (the rest: recording, submits, waits).
+    pub gpu_kernels: Option<GpuTimes>,
 }
 
 /// Seconds per training step (mean over the timed runs) in each phase.
@@ -130,6 +134,20 @@ fn time_runs(repeats: usize, dev: &Device, mut f: impl FnMut() -> Result<()>) ->
     Ok((median(t), submits))
 }
 
+/// One more run of `f` with the GPU's timestamps around every dispatch (None on the CPU or
+/// without timestamp queries). Each dispatch gets a pass of its own there, so the run's wall
+/// time is longer than untimed; the kernels' times are not.
+fn gpu_times(dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<Option<GpuTimes>> {
+    let Some(g) = dev.gpu() else { return Ok(None) };
+    g.sync()?;
+    if !g.gpu_timer_start() {
+        return Ok(None);
+    }
+    let r = f();
+    let times = g.gpu_timer_stop();
+    r.map(|()| times)
+}
+
 fn peak(dev: &Device) -> Option<u64> {
     match dev.gpu() {
         Some(g) => Some(g.pool_stats().peak_live_bytes),
@@ -153,25 +171,29 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
         cfg.cross_attention_dim.expand("cross_attention_dim", 1).ok().and_then(|v| v.first().copied()).unwrap_or(768);
     let (c, s) = (cfg.in_channels, a.latent);
     let mut out = Vec::new();
-    let fwd = {
+    let (fwd, fwd_peak, fwd_kernels) = {
         let x = Tensor::randn(&[a.batch, c, s, s], 1, dev)?;
         let t = Tensor::full(500.0, &[a.batch], dev)?;
         let ctx = Tensor::randn(&[a.batch, 77, ctx_dim], 2, dev)?;
-        time_runs(a.repeats, dev, || {
+        let mut run = || {
             let _g = no_grad();
             let y = unet.forward(&x, &t, &ctx)?;
             y.to_vec().map(|_| ())
-        })?
+        };
+        let fwd = time_runs(a.repeats, dev, &mut run)?;
+        let fwd_peak = peak(dev);
+        (fwd, fwd_peak, if a.profile { gpu_times(dev, &mut run)? } else { None })
     };
     out.push(ModelResult {
         case: format!("unet forward b{} {s}x{s}{tag}", a.batch),
         device: name.to_string(),
         seconds: fwd.0,
         pairs_per_s: None,
-        peak_bytes: peak(dev),
+        peak_bytes: fwd_peak,
         submits: fwd.1,
         peer_seconds: None,
         profile: None,
+        gpu_kernels: fwd_kernels,
     });
     if a.forward_only {
         return Ok(out);
@@ -197,7 +219,7 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
     // Phase times of each run (the first is the warm-up, left out).
     let mut phases: Vec<[f64; 3]> = Vec::new();
     let wait = || dev.gpu().map_or(Ok(()), |g| g.sync());
-    let step = time_runs(a.repeats, dev, || {
+    let mut run = || {
         // By op on the CPU only: a GPU's backward functions take no time of their own.
         if a.profile && dev.is_cpu() && phases.len() == 1 {
             crate::autograd::profile_backward(true);
@@ -221,7 +243,13 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
             phases.push([t1 - t0, t2 - t1, t3 - t2].map(|d| d.as_secs_f64()));
         }
         Ok(())
-    })?;
+    };
+    let step = time_runs(a.repeats, dev, &mut run)?;
+    let step_peak = peak(dev);
+    let step_kernels = if a.profile { gpu_times(dev, &mut run)? } else { None };
+    if step_kernels.is_some() {
+        phases.pop(); // the timed run's phases: each dispatch in a pass of its own
+    }
     let profile = a.profile.then(|| {
         let timed = &phases[1.min(phases.len())..];
         let runs = timed.len().max(1) as f64;
@@ -239,10 +267,11 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
         device: name.to_string(),
         seconds: step.0,
         pairs_per_s: Some(n as f64 / step.0),
-        peak_bytes: peak(dev),
+        peak_bytes: step_peak,
         submits: step.1,
         peer_seconds: None,
         profile,
+        gpu_kernels: step_kernels,
     });
     Ok(out)
 }
@@ -296,6 +325,9 @@ pub fn run(a: &ModelArgs) -> Result<()> {
                 if let Some(p) = &r.profile {
                     print_profile(p);
                 }
+                if let Some(k) = &r.gpu_kernels {
+                    print_gpu_kernels(k, r.seconds);
+                }
             }
         }
         all.extend(rs);
@@ -322,5 +354,21 @@ fn print_profile(p: &StepProfile) {
         if t.seconds >= 0.0005 * total {
             println!("    backward {:<24} {:>8.3} s  {:>5.1}%  {:>5} calls", t.op, t.seconds, pct(t.seconds), t.calls);
         }
+    }
+}
+
+/// The GPU's busy time against the run's wall time, and the kernels that take most of it.
+fn print_gpu_kernels(t: &GpuTimes, wall: f64) {
+    let pct = |v: f64| 100.0 * v / t.seconds.max(f64::MIN_POSITIVE);
+    println!(
+        "  GPU kernels {:.3} s per run, {:.0}% of its {:.3} s ({} dispatches)",
+        t.seconds,
+        100.0 * t.seconds / wall.max(f64::MIN_POSITIVE),
+        wall,
+        t.kernels.iter().map(|k| k.dispatches).sum::<usize>()
+    );
+    for k in t.kernels.iter().take(16) {
+        let name = format!("{}/{}", k.shader, k.entry);
+        println!("    {:<36} {:>8.4} s  {:>5.1}%  {:>5} dispatches", name, k.seconds, pct(k.seconds), k.dispatches);
     }
 }

@@ -72,8 +72,27 @@ struct Timer {
     readback: wgpu::Buffer,
     /// Passes recorded in the current batch.
     passes: u32,
-    /// GPU seconds summed over the passes already read back.
-    seconds: f64,
+    /// The kernel (shader name, entry point) of each of those passes, in order.
+    labels: Vec<(&'static str, &'static str)>,
+    /// GPU seconds and passes per kernel, over the passes already read back.
+    kernels: HashMap<(&'static str, &'static str), (f64, usize)>,
+}
+
+/// One kernel's share of the GPU time read by `GpuContext::gpu_timer_stop`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KernelTime {
+    /// The shader's module name (a tiled variant's name says its tile) and entry point.
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub seconds: f64,
+    pub dispatches: usize,
+}
+
+/// What the GPU timer read: seconds in dispatches, and the same time by kernel (most first).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct GpuTimes {
+    pub seconds: f64,
+    pub kernels: Vec<KernelTime>,
 }
 
 pub struct GpuContext {
@@ -137,6 +156,17 @@ fn dispatches_per_submit() -> Result<usize> {
             Err(_) => Err(Error::Gpu(format!("VIPO_DISPATCHES_PER_SUBMIT={v:?}: expected a count (0: only on reads)"))),
         },
     }
+}
+
+/// `VIPO_SHADER_DIR`: a kernel developer's override. A module whose name has a file there
+/// (`<name>.wgsl`: the whole source, tile constants included, e.g. `matmul_128x128.wgsl`) is
+/// built from that file instead of the compiled-in source, so a variant can be timed on a
+/// GPU without rebuilding (`GpuContext::pipeline` checks that it compiles).
+fn shader_override(name: &str) -> Option<(String, std::path::PathBuf)> {
+    let dir = std::env::var_os("VIPO_SHADER_DIR")?;
+    let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
+    let text = std::fs::read_to_string(&path).ok()?;
+    Some((text, path))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -388,31 +418,37 @@ impl GpuContext {
         b.dispatches = 0;
         lock(&self.pool).stats.submits += 1;
         if let (Some(n), Some(t)) = (timed, timer.as_mut()) {
-            t.seconds += self.read_timestamps(&t.readback, n);
+            let times = self.read_timestamps(&t.readback, n);
+            for (label, secs) in t.labels.drain(..).zip(times) {
+                let k = t.kernels.entry(label).or_default();
+                k.0 += secs;
+                k.1 += 1;
+            }
             t.passes = 0;
         }
     }
 
-    /// Sum of (end - begin) over the `n / 2` query pairs in `readback`, in seconds; waits for
-    /// the GPU. A failed map counts nothing (timing is a measurement aid, never an error).
-    fn read_timestamps(&self, readback: &wgpu::Buffer, n: u32) -> f64 {
+    /// Seconds of each of the `n / 2` query pairs (end - begin) in `readback`; waits for the
+    /// GPU. A failed map reads nothing (timing is a measurement aid, never an error).
+    fn read_timestamps(&self, readback: &wgpu::Buffer, n: u32) -> Vec<f64> {
         let bytes = u64::from(n) * 8;
         let (tx, rx) = std::sync::mpsc::channel();
         readback.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
             let _ = tx.send(r);
         });
         if self.device.poll(wgpu::PollType::wait_indefinitely()).is_err() || !matches!(rx.recv(), Ok(Ok(()))) {
-            return 0.0;
+            return Vec::new();
         }
-        let ticks: u64 = match readback.get_mapped_range(0..bytes) {
+        let tick = f64::from(self.queue.get_timestamp_period()) * 1e-9;
+        let times = match readback.get_mapped_range(0..bytes) {
             Ok(view) => {
                 let t: &[u64] = bytemuck::cast_slice(&view);
-                t.chunks_exact(2).map(|p| p[1].saturating_sub(p[0])).sum()
+                t.chunks_exact(2).map(|p| p[1].saturating_sub(p[0]) as f64 * tick).collect()
             }
-            Err(_) => 0,
+            Err(_) => Vec::new(),
         };
         readback.unmap();
-        ticks as f64 * f64::from(self.queue.get_timestamp_period()) * 1e-9
+        times
     }
 
     /// Starts summing the GPU time of every dispatch from here (timestamp queries around each
@@ -438,15 +474,23 @@ impl GpuContext {
         });
         let resolve = buffer("vipo timer resolve", wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
         let readback = buffer("vipo timer readback", wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
-        *lock(&self.timer) = Some(Timer { queries, resolve, readback, passes: 0, seconds: 0.0 });
+        *lock(&self.timer) =
+            Some(Timer { queries, resolve, readback, passes: 0, labels: Vec::new(), kernels: HashMap::new() });
         true
     }
 
-    /// Stops the timer: GPU seconds spent in the dispatches since `gpu_timer_start` (waits for
-    /// them), or None when it was not running.
-    pub fn gpu_timer_stop(&self) -> Option<f64> {
+    /// Stops the timer: GPU time spent in the dispatches since `gpu_timer_start`, in all and by
+    /// kernel (waits for them), or None when it was not running.
+    pub fn gpu_timer_stop(&self) -> Option<GpuTimes> {
         self.flush();
-        lock(&self.timer).take().map(|t| t.seconds)
+        let t = lock(&self.timer).take()?;
+        let mut kernels: Vec<KernelTime> = t
+            .kernels
+            .into_iter()
+            .map(|((shader, entry), (seconds, dispatches))| KernelTime { shader, entry, seconds, dispatches })
+            .collect();
+        kernels.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(a.shader.cmp(b.shader)));
+        Some(GpuTimes { seconds: kernels.iter().map(|k| k.seconds).sum(), kernels })
     }
 
     /// Dispatches recorded before a submit that no read asked for (0: submit only on reads,
@@ -491,10 +535,27 @@ impl GpuContext {
         }
         let mut modules = lock(&self.modules);
         let module = modules.entry(shader.name).or_insert_with(|| {
-            let desc = wgpu::ShaderModuleDescriptor {
+            let built_in = wgpu::ShaderModuleDescriptor {
                 label: Some(shader.name),
                 source: wgpu::ShaderSource::Wgsl(shader.source.into()),
             };
+            if let Some((text, path)) = shader_override(shader.name) {
+                let desc = wgpu::ShaderModuleDescriptor {
+                    label: Some(shader.name),
+                    source: wgpu::ShaderSource::Wgsl(text.into()),
+                };
+                let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+                // SAFETY: a developer's variant of one of our kernels, under the same checks.
+                let m = unsafe { self.device.create_shader_module_trusted(desc, self.checks) };
+                match pollster::block_on(scope.pop()) {
+                    None => {
+                        eprintln!("VIPO_SHADER_DIR: {} from {}", shader.name, path.display());
+                        return m;
+                    }
+                    Some(e) => eprintln!("VIPO_SHADER_DIR: {} left out, the built-in is used: {e}", path.display()),
+                }
+            }
+            let desc = built_in;
             // SAFETY: only our own kernels from `shaders/` reach here; `shader_checks` says
             // which of wgpu's run-time checks they do without, and why that holds for them.
             unsafe { self.device.create_shader_module_trusted(desc, self.checks) }
@@ -590,6 +651,7 @@ impl GpuContext {
             // Timed: a pass of its own, with timestamps at its start and end.
             Some(t) => {
                 t.passes += 1;
+                t.labels.push((shader.name, entry));
                 let timestamp_writes = wgpu::ComputePassTimestampWrites {
                     query_set: &t.queries,
                     beginning_of_pass_write_index: Some(2 * t.passes - 2),

@@ -8,7 +8,7 @@ pub mod gpu;
 
 use std::sync::{Arc, OnceLock};
 
-pub use gpu::{GpuBuffer, GpuContext, PoolStats, Shader, SUBGROUP_FRAGMENT};
+pub use gpu::{GpuBuffer, GpuContext, GpuTimes, KernelTime, PoolStats, Shader, SUBGROUP_FRAGMENT};
 
 use crate::error::{Error, Result};
 

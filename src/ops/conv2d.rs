@@ -643,8 +643,7 @@ impl Tensor {
                     let groups = [u((g.h * g.w).div_ceil(t.1))?, u(g.cin.div_ceil(t.0))?, u(g.n)?];
                     ops.check_adapter(NAME, &ctx)?;
                     let dyb = self.gpu_buf(NAME)?;
-                    // dY also fills the epilogue's residual slot (never read here).
-                    let bufs = [dyb, weight.gpu_buf_any(NAME)?, out.gpu_buf(NAME)?, dyb];
+                    let bufs = [dyb, weight.gpu_buf_any(NAME)?, out.gpu_buf(NAME)?];
                     ctx.dispatch(fwd_shader(t, ops), "grad_input_s1", &params, &bufs, groups)?;
                     return Ok(out);
                 }
