@@ -17,6 +17,10 @@
 // dX = conv(dY, W'), W'[ci, co, ky, kx] = W[co, ci, KH-1-ky, KW-1-kx], padding KH-1-PH and
 // KW-1-PW. Params describe that convolution (cin = the forward's Cout, cout = its Cin, ...);
 // in1 = dY, in2 = W as stored (read flipped and transposed), dst = dX.
+// main_split, grad_input_s1_split: split-K, for layers with too few output tiles to fill the
+// GPU (1280 channels at 8x8: 20 workgroups): workgroup z = split * N + image sums K elements
+// [split * chunk, min((split + 1) * chunk, K)) into dst = partials (splits, N, Cout, OH, OW),
+// no epilogue; conv2d_split.wgsl adds the partials and the epilogue's terms.
 
 struct Params {
     cin: u32,
@@ -34,7 +38,7 @@ struct Params {
     k: u32,      // Cin * KH * KW
     ncol: u32,   // OH * OW
     n: u32,
-    chunk: u32,  // unused here (the backward's)
+    chunk: u32,  // the split entries: K elements per split
     has_bias: u32,  // main: 1 adds bias[co]
     has_temb: u32,  // main: 1 adds temb[n, co] (a per-image bias: the resnets' time embedding)
     has_res: u32,   // main: 1 adds res[n, co, oy, ox] (a residual)
@@ -86,13 +90,14 @@ fn b_kk(tid: u32, e: u32) -> u32 {
     return (tid + e * 256u) / BN;
 }
 
-fn tiles(wid: vec3<u32>, lid: vec3<u32>) -> array<vec4<f32>, RM * GN> {
+// This thread's register block of image `img`'s product over K elements [kb, ke).
+fn tiles(wid: vec3<u32>, lid: vec3<u32>, img: u32, kb: u32, ke: u32) -> array<vec4<f32>, RM * GN> {
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
     let tx = lid.x;
     let ty = lid.y;
     let tid = ty * 16u + tx;
-    let x_base = wid.z * p.cin * p.h * p.w;
+    let x_base = img * p.cin * p.h * p.w;
     let khw = p.kh * p.kw;
     let bc = tid % BN;
     let col = col0 + bc;
@@ -108,9 +113,9 @@ fn tiles(wid: vec3<u32>, lid: vec3<u32>) -> array<vec4<f32>, RM * GN> {
     }
     var pa: array<f32, LA>;
     var pb: array<f32, LB>;
-    for (var k0 = 0u; k0 < p.k + BK; k0 += BK) {
+    for (var k0 = kb; k0 < ke + BK; k0 += BK) {
         // Stage step k0 - BK (loaded last time round) while loading step k0.
-        if k0 > 0u {
+        if k0 > kb {
             for (var e = 0u; e < LA; e++) {
                 let s = a_slot(tid, e);
                 a_s[s.y * SA + s.x / 4u][s.x % 4u] = pa[e];
@@ -120,11 +125,11 @@ fn tiles(wid: vec3<u32>, lid: vec3<u32>) -> array<vec4<f32>, RM * GN> {
             }
             workgroupBarrier();
         }
-        if k0 < p.k {
+        if k0 < ke {
             for (var e = 0u; e < LA; e++) {
                 let s = a_slot(tid, e);
                 var v = 0.0;
-                if row0 + s.x < p.cout && k0 + s.y < p.k {
+                if row0 + s.x < p.cout && k0 + s.y < ke {
                     v = a_value(row0 + s.x, k0 + s.y);
                 }
                 pa[e] = v;
@@ -132,7 +137,7 @@ fn tiles(wid: vec3<u32>, lid: vec3<u32>) -> array<vec4<f32>, RM * GN> {
             for (var e = 0u; e < LB; e++) {
                 let kidx = k0 + b_kk(tid, e);
                 var v = 0.0;
-                if col_ok && kidx < p.k {
+                if col_ok && kidx < ke {
                     let ci = kidx / khw;
                     let rem = kidx % khw;
                     let iy = iy0 + i32(rem / p.kw);
@@ -144,7 +149,7 @@ fn tiles(wid: vec3<u32>, lid: vec3<u32>) -> array<vec4<f32>, RM * GN> {
                 pb[e] = v;
             }
         }
-        if k0 > 0u {
+        if k0 > kb {
             for (var kk = 0u; kk < BK; kk++) {
                 var av: array<vec4<f32>, GM>;
                 var bv: array<vec4<f32>, GN>;
@@ -213,7 +218,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         }
         bv[r] = v;
     }
-    store(wid, lid, tiles(wid, lid), bv);
+    store(wid, lid, tiles(wid, lid, wid.z, 0u, p.k), bv);
     if p.has_res == 1u {
         add_res(wid, lid);
     }
@@ -248,5 +253,26 @@ fn grad_input_s1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     for (var r = 0u; r < RM; r++) {
         bv[r] = 0.0;
     }
-    store(wid, lid, tiles(wid, lid), bv);
+    store(wid, lid, tiles(wid, lid, wid.z, 0u, p.k), bv);
+}
+
+// Split `wid.z / N`'s partial product of image `wid.z % N` (its slice of dst is z's).
+fn split_partial(wid: vec3<u32>, lid: vec3<u32>) {
+    let kb = (wid.z / p.n) * p.chunk;
+    var bv: array<f32, RM>;
+    for (var r = 0u; r < RM; r++) {
+        bv[r] = 0.0;
+    }
+    store(wid, lid, tiles(wid, lid, wid.z % p.n, kb, min(kb + p.chunk, p.k)), bv);
+}
+
+@compute @workgroup_size(16, 16)
+fn main_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    split_partial(wid, lid);
+}
+
+@compute @workgroup_size(16, 16)
+fn grad_input_s1_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    flipped = true;
+    split_partial(wid, lid);
 }

@@ -205,6 +205,7 @@ tiled!(
     "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 shader!(CONV2D, "conv2d");
+shader!(CONV2D_SPLIT, "conv2d_split");
 shader!(UPSAMPLE, "upsample");
 shader!(COPY, "copy");
 shader!(TIMESTEP, "timestep");
@@ -218,7 +219,7 @@ shader!(ADAMW, "adamw");
 shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 44] {
+pub fn all() -> [&'static Shader; 45] {
     [
         &UNARY,
         &BINARY,
@@ -242,6 +243,7 @@ pub fn all() -> [&'static Shader; 44] {
         &MATMUL_F16B_64X128,
         &MATMUL_F16B_128,
         &CONV2D,
+        &CONV2D_SPLIT,
         &CONV2D_FWD_64,
         &CONV2D_FWD_128X64,
         &CONV2D_FWD_64X128,

@@ -204,6 +204,76 @@ fn conv2d_add_epilogue_gpu_vs_cpu_vs_f64_loop() {
     assert!(e.to_string().contains("residual [2, 4, 5, 4]") && e.to_string().contains("[2, 4, 5, 5]"), "{e}");
 }
 
+#[test]
+fn conv2d_split_k_gpu_vs_cpu_vs_f64_loop() {
+    // Layers with few output tiles and a long K run split-K on the GPU (partial products per
+    // K range, then a sum that adds the epilogue's terms): forward with every epilogue term
+    // on and off, and the stride-1 input gradient, against the CPU twin and float64 loops.
+    // The cases cover 2 to 16 splits, a last split shorter than the others, batches, a
+    // strided and a pointwise kernel; each asserts that it does take the split path.
+    use vipo::ops::conv2d::{k_splits, ConvAdd};
+    type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize), (usize, usize));
+    let cases: &[Case] = &[
+        // (x, w, stride, pad, (splits, chunk))
+        ([1, 300, 5, 7], [70, 300, 3, 3], (1, 1), (1, 1), (5, 544)),
+        ([2, 130, 9, 6], [45, 130, 3, 3], (2, 2), (1, 1), (2, 592)),
+        ([1, 1500, 6, 5], [33, 1500, 1, 1], (1, 1), (0, 0), (2, 752)),
+        ([1, 1201, 4, 3], [20, 1201, 3, 3], (1, 1), (1, 1), (16, 688)),
+        ([3, 200, 6, 5], [40, 200, 3, 3], (1, 1), (1, 1), (3, 608)),
+    ];
+    for (ci, &(xs, ws, stride, pad, split)) in cases.iter().enumerate() {
+        let seed = 1900 + 10 * ci as u64;
+        let (x, w) = (randn(numel(&xs), seed), randn(numel(&ws), seed + 1));
+        let (y0, ys) = conv_ref(&x, xs, &w, ws, None, stride, pad);
+        let (n, cout, ncol) = (ys[0], ys[1], ys[2] * ys[3]);
+        let t = vipo::ops::matmul::tile(cout, ncol, n);
+        let tiles = cout.div_ceil(t.0) * ncol.div_ceil(t.1) * n;
+        assert_eq!(k_splits(tiles, ws[1] * ws[2] * ws[3]), Some(split), "x{xs:?} w{ws:?}");
+        let (b, tv, r) = (randn(cout, seed + 2), randn(n * cout, seed + 3), randn(y0.len(), seed + 4));
+        for mask in [0u32, 1, 6, 7] {
+            let (with_b, with_t, with_r) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+            let want: Vec<f32> = y0
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let (ni, co) = (i / (cout * ncol), (i / ncol) % cout);
+                    let mut s = v as f64;
+                    s += if with_b { b[co] as f64 } else { 0.0 };
+                    s += if with_t { tv[ni * cout + co] as f64 } else { 0.0 };
+                    s += if with_r { r[i] as f64 } else { 0.0 };
+                    s as f32
+                })
+                .collect();
+            let inputs = vec![
+                (x.clone(), xs.to_vec()),
+                (w.clone(), ws.to_vec()),
+                (b.clone(), vec![cout]),
+                (tv.clone(), vec![n, cout]),
+                (r.clone(), ys.clone()),
+            ];
+            let what = format!("split-K conv2d x{xs:?} w{ws:?} bias {with_b} temb {with_t} residual {with_r}");
+            let got = gpu_vs_cpu(&what, CONV_TOL, seed + mask as u64, &inputs, |t| {
+                let add = ConvAdd { temb: with_t.then(|| &t[3]), residual: with_r.then(|| &t[4]) };
+                t[0].conv2d_add(&t[1], with_b.then(|| &t[2]), stride, pad, add)
+            });
+            assert_close(&what, &got.to_vec().unwrap(), &want, CONV_TOL, seed);
+        }
+        // The stride-1 input gradient: dY (N, Cout', H, W) with the weight (Cout', Cin', KH, KW)
+        // makes dX of Cin' channels over K = Cout' * KH * KW, as many tiles as this forward.
+        if stride == (1, 1) {
+            let wt = [xs[1], cout, ws[2], ws[3]];
+            let dx_shape = [xs[0], cout, xs[2], xs[3]];
+            assert_eq!(k_splits(tiles, xs[1] * ws[2] * ws[3]), Some(split), "grad_input w{wt:?}");
+            let inputs = [(randn(numel(&xs), seed + 5), xs.to_vec()), (randn(numel(&wt), seed + 6), wt.to_vec())];
+            let what = format!("split-K conv2d grad_input dy{xs:?} w{wt:?}");
+            gpu_vs_cpu(&what, CONV_TOL, seed + 5, &inputs, |t| t[0].conv2d_grad_input(&t[1], &dx_shape, (1, 1), pad));
+        }
+    }
+    // One pass where the output has enough tiles, or K is too short to share.
+    assert_eq!(k_splits(vipo::ops::matmul::BIG_TILE_GROUPS, 100_000), None);
+    assert_eq!(k_splits(4, 1023), None);
+}
+
 /// (N, Cin, H, W), Cout, stride of the f16 tests: one per GPU tile (as in
 /// `conv2d_every_tile_shape`) and a strided one; 3x3 kernels, padding 1.
 const F16_CASES: &[([usize; 4], usize, (usize, usize))] = &[

@@ -147,6 +147,7 @@ fn params_mirrors_match_the_shader_structs() {
         ("matmul", size_of::<matmul::MatmulParams>()),
         ("conv2d", size_of::<conv2d::Conv2dParams>()),
         ("conv2d_fwd", size_of::<conv2d::Conv2dParams>()),
+        ("conv2d_split", size_of::<conv2d::SplitParams>()),
         ("upsample", size_of::<upsample::UpsampleParams>()),
         ("copy", size_of::<copy::CopyParams>()),
         ("timestep", size_of::<timestep::TimestepParams>()),

@@ -5,14 +5,14 @@
 //! CPU: W^T x dY then a col2im scatter-add), dW = dY x im2col(X)^T summed over the batch,
 //! dbias = dY summed over N, OH, OW (a reduction).
 
-use crate::device::Device;
+use crate::device::{Device, GpuBuffer};
 use crate::error::{Error, Result};
 use crate::ops::matmul::{sgemm, sgemm_raw, MatRef};
 use crate::ops::{u32_of, Operands, PAR_MIN};
 use crate::shaders::{
     CONV2D, CONV2D_FWD_128, CONV2D_FWD_128X64, CONV2D_FWD_64, CONV2D_FWD_64X128, CONV2D_FWD_F16W_128,
     CONV2D_FWD_F16W_128X64, CONV2D_FWD_F16W_64, CONV2D_FWD_F16W_64X128, CONV2D_FWD_F16_128, CONV2D_FWD_F16_128X64,
-    CONV2D_FWD_F16_64, CONV2D_FWD_F16_64X128,
+    CONV2D_FWD_F16_64, CONV2D_FWD_F16_64X128, CONV2D_SPLIT,
 };
 use crate::tensor::{DType, Tensor};
 
@@ -517,6 +517,88 @@ fn fwd_shader(t: (usize, usize), ops: Operands) -> &'static crate::device::Shade
 const WG_TARGET: usize = 512;
 const MIN_CHUNK: usize = 256;
 
+/// Split-K for the forward and the stride-1 input gradient when the output has fewer tiles
+/// than `matmul::BIG_TILE_GROUPS` (the deep layers: 1280 channels at 8x8 make 20 workgroups, a
+/// sixth of an H100's multiprocessors, each walking K = 11520): workgroups it aims for (two
+/// waves on 132 multiprocessors), the fewest K elements per split, the most splits.
+const SPLIT_TARGET: usize = 264;
+const SPLIT_MIN_CHUNK: usize = 512;
+const SPLIT_MAX: usize = 16;
+
+/// (splits, K elements per split) for an implicit GEMM of `tiles` output tiles over `k`; None
+/// where one pass fills the GPU or K is too short to share.
+pub fn k_splits(tiles: usize, k: usize) -> Option<(usize, usize)> {
+    if tiles >= crate::ops::matmul::BIG_TILE_GROUPS {
+        return None;
+    }
+    let want = SPLIT_TARGET.div_ceil(tiles.max(1)).min(k / SPLIT_MIN_CHUNK).min(SPLIT_MAX);
+    if want < 2 {
+        return None;
+    }
+    let chunk = k.div_ceil(want).next_multiple_of(16);
+    let splits = k.div_ceil(chunk);
+    (splits >= 2).then_some((splits, chunk))
+}
+
+/// Terms the split-K sum adds (each None or its buffer): residual (like Y), bias (Cout),
+/// temb (N, Cout).
+struct SplitTerms<'a> {
+    res: Option<&'a GpuBuffer>,
+    bias: Option<&'a GpuBuffer>,
+    temb: Option<&'a GpuBuffer>,
+}
+
+/// conv2d_split.wgsl's params: `len` = N * Cout * OH * OW, `ncol` = OH * OW.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SplitParams {
+    pub len: u32,
+    pub cout: u32,
+    pub ncol: u32,
+    pub splits: u32,
+    pub has_bias: u32,
+    pub has_temb: u32,
+    pub has_res: u32,
+    pub _pad: u32,
+}
+
+/// Split-K: `entry` of `shader` (main_split or grad_input_s1_split) writes each split's
+/// partial product of the convolution `params` describes, then conv2d_split adds them and
+/// `terms` into `out` (N, Cout, OH, OW). `tiles`: the x and y workgroups of one pass.
+#[allow(clippy::too_many_arguments)]
+fn split_k(
+    ctx: &std::sync::Arc<crate::device::GpuContext>,
+    shader: &'static crate::device::Shader,
+    entry: &'static str,
+    params: &Conv2dParams,
+    (x, w): (&GpuBuffer, &GpuBuffer),
+    out: &Tensor,
+    tiles: [u32; 2],
+    (splits, chunk): (usize, usize),
+    terms: SplitTerms,
+) -> Result<()> {
+    let len = out.numel();
+    let n = params.n as usize;
+    let part = Tensor::gpu_empty(ctx, OP, &[splits, len])?;
+    u32_of(OP, splits * len)?;
+    let mut p = *params;
+    p.chunk = u32_of(OP, chunk)?;
+    let pb = part.gpu_buf(OP)?;
+    ctx.dispatch(shader, entry, &p, &[x, w, pb], [tiles[0], tiles[1], u32_of(OP, splits * n)?])?;
+    let sp = SplitParams {
+        len: u32_of(OP, len)?,
+        cout: params.cout,
+        ncol: params.ncol,
+        splits: u32_of(OP, splits)?,
+        has_bias: terms.bias.is_some() as u32,
+        has_temb: terms.temb.is_some() as u32,
+        has_res: terms.res.is_some() as u32,
+        _pad: 0,
+    };
+    let bufs = [pb, out.gpu_buf(OP)?, terms.res.unwrap_or(pb), terms.bias.unwrap_or(pb), terms.temb.unwrap_or(pb)];
+    ctx.dispatch(&CONV2D_SPLIT, "main", &sp, &bufs, crate::ops::groups_for(ctx, len))
+}
+
 impl Tensor {
     /// `F.conv2d(x, weight, bias, stride, padding)` with dilation 1 and groups 1.
     /// `self` (N, Cin, H, W), `weight` (Cout, Cin, KH, KW), `bias` (Cout) -> (N, Cout, OH, OW),
@@ -643,7 +725,25 @@ impl Tensor {
                     let groups = [u((g.h * g.w).div_ceil(t.1))?, u(g.cin.div_ceil(t.0))?, u(g.n)?];
                     ops.check_adapter(NAME, &ctx)?;
                     let dyb = self.gpu_buf(NAME)?;
-                    let bufs = [dyb, weight.gpu_buf_any(NAME)?, out.gpu_buf(NAME)?];
+                    let wb = weight.gpu_buf_any(NAME)?;
+                    let tiles = (groups[0] * groups[1]) as usize * g.n;
+                    if let Some(split) = k_splits(tiles, params.k as usize) {
+                        let none = SplitTerms { res: None, bias: None, temb: None };
+                        let shader = fwd_shader(t, ops);
+                        split_k(
+                            &ctx,
+                            shader,
+                            "grad_input_s1_split",
+                            &params,
+                            (dyb, wb),
+                            &out,
+                            [groups[0], groups[1]],
+                            split,
+                            none,
+                        )?;
+                        return Ok(out);
+                    }
+                    let bufs = [dyb, wb, out.gpu_buf(NAME)?];
                     ctx.dispatch(fwd_shader(t, ops), "grad_input_s1", &params, &bufs, groups)?;
                     return Ok(out);
                 }
@@ -765,6 +865,17 @@ impl Tensor {
                 let groups = [u(g.ncol().div_ceil(t.1))?, u(g.cout.div_ceil(t.0))?, u(g.n)?];
                 ops.check_adapter(OP, &ctx)?;
                 let xb = self.gpu_buf_any(OP)?;
+                let tiles = (groups[0] * groups[1]) as usize * g.n;
+                if let Some(split) = k_splits(tiles, g.k()) {
+                    let terms = SplitTerms {
+                        res: add.residual.map(|t| t.gpu_buf(OP)).transpose()?,
+                        bias: bias.map(|t| t.gpu_buf(OP)).transpose()?,
+                        temb: add.temb.map(|t| t.gpu_buf(OP)).transpose()?,
+                    };
+                    let (shader, w) = (fwd_shader(t, ops), weight.gpu_buf_any(OP)?);
+                    split_k(&ctx, shader, "main_split", &params, (xb, w), &out, [groups[0], groups[1]], split, terms)?;
+                    return Ok(out);
+                }
                 // x fills the slot of an absent term (its flag keeps the kernel from reading it;
                 // a slot is raw bytes, so an f16 x binds as well).
                 let rb = add.residual.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);

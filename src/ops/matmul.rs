@@ -14,7 +14,7 @@ use crate::tensor::Tensor;
 
 /// Workgroups a dispatch should have before bigger tiles pay: about 1.5 waves on a
 /// 132-multiprocessor GPU. Fewer, and 128-wide tiles leave multiprocessors idle.
-const BIG_TILE_GROUPS: usize = 192;
+pub const BIG_TILE_GROUPS: usize = 192;
 
 /// The output tile (rows, columns per workgroup) the GPU matmul uses for a batch of
 /// `batch` (M, N) products: the largest of 128x128, 128x64 / 64x128 and 64x64 that still
