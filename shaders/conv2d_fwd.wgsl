@@ -49,7 +49,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> in1: array<ELA>;
 @group(0) @binding(2) var<storage, read> in2: array<ELB>;
 @group(0) @binding(3) var<storage, read_write> dst: array<f32>;
-// grad_input_s1 binds in1, in2 and dst only (it adds nothing).
+// grad_input_s1 and the split entries bind in1, in2 and dst only (they add nothing).
 @group(0) @binding(4) var<storage, read> res: array<f32>;
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read> temb: array<f32>;
@@ -66,7 +66,7 @@ const LB: u32 = BN * BK / 256u;
 var<workgroup> a_s: array<vec4<f32>, BK * SA>;  // [BK][BM] (+ pad)
 var<workgroup> b_s: array<vec4<f32>, BK * SB>;  // [BK][BN] (+ pad)
 
-// Set by grad_input_s1 before `tiles`: A is then W flipped and transposed.
+// Set by grad_input_s1 and grad_input_s1_split before `tiles`: A is then W flipped and transposed.
 var<private> flipped: bool;
 
 // A (row, kidx): W (Cout, K) as stored, or W'[row, co, tap] = W[co, row, KH*KW-1-tap].
@@ -180,7 +180,7 @@ fn out_row(wid: vec3<u32>, lid: vec3<u32>, r: u32) -> u32 {
     return wid.y * BM + (r / 4u) * 64u + lid.y * 4u + r % 4u;
 }
 
-// `bv`: the bias of each register row (zeros without bias).
+// `bv`: what each register row adds (main: bias + temb; zeros elsewhere).
 fn store(wid: vec3<u32>, lid: vec3<u32>, acc: array<vec4<f32>, RM * GN>, bv: array<f32, RM>) {
     let y_base = wid.z * p.cout * p.ncol;
     for (var g = 0u; g < GM; g++) {

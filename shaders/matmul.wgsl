@@ -30,7 +30,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a: array<ELA>;
 @group(0) @binding(2) var<storage, read> b: array<ELB>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;   // (batch, M, N)
-// Added as C is written, as the flags say; the host binds `a` in the place of an absent one.
+// Added in a second pass over C, as the flags say; the host binds `a` in the place of an absent one.
 @group(0) @binding(4) var<storage, read> res: array<f32>;       // (batch, M, N)
 @group(0) @binding(5) var<storage, read> bias: array<f32>;      // (N)
 

@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use vipo::{Device, Tensor};
 
-// Conv sums up to 630 products in f32; the GPU (fma, K-order tiles) and the GEMM crate
+// Conv sums up to 10809 products in f32 (in up to 16 split-K partials); the GPU (fma, K-order tiles) and the GEMM crate
 // (its own blocking) round differently, both well inside this.
 const CONV_TOL: f64 = 2e-5;
 
@@ -128,7 +128,9 @@ fn conv2d_every_tile_shape() {
         ([1, 2, 70, 70], 520, true, (128, 128)),
         ([2, 1, 33, 33], 1100, false, (128, 64)),
         ([3, 2, 60, 60], 130, true, (64, 128)),
-        // Few output tiles, a long reduction (K = 2700) and partial tiles both ways.
+        // Few output tiles and partial tiles both ways: K = 999 is one pass, K = 2700 split-K
+        // (forward and input gradient; conv2d_split_k_gpu_vs_cpu_vs_f64_loop has more).
+        ([1, 111, 5, 7], 70, true, (64, 64)),
         ([1, 300, 5, 7], 70, true, (64, 64)),
     ];
     for (ci, &(xs, cout, with_bias, tile)) in cases.iter().enumerate() {
@@ -272,15 +274,36 @@ fn conv2d_split_k_gpu_vs_cpu_vs_f64_loop() {
     // One pass where the output has enough tiles, or K is too short to share.
     assert_eq!(k_splits(vipo::ops::matmul::BIG_TILE_GROUPS, 100_000), None);
     assert_eq!(k_splits(4, 1023), None);
+    // The GPU's own record of what ran (timestamps, which lavapipe has): the split kernels,
+    // so the cases above did not pass through the one-pass kernel.
+    let Some(dev) = gpu() else { return };
+    let Device::Gpu(ctx) = &dev else { panic!("gpu() gave {dev}") };
+    if !ctx.gpu_timer_start() {
+        return;
+    }
+    let (xs, ws) = ([1, 300, 5, 7], [70, 300, 3, 3]);
+    let x = Tensor::from_slice(&randn(numel(&xs), 1), &xs, &dev).unwrap();
+    let w = Tensor::from_slice(&randn(numel(&ws), 2), &ws, &dev).unwrap();
+    x.conv2d(&w, None, (1, 1), (1, 1)).unwrap().to_vec().unwrap();
+    // dY = x with a (300, 70, 3, 3) weight: dX (1, 70, 5, 7) over K = 2700.
+    let wt = Tensor::from_slice(&randn(numel(&ws), 3), &[300, 70, 3, 3], &dev).unwrap();
+    x.conv2d_grad_input(&wt, &[1, 70, 5, 7], (1, 1), (1, 1)).unwrap().to_vec().unwrap();
+    let ran: Vec<String> =
+        ctx.gpu_timer_stop().unwrap().kernels.iter().map(|k| format!("{}/{}", k.shader, k.entry)).collect();
+    for want in ["conv2d_fwd_64x64/main_split", "conv2d_fwd_64x64/grad_input_s1_split", "conv2d_split/main"] {
+        assert!(ran.iter().any(|r| r == want), "{want} did not run: {ran:?}");
+    }
 }
 
 /// (N, Cin, H, W), Cout, stride of the f16 tests: one per GPU tile (as in
-/// `conv2d_every_tile_shape`) and a strided one; 3x3 kernels, padding 1.
+/// `conv2d_every_tile_shape`) and a strided one; 3x3 kernels, padding 1. Split-K: the
+/// 300-channel input's forward (K = 2700) and the 300-channel output's input gradient.
 const F16_CASES: &[([usize; 4], usize, (usize, usize))] = &[
     ([1, 2, 70, 70], 520, (1, 1)),
     ([2, 1, 33, 33], 1100, (1, 1)),
     ([3, 2, 60, 60], 130, (1, 1)),
     ([1, 300, 5, 7], 70, (1, 1)),
+    ([1, 70, 5, 7], 300, (1, 1)),
     ([2, 5, 9, 8], 17, (2, 2)),
 ];
 

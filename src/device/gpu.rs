@@ -81,9 +81,10 @@ struct Timer {
 /// One kernel's share of the GPU time read by `GpuContext::gpu_timer_stop`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct KernelTime {
-    /// The shader's module name (a tiled variant's name says its tile) and entry point.
+    /// The shader's module name (a tiled variant's name says its tile).
     pub shader: &'static str,
     pub entry: &'static str,
+    /// GPU seconds summed over its timed dispatches.
     pub seconds: f64,
     pub dispatches: usize,
 }
@@ -114,6 +115,8 @@ pub struct GpuContext {
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
     batch: Mutex<Batch>,
     timer: Mutex<Option<Timer>>,
+    /// `VIPO_SHADER_DIR` is set: module, pipeline and bind-group errors are caught and returned.
+    shader_dir: bool,
 }
 
 /// What wgpu adds to every kernel at run time, from `VIPO_SHADER_CHECKS`:
@@ -161,7 +164,8 @@ fn dispatches_per_submit() -> Result<usize> {
 /// `VIPO_SHADER_DIR`: a kernel developer's override. A module whose name has a file there
 /// (`<name>.wgsl`: the whole source, tile constants included, e.g. `matmul_128x128.wgsl`) is
 /// built from that file instead of the compiled-in source, so a variant can be timed on a
-/// GPU without rebuilding (`GpuContext::pipeline` checks that it compiles).
+/// GPU without rebuilding. It must keep the module's entry points and the bindings each one
+/// uses; a file that does not compile, or does not fit, is an error naming it.
 fn shader_override(name: &str) -> Option<(String, std::path::PathBuf)> {
     let dir = std::env::var_os("VIPO_SHADER_DIR")?;
     let path = std::path::Path::new(&dir).join(format!("{name}.wgsl"));
@@ -230,6 +234,7 @@ impl GpuContext {
             subgroups: std::sync::atomic::AtomicBool::new(features.contains(wgpu::Features::SUBGROUP)),
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
+            shader_dir: std::env::var_os("VIPO_SHADER_DIR").is_some(),
             pipelines: Mutex::new(HashMap::new()),
             batch: Mutex::new(Batch {
                 pass: None,
@@ -529,37 +534,48 @@ impl GpuContext {
         Ok(())
     }
 
-    fn pipeline(&self, shader: &'static Shader, entry: &'static str) -> Arc<wgpu::ComputePipeline> {
+    /// The module of `shader`: from `VIPO_SHADER_DIR` where that has a file for it (an error
+    /// naming the file if it does not compile), else the built-in source.
+    fn module(&self, shader: &'static Shader) -> Result<wgpu::ShaderModule> {
+        if let Some((text, path)) = shader_override(shader.name) {
+            let desc = wgpu::ShaderModuleDescriptor {
+                label: Some(shader.name),
+                source: wgpu::ShaderSource::Wgsl(text.into()),
+            };
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            // SAFETY: an untested variant keeps wgpu's index clamping, whatever
+            // VIPO_SHADER_CHECKS says: loop counters and division guards are off as for ours.
+            let checks = wgpu::ShaderRuntimeChecks { bounds_checks: true, ..self.checks };
+            let m = unsafe { self.device.create_shader_module_trusted(desc, checks) };
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(Error::Gpu(format!("VIPO_SHADER_DIR: {}: {e}", path.display())));
+            }
+            eprintln!("VIPO_SHADER_DIR: {} from {}", shader.name, path.display());
+            return Ok(m);
+        }
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(shader.name),
+            source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+        };
+        // SAFETY: only our own kernels from `shaders/` reach here; `shader_checks` says
+        // which of wgpu's run-time checks they do without, and why that holds for them.
+        Ok(unsafe { self.device.create_shader_module_trusted(desc, self.checks) })
+    }
+
+    fn pipeline(&self, shader: &'static Shader, entry: &'static str) -> Result<Arc<wgpu::ComputePipeline>> {
         if let Some(p) = lock(&self.pipelines).get(&(shader.name, entry)) {
-            return p.clone();
+            return Ok(p.clone());
         }
         let mut modules = lock(&self.modules);
-        let module = modules.entry(shader.name).or_insert_with(|| {
-            let built_in = wgpu::ShaderModuleDescriptor {
-                label: Some(shader.name),
-                source: wgpu::ShaderSource::Wgsl(shader.source.into()),
-            };
-            if let Some((text, path)) = shader_override(shader.name) {
-                let desc = wgpu::ShaderModuleDescriptor {
-                    label: Some(shader.name),
-                    source: wgpu::ShaderSource::Wgsl(text.into()),
-                };
-                let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-                // SAFETY: a developer's variant of one of our kernels, under the same checks.
-                let m = unsafe { self.device.create_shader_module_trusted(desc, self.checks) };
-                match pollster::block_on(scope.pop()) {
-                    None => {
-                        eprintln!("VIPO_SHADER_DIR: {} from {}", shader.name, path.display());
-                        return m;
-                    }
-                    Some(e) => eprintln!("VIPO_SHADER_DIR: {} left out, the built-in is used: {e}", path.display()),
-                }
-            }
-            let desc = built_in;
-            // SAFETY: only our own kernels from `shaders/` reach here; `shader_checks` says
-            // which of wgpu's run-time checks they do without, and why that holds for them.
-            unsafe { self.device.create_shader_module_trusted(desc, self.checks) }
-        });
+        if !modules.contains_key(shader.name) {
+            let m = self.module(shader)?;
+            modules.insert(shader.name, m);
+        }
+        let Some(module) = modules.get(shader.name) else {
+            return Err(Error::Gpu(format!("{}: no module", shader.name)));
+        };
+        // A variant from VIPO_SHADER_DIR may lack the entry point: an error, not wgpu's panic.
+        let scope = self.shader_dir.then(|| self.device.push_error_scope(wgpu::ErrorFilter::Validation));
         let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
             layout: None,
@@ -568,8 +584,11 @@ impl GpuContext {
             compilation_options: Default::default(),
             cache: None,
         }));
+        if let Some(e) = scope.and_then(|s| pollster::block_on(s.pop())) {
+            return Err(Error::Gpu(format!("VIPO_SHADER_DIR: {} entry point {entry}: {e}", shader.name)));
+        }
         lock(&self.pipelines).insert((shader.name, entry), p.clone());
-        p
+        Ok(p)
     }
 
     /// Records one dispatch: binding 0 is `params` (a uniform), bindings 1.. the buffers in order,
@@ -591,7 +610,7 @@ impl GpuContext {
         if groups.contains(&0) {
             return Ok(());
         }
-        let pipeline = self.pipeline(shader, entry);
+        let pipeline = self.pipeline(shader, entry)?;
         let pbytes = bytemuck::bytes_of(params);
         let psize = (pbytes.len() as u64).next_multiple_of(16);
         let slot = psize.next_multiple_of(self.uniform_align);
@@ -641,11 +660,16 @@ impl GpuContext {
                 }),
             });
         }
+        // A variant from VIPO_SHADER_DIR may bind other buffers than the host passes.
+        let scope = self.shader_dir.then(|| self.device.push_error_scope(wgpu::ErrorFilter::Validation));
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(entry),
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
+        if let Some(e) = scope.and_then(|s| pollster::block_on(s.pop())) {
+            return Err(Error::Gpu(format!("VIPO_SHADER_DIR: {} entry point {entry}: bindings: {e}", shader.name)));
+        }
         let mut timer = lock(&self.timer);
         match timer.as_mut() {
             // Timed: a pass of its own, with timestamps at its start and end.

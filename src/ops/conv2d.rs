@@ -564,9 +564,11 @@ pub struct SplitParams {
 
 /// Split-K: `entry` of `shader` (main_split or grad_input_s1_split) writes each split's
 /// partial product of the convolution `params` describes, then conv2d_split adds them and
-/// `terms` into `out` (N, Cout, OH, OW). `tiles`: the x and y workgroups of one pass.
+/// `terms` into `out` (N, Cout, OH, OW). `tiles`: the x and y workgroups of one pass; `op`
+/// names the caller in errors.
 #[allow(clippy::too_many_arguments)]
 fn split_k(
+    op: &'static str,
     ctx: &std::sync::Arc<crate::device::GpuContext>,
     shader: &'static crate::device::Shader,
     entry: &'static str,
@@ -579,23 +581,23 @@ fn split_k(
 ) -> Result<()> {
     let len = out.numel();
     let n = params.n as usize;
-    let part = Tensor::gpu_empty(ctx, OP, &[splits, len])?;
-    u32_of(OP, splits * len)?;
+    u32_of(op, splits * len)?;
+    let part = Tensor::gpu_empty(ctx, op, &[splits, len])?;
     let mut p = *params;
-    p.chunk = u32_of(OP, chunk)?;
-    let pb = part.gpu_buf(OP)?;
-    ctx.dispatch(shader, entry, &p, &[x, w, pb], [tiles[0], tiles[1], u32_of(OP, splits * n)?])?;
+    p.chunk = u32_of(op, chunk)?;
+    let pb = part.gpu_buf(op)?;
+    ctx.dispatch(shader, entry, &p, &[x, w, pb], [tiles[0], tiles[1], u32_of(op, splits * n)?])?;
     let sp = SplitParams {
-        len: u32_of(OP, len)?,
+        len: u32_of(op, len)?,
         cout: params.cout,
         ncol: params.ncol,
-        splits: u32_of(OP, splits)?,
+        splits: u32_of(op, splits)?,
         has_bias: terms.bias.is_some() as u32,
         has_temb: terms.temb.is_some() as u32,
         has_res: terms.res.is_some() as u32,
         _pad: 0,
     };
-    let bufs = [pb, out.gpu_buf(OP)?, terms.res.unwrap_or(pb), terms.bias.unwrap_or(pb), terms.temb.unwrap_or(pb)];
+    let bufs = [pb, out.gpu_buf(op)?, terms.res.unwrap_or(pb), terms.bias.unwrap_or(pb), terms.temb.unwrap_or(pb)];
     ctx.dispatch(&CONV2D_SPLIT, "main", &sp, &bufs, crate::ops::groups_for(ctx, len))
 }
 
@@ -727,10 +729,11 @@ impl Tensor {
                     let dyb = self.gpu_buf(NAME)?;
                     let wb = weight.gpu_buf_any(NAME)?;
                     let tiles = (groups[0] * groups[1]) as usize * g.n;
+                    let shader = fwd_shader(t, ops);
                     if let Some(split) = k_splits(tiles, params.k as usize) {
                         let none = SplitTerms { res: None, bias: None, temb: None };
-                        let shader = fwd_shader(t, ops);
                         split_k(
+                            NAME,
                             &ctx,
                             shader,
                             "grad_input_s1_split",
@@ -744,7 +747,7 @@ impl Tensor {
                         return Ok(out);
                     }
                     let bufs = [dyb, wb, out.gpu_buf(NAME)?];
-                    ctx.dispatch(fwd_shader(t, ops), "grad_input_s1", &params, &bufs, groups)?;
+                    ctx.dispatch(shader, "grad_input_s1", &params, &bufs, groups)?;
                     return Ok(out);
                 }
                 let phase_cols = g.h.div_ceil(g.sh) * g.w.div_ceil(g.sw);
@@ -865,24 +868,24 @@ impl Tensor {
                 let groups = [u(g.ncol().div_ceil(t.1))?, u(g.cout.div_ceil(t.0))?, u(g.n)?];
                 ops.check_adapter(OP, &ctx)?;
                 let xb = self.gpu_buf_any(OP)?;
+                let wb = weight.gpu_buf_any(OP)?;
+                let terms = SplitTerms {
+                    res: add.residual.map(|t| t.gpu_buf(OP)).transpose()?,
+                    bias: bias.map(|t| t.gpu_buf(OP)).transpose()?,
+                    temb: add.temb.map(|t| t.gpu_buf(OP)).transpose()?,
+                };
+                let shader = fwd_shader(t, ops);
                 let tiles = (groups[0] * groups[1]) as usize * g.n;
                 if let Some(split) = k_splits(tiles, g.k()) {
-                    let terms = SplitTerms {
-                        res: add.residual.map(|t| t.gpu_buf(OP)).transpose()?,
-                        bias: bias.map(|t| t.gpu_buf(OP)).transpose()?,
-                        temb: add.temb.map(|t| t.gpu_buf(OP)).transpose()?,
-                    };
-                    let (shader, w) = (fwd_shader(t, ops), weight.gpu_buf_any(OP)?);
-                    split_k(&ctx, shader, "main_split", &params, (xb, w), &out, [groups[0], groups[1]], split, terms)?;
+                    let (gx, gy) = (groups[0], groups[1]);
+                    split_k(OP, &ctx, shader, "main_split", &params, (xb, wb), &out, [gx, gy], split, terms)?;
                     return Ok(out);
                 }
                 // x fills the slot of an absent term (its flag keeps the kernel from reading it;
                 // a slot is raw bytes, so an f16 x binds as well).
-                let rb = add.residual.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
-                let bb = bias.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
-                let tb = add.temb.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(xb);
-                let bufs = [xb, weight.gpu_buf_any(OP)?, out.gpu_buf(OP)?, rb, bb, tb];
-                ctx.dispatch(fwd_shader(t, ops), "main", &params, &bufs, groups)?;
+                let (rb, bb, tb) = (terms.res.unwrap_or(xb), terms.bias.unwrap_or(xb), terms.temb.unwrap_or(xb));
+                let bufs = [xb, wb, out.gpu_buf(OP)?, rb, bb, tb];
+                ctx.dispatch(shader, "main", &params, &bufs, groups)?;
                 Ok(out)
             }
         }
