@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # vipo's WGSL kernels on a GPU against PyTorch CUDA on the same card, fp32 with TF32 off, in one
 # run, most important first:
+#   0. build (where cargo is and VIPO is not given) and the GPU tests on this card (CI=true, so
+#      a missing adapter fails): `cargo test --release` of the GPU test files, or, on a machine
+#      without Rust, the test binaries in TEST_BINS (built elsewhere with `cargo test --release
+#      --no-run`; they read ../shared/fixtures relative to the checkout they were built in);
 #   1. operator cases (matmul up to 4096^3, conv2d, attention, group norm): vipo GPU, vipo CPU
 #      path and PyTorch; every GPU output is compared with the CPU path's (the `err` column);
 #   2. the 4096^3 matmul and a conv under each VIPO_SHADER_CHECKS setting (what wgpu's run-time
@@ -12,7 +16,7 @@
 # Each step has a time limit so a slow one cannot starve the rest; logs and JSON go to OUT_DIR.
 #
 # Usage: benches/gpu_vs_pytorch.sh [OUT_DIR]     (default target/bench/gpu)
-#   VIPO=path/to/vipo (default target/release/vipo), PYTHON=an interpreter with torch (CUDA)
+#   VIPO=path/to/vipo (default: built here, target/release/vipo), PYTHON=an interpreter with torch (CUDA)
 #   and diffusers, STEP_LIMIT=seconds per step (default 150), CHECKS=0 skips step 2, HALF=0 skips the f16-weight run, CKPT=0
 #   step 5, PROFILE=0 the profiled run. PyTorch runs with cuDNN's per-shape algorithm search on (TORCH_FLAGS, default
 #   --cudnn-benchmark): without it, cuDNN's default fp32 algorithm for some conv shapes (640
@@ -28,6 +32,20 @@ step() { echo; echo "== $* [$(date +%T)]"; }
 run() { timeout "$limit" "$@"; local rc=$?; [ $rc -eq 0 ] || echo "!! exit $rc: $*"; return 0; }
 # --peer FILE when PyTorch's step wrote it (vipo's numbers are still worth having without).
 peer() { if "$py" -c 'import json, sys; json.load(open(sys.argv[1]))' "$1" 2>/dev/null; then echo "--peer $1"; fi; }
+
+gpu_tests="ops_matmul_attention ops_conv_copy ops_reduce_norm ops_elementwise grads_matmul_attention grads_conv_copy
+  grads_reduce_norm grads_elementwise gpu_runtime unet half_weights dpo lora autograd_checkpoint vae"
+step "0. build and the GPU tests"
+if [ -z "${VIPO:-}" ] && command -v cargo >/dev/null; then
+  tests=$(printf -- '--test %s ' $gpu_tests)
+  cargo build --release --locked && cargo test --release --locked --no-run $tests || exit 1
+  CI=true run cargo test --release --locked $tests 2>&1 | grep -E "test result|panicked|FAILED|!! exit" | tee "$out/tests.txt"
+elif [ -n "${TEST_BINS:-}" ]; then
+  for t in $gpu_tests; do echo "$t: $(CI=true run "$TEST_BINS/$t" 2>&1 | grep -E "test result|panicked|FAILED|!! exit")"; done \
+    | tee "$out/tests.txt"
+else
+  echo "skipped: no cargo here and no TEST_BINS" | tee "$out/tests.txt"
+fi
 
 step machine
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
@@ -69,4 +87,4 @@ step "5. 512 px LoRA Poly-DPO step, 1 pair, activation checkpointing"
   | tee "$out/vipo_unet_ckpt.txt"
 
 step summary
-cat "$out/vipo_ops.txt" "$out/checks.txt" "$out/vipo_unet.txt" "$out/vipo_unet_f16w.txt" "$out/vipo_unet_profile.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("
+cat "$out/tests.txt" "$out/vipo_ops.txt" "$out/checks.txt" "$out/vipo_unet.txt" "$out/vipo_unet_f16w.txt" "$out/vipo_unet_profile.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("

@@ -90,6 +90,16 @@ def case_conv2d_f16(c, px):
     return (f"conv2d f16 {c}ch {px}px", setup, 2.0 * c * c * 9 * px * px, None)
 
 
+def case_conv2d_grad_input(c, px):
+    # The input gradient alone (a frozen weight: what the LoRA step's resnets need).
+    def setup():
+        dy = _randn(1, c, px, px)
+        w = _randn(c, c, 3, 3) * (1.0 / math.sqrt(c * 9))
+        return lambda: torch.nn.grad.conv2d_input((1, c, px, px), w, dy, stride=1, padding=1)
+
+    return (f"conv2d grad_input {c}ch {px}px", setup, 2.0 * c * c * 9 * px * px, None)
+
+
 def case_attention(kind, lq, lk, heads, d, batch=1):
     def setup():
         q = _randn(batch, heads, lq, d)
@@ -128,6 +138,9 @@ CASES = [
     case_conv2d(1280, 8),
     case_conv2d_f16(320, 64),
     case_conv2d_f16(1280, 8),
+    case_conv2d_grad_input(320, 64),
+    case_conv2d_grad_input(640, 32),
+    case_conv2d_grad_input(1280, 8),
     case_attention("self", 4096, 4096, 8, 40),
     case_attention("cross", 4096, 77, 8, 40),
     case_group_norm(320, 64, 32, batch=1),

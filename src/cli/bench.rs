@@ -107,6 +107,19 @@ fn cases() -> Vec<Case> {
             run: |t| t[0].conv2d(&t[1], None, (1, 1), (1, 1)),
         });
     }
+    // The input gradient alone (a frozen weight, as in the LoRA step's resnets): dY (1, C, px,
+    // px) and W (C, C, 3, 3) -> dX of dY's shape.
+    for (c, px, quick) in [(320, 64, false), (640, 32, false), (1280, 8, true)] {
+        v.push(Case {
+            name: format!("conv2d grad_input {c}ch {px}px"),
+            work: 2.0 * (c * c * 9) as f64 * (px * px) as f64,
+            is_bytes: false,
+            quick,
+            shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3]],
+            f16: false,
+            run: |t| t[0].conv2d_grad_input(&t[1], t[0].shape(), (1, 1), (1, 1)),
+        });
+    }
     v.push(Case {
         name: "attention self 4096x4096 h8 d40".into(),
         work: 4.0 * 8.0 * 4096.0 * 4096.0 * 40.0,
