@@ -111,6 +111,23 @@ def case_attention(kind, lq, lk, heads, d, batch=1):
     return (name, setup, 4.0 * batch * heads * lq * lk * d, None)
 
 
+def case_attention_backward(lq, heads, d):
+    # Forward and backward, q, k and v all requiring grad, dY given (vipo's case: the same).
+    def setup():
+        q, k, v = (_randn(1, heads, lq, d).requires_grad_() for _ in range(3))
+        dy = _randn(1, heads, lq, d)
+
+        def run():
+            with torch.enable_grad():  # the cases run under no_grad
+                out = F.scaled_dot_product_attention(q, k, v)
+                return torch.autograd.grad(out, (q, k, v), dy)
+
+        return run
+
+    name = f"attention self fwd+bwd {lq}x{lq} h{heads} d{d}"
+    return (name, setup, 14.0 * heads * lq * lq * d, None)
+
+
 def case_group_norm(c, px, groups, batch):
     def setup():
         x = _randn(batch, c, px, px)
@@ -142,6 +159,7 @@ CASES = [
     case_conv2d_grad_input(640, 32),
     case_conv2d_grad_input(1280, 8),
     case_attention("self", 4096, 4096, 8, 40),
+    case_attention_backward(4096, 8, 40),
     case_attention("cross", 4096, 77, 8, 40),
     case_group_norm(320, 64, 32, batch=1),
     case_group_norm(1280, 16, 32, batch=2),

@@ -129,6 +129,21 @@ fn cases() -> Vec<Case> {
         f16: false,
         run: |t| t[0].attention(&t[1], &t[2], None),
     });
+    // Forward and backward with q, k and v all trainable (as behind LoRA adapters), dY given:
+    // 7 products of L x L x D (the forward's 2, the recomputed scores, dV, dP, dQ, dK).
+    v.push(Case {
+        name: "attention self fwd+bwd 4096x4096 h8 d40".into(),
+        work: 14.0 * 8.0 * 4096.0 * 4096.0 * 40.0,
+        is_bytes: false,
+        quick: false,
+        shapes: vec![vec![1, 8, 4096, 40]; 4],
+        f16: false,
+        run: |t| {
+            let (q, k, v) = (t[0].requires_grad(), t[1].requires_grad(), t[2].requires_grad());
+            q.attention(&k, &v, None)?.backward_with(t[3].clone())?;
+            q.grad().ok_or_else(|| crate::error::Error::Invalid("attention backward left no dQ".into()))
+        },
+    });
     v.push(Case {
         name: "attention cross 4096x77 h8 d40".into(),
         work: 4.0 * 8.0 * 4096.0 * 77.0 * 40.0,
