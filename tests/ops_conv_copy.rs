@@ -153,6 +153,20 @@ fn conv2d_every_tile_shape() {
     }
 }
 
+/// `y0` (N, Cout, OH, OW) plus, in float64, the epilogue's terms where given: [bias (Cout),
+/// temb (N, Cout), residual (like y0)].
+fn add_terms(y0: &[f32], ys: &[usize], [b, t, r]: [Option<&[f32]>; 3]) -> Vec<f32> {
+    let (cout, ncol) = (ys[1], ys[2] * ys[3]);
+    let term = |v: Option<&[f32]>, i: usize| v.map_or(0.0, |v| v[i] as f64);
+    y0.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let (ni, co) = (i / (cout * ncol), (i / ncol) % cout);
+            (v as f64 + term(b, co) + term(t, ni * cout + co) + term(r, i)) as f32
+        })
+        .collect()
+}
+
 #[test]
 fn conv2d_add_epilogue_gpu_vs_cpu_vs_f64_loop() {
     // The fused epilogue (bias, per-image temb, residual, each on or off) against the f64
@@ -172,20 +186,10 @@ fn conv2d_add_epilogue_gpu_vs_cpu_vs_f64_loop() {
             let seed = 760 + 10 * ci as u64 + mask as u64;
             let (x, w) = (randn(numel(&xs), seed), randn(numel(&ws), seed + 1));
             let (y0, ys) = conv_ref(&x, xs, &w, ws, None, stride, pad);
-            let (n, cout, ncol) = (ys[0], ys[1], ys[2] * ys[3]);
+            let (n, cout) = (ys[0], ys[1]);
             let (b, t, r) = (randn(cout, seed + 2), randn(n * cout, seed + 3), randn(y0.len(), seed + 4));
-            let want: Vec<f32> = y0
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    let (ni, co) = (i / (cout * ncol), (i / ncol) % cout);
-                    let mut s = v as f64;
-                    s += if with_b { b[co] as f64 } else { 0.0 };
-                    s += if with_t { t[ni * cout + co] as f64 } else { 0.0 };
-                    s += if with_r { r[i] as f64 } else { 0.0 };
-                    s as f32
-                })
-                .collect();
+            let terms = [with_b.then_some(&b[..]), with_t.then_some(&t[..]), with_r.then_some(&r[..])];
+            let want = add_terms(&y0, &ys, terms);
             let inputs = vec![(x, xs.to_vec()), (w, ws.to_vec()), (b, vec![cout]), (t, vec![n, cout]), (r, ys.clone())];
             let what = format!("conv2d_add x{xs:?} w{ws:?} bias {with_b} temb {with_t} residual {with_r}");
             let got = gpu_vs_cpu(&what, CONV_TOL, seed, &inputs, |t| {
@@ -234,18 +238,8 @@ fn conv2d_split_k_gpu_vs_cpu_vs_f64_loop() {
         let (b, tv, r) = (randn(cout, seed + 2), randn(n * cout, seed + 3), randn(y0.len(), seed + 4));
         for mask in [0u32, 1, 6, 7] {
             let (with_b, with_t, with_r) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
-            let want: Vec<f32> = y0
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    let (ni, co) = (i / (cout * ncol), (i / ncol) % cout);
-                    let mut s = v as f64;
-                    s += if with_b { b[co] as f64 } else { 0.0 };
-                    s += if with_t { tv[ni * cout + co] as f64 } else { 0.0 };
-                    s += if with_r { r[i] as f64 } else { 0.0 };
-                    s as f32
-                })
-                .collect();
+            let terms = [with_b.then_some(&b[..]), with_t.then_some(&tv[..]), with_r.then_some(&r[..])];
+            let want = add_terms(&y0, &ys, terms);
             let inputs = vec![
                 (x.clone(), xs.to_vec()),
                 (w.clone(), ws.to_vec()),
@@ -279,6 +273,7 @@ fn conv2d_split_k_gpu_vs_cpu_vs_f64_loop() {
     let Some(dev) = gpu() else { return };
     let Device::Gpu(ctx) = &dev else { panic!("gpu() gave {dev}") };
     if !ctx.gpu_timer_start() {
+        assert!(!ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY), "timestamps exist but the timer refused");
         return;
     }
     let (xs, ws) = ([1, 300, 5, 7], [70, 300, 3, 3]);

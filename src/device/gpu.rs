@@ -567,12 +567,9 @@ impl GpuContext {
             return Ok(p.clone());
         }
         let mut modules = lock(&self.modules);
-        if !modules.contains_key(shader.name) {
-            let m = self.module(shader)?;
-            modules.insert(shader.name, m);
-        }
-        let Some(module) = modules.get(shader.name) else {
-            return Err(Error::Gpu(format!("{}: no module", shader.name)));
+        let module = match modules.entry(shader.name) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.module(shader)?),
         };
         // A variant from VIPO_SHADER_DIR may lack the entry point: an error, not wgpu's panic.
         let scope = self.shader_dir.then(|| self.device.push_error_scope(wgpu::ErrorFilter::Validation));
