@@ -4,7 +4,8 @@
 
   unet forward b{B} {S}x{S}              forward of B latents (B, 4, S, S), timestep 500, context (B, 77, 768)
   lora poly-dpo step {N} pairs {S}x{S}   LoRA (rank R on to_q/to_k/to_v/to_out.0) Poly-DPO step: reference
-                                         forward with the adapters off, policy forward + backward, AdamW
+                                         forward with the adapters off, policy forward + backward, gradients
+                                         clipped to norm 1 (as vipo and diffusers' DPO script), AdamW
 
 Usage: python benches/pytorch_unet.py [--config models/sd15/unet/config.json] [--latent 64] [--batch 1]
        [--pairs 2] [--rank 4] [--repeats 2] [--threads N] [--device cpu|cuda] [--checkpointing]
@@ -160,6 +161,8 @@ def main():
             p = torch.sigmoid(z)
             loss = (-F.logsigmoid(z) + alpha * (1 - p)).mean()
             loss.backward()
+            # As vipo's step (and diffusers' train_diffusion_dpo.py): clipped to norm 1.
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
 
         sec = timed(step, a.repeats, dev)

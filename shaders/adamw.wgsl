@@ -25,6 +25,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> w_out: array<f32>;  // (n)
 @group(0) @binding(6) var<storage, read_write> m_out: array<f32>;  // (n)
 @group(0) @binding(7) var<storage, read_write> v_out: array<f32>;  // (n)
+@group(0) @binding(8) var<storage, read> guard: array<f32>;        // (4) from train_step.wgsl's `guard`
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -33,7 +34,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if i >= p.n {
         return;
     }
-    let gi = g[i];
+    update(i, g[i]);
+}
+
+fn update(i: u32, gi: f32) {
     let wd = w[i] * p.decay;
     let mi = p.beta1 * m[i] + p.one_m_beta1 * gi;
     let vi = p.beta2 * v[i] + p.one_m_beta2 * (gi * gi);
@@ -41,4 +45,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     w_out[i] = wd - p.step_size * (mi / denom);
     m_out[i] = mi;
     v_out[i] = vi;
+}
+
+// The step as `main` with the gradient times guard[0] (clipping), or nothing changed where
+// guard[1] is 0 (a non-finite loss or norm): decided on the GPU, so the step needs no read.
+@compute @workgroup_size(256)
+fn main_guarded(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid;
+    if i >= p.n {
+        return;
+    }
+    if guard[1] == 0.0 {
+        w_out[i] = w[i];
+        m_out[i] = m[i];
+        v_out[i] = v[i];
+        return;
+    }
+    update(i, g[i] * guard[0]);
 }

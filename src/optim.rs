@@ -118,7 +118,39 @@ pub fn adamw_update(
     v: &Tensor, // like w: second moment
     h: &AdamWParams,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    adamw_impl(w, g, m, v, h, None)
+}
+
+/// [`adamw_update`] under a step guard (`ops::train_step::step_guard`, (4,) on `w`'s device):
+/// the gradient is multiplied by `guard[0]` (clipping), and where `guard[1]` is 0 the outputs
+/// are copies of `w`, `m` and `v` (a skipped step). Decided on the device: nothing is read.
+pub fn adamw_update_guarded(
+    w: &Tensor, // (any shape) parameter
+    g: &Tensor, // like w: gradient
+    m: &Tensor, // like w: first moment
+    v: &Tensor, // like w: second moment
+    h: &AdamWParams,
+    guard: &Tensor, // (4,)
+) -> Result<(Tensor, Tensor, Tensor)> {
+    adamw_impl(w, g, m, v, h, Some(guard))
+}
+
+fn adamw_impl(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    h: &AdamWParams,
+    guard: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "adamw";
+    if let Some(gd) = guard {
+        gd.ensure_f32(OP)?;
+        w.same_device(OP, gd)?;
+        if gd.shape() != [crate::ops::train_step::GUARD_LEN] {
+            return Err(Error::shape(OP, format!("guard {:?}: expected (4,)", gd.shape())));
+        }
+    }
     for (what, t) in [("grad", g), ("m", m), ("v", v)] {
         t.ensure_f32(OP)?;
         w.same_device(OP, t)?;
@@ -132,11 +164,23 @@ pub fn adamw_update(
     match w.device() {
         Device::Cpu => {
             let (wi, gi, mi, vi) = (w.cpu_f32(OP)?, g.cpu_f32(OP)?, m.cpu_f32(OP)?, v.cpu_f32(OP)?);
+            let (coef, skip) = match guard {
+                Some(gd) => {
+                    let gd = gd.cpu_f32(OP)?;
+                    (Some(gd[0]), gd[1] == 0.0)
+                }
+                None => (None, false),
+            };
+            if skip {
+                let s = w.shape();
+                return Ok((Tensor::cpu(wi.to_vec(), s), Tensor::cpu(mi.to_vec(), s), Tensor::cpu(vi.to_vec(), s)));
+            }
             let (mut wo, mut mo, mut vo) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
             let run = |base: usize, wo: &mut [f32], mo: &mut [f32], vo: &mut [f32]| {
                 for j in 0..wo.len() {
                     let i = base + j;
-                    (wo[j], mo[j], vo[j]) = adamw_elem(&h, wi[i], gi[i], mi[i], vi[i]);
+                    let gv = coef.map_or(gi[i], |c| gi[i] * c);
+                    (wo[j], mo[j], vo[j]) = adamw_elem(&h, wi[i], gv, mi[i], vi[i]);
                 }
             };
             if n < PAR_MIN {
@@ -157,7 +201,7 @@ pub fn adamw_update(
             let s = w.shape();
             let (wo, mo, vo) =
                 (Tensor::gpu_empty(&ctx, OP, s)?, Tensor::gpu_empty(&ctx, OP, s)?, Tensor::gpu_empty(&ctx, OP, s)?);
-            let bufs = [
+            let mut bufs = vec![
                 w.gpu_buf(OP)?,
                 g.gpu_buf(OP)?,
                 m.gpu_buf(OP)?,
@@ -166,7 +210,14 @@ pub fn adamw_update(
                 mo.gpu_buf(OP)?,
                 vo.gpu_buf(OP)?,
             ];
-            ctx.dispatch(&ADAMW, "main", &h, &bufs, groups_for(&ctx, n))?;
+            let entry = match guard {
+                Some(gd) => {
+                    bufs.push(gd.gpu_buf(OP)?);
+                    "main_guarded"
+                }
+                None => "main",
+            };
+            ctx.dispatch(&ADAMW, entry, &h, &bufs, groups_for(&ctx, n))?;
             Ok((wo, mo, vo))
         }
     }
@@ -186,6 +237,16 @@ pub struct AdamW {
     /// Calls of `step` so far (what schedules index by).
     steps: u64,
     state: BTreeMap<String, Moments>,
+}
+
+/// What [`AdamW::undo`] needs to take back a guarded step: the counters before it.
+#[derive(Debug)]
+pub struct StepUndo {
+    steps: u64,
+    /// Each updated param's step count before the step (None: it had no state yet).
+    prev: Vec<(String, Option<u64>)>,
+    /// Params updated (or, where the guard skips, copied).
+    pub updated: usize,
 }
 
 /// What `save_state` keeps in the file's metadata (one JSON entry, so the header is
@@ -219,6 +280,36 @@ impl AdamW {
     /// Updates every trainable param of `params` that has a gradient, at learning rate `lr_now`.
     /// Returns how many were updated. Gradients are left in place (call `zero_grad`).
     pub fn step(&mut self, params: &[Arc<Param>], lr_now: f32) -> Result<usize> {
+        Ok(self.step_impl(params, lr_now, None)?.updated)
+    }
+
+    /// [`Self::step`] under a step guard (`ops::train_step::step_guard`, (4,) on the params'
+    /// device): gradients clipped by its coefficient, and no change at all where it says the
+    /// step is skipped, without reading it. Read the guard afterwards; if it skipped the step,
+    /// hand the returned record to [`Self::undo`] to take the step counters back.
+    pub fn step_guarded(&mut self, params: &[Arc<Param>], lr_now: f32, guard: &Tensor) -> Result<StepUndo> {
+        self.step_impl(params, lr_now, Some(guard))
+    }
+
+    /// Takes back the counters of a step its guard skipped (its kernels left every weight and
+    /// moment as they were): the optimizer is then exactly as before that step.
+    pub fn undo(&mut self, u: StepUndo) {
+        self.steps = u.steps;
+        for (name, prev) in u.prev {
+            match prev {
+                Some(t) => {
+                    if let Some(s) = self.state.get_mut(&name) {
+                        s.step = t;
+                    }
+                }
+                None => {
+                    self.state.remove(&name);
+                }
+            }
+        }
+    }
+
+    fn step_impl(&mut self, params: &[Arc<Param>], lr_now: f32, guard: Option<&Tensor>) -> Result<StepUndo> {
         self.config.validate()?;
         if !(lr_now.is_finite() && lr_now >= 0.0) {
             return Err(Error::Invalid(format!("adamw: learning rate {lr_now} is out of range")));
@@ -242,6 +333,7 @@ impl AdamW {
             w.same_device("adamw", &g)?;
             work.push((p, w, g));
         }
+        let mut undo = StepUndo { steps: self.steps, prev: Vec::with_capacity(work.len()), updated: 0 };
         for (p, w, g) in &work {
             let dev = w.device();
             let (m, v, t) = match self.state.get(p.name()) {
@@ -255,12 +347,14 @@ impl AdamW {
                 None => (Tensor::zeros(w.shape(), &dev)?, Tensor::zeros(w.shape(), &dev)?, 1),
             };
             let h = AdamWParams::for_step(&self.config, lr_now, t, 0);
-            let (w2, m2, v2) = adamw_update(w, g, &m, &v, &h)?;
+            let (w2, m2, v2) = adamw_impl(w, g, &m, &v, &h, guard)?;
             p.set_value(w2)?;
-            self.state.insert(p.name().to_string(), Moments { m: m2, v: v2, step: t });
+            let prev = self.state.insert(p.name().to_string(), Moments { m: m2, v: v2, step: t });
+            undo.prev.push((p.name().to_string(), prev.map(|s| s.step)));
         }
         self.steps += 1;
-        Ok(work.len())
+        undo.updated = work.len();
+        Ok(undo)
     }
 
     /// Writes the moments (`m.<name>`, `v.<name>`, f32) and, in the metadata, the step counts

@@ -216,10 +216,12 @@ tiled!(ATTENTION_D64, "attention_d64", "attention", "const MAX_D: u32 = 64u;\nco
 tiled!(ATTENTION_D80, "attention_d80", "attention", "const MAX_D: u32 = 80u;\nconst FIXED_D: u32 = 80u;\n");
 shader!(GEGLU, "geglu");
 shader!(ADAMW, "adamw");
+// A training step's loss head, gradient norm and guard (one workgroup's sums: on the tree).
+on_fragment!(TRAIN_STEP, "train_step", "train_step", "reduce_tree");
 shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 45] {
+pub fn all() -> [&'static Shader; 46] {
     [
         &UNARY,
         &BINARY,
@@ -265,6 +267,7 @@ pub fn all() -> [&'static Shader; 45] {
         &ATTENTION_D80,
         &GEGLU,
         &ADAMW,
+        &TRAIN_STEP,
         &CAST,
     ]
 }

@@ -154,6 +154,7 @@ fn params_mirrors_match_the_shader_structs() {
         ("attention", size_of::<attention::AttentionParams>()),
         ("geglu", size_of::<geglu::GegluParams>()),
         ("adamw", size_of::<vipo::optim::AdamWParams>()),
+        ("train_step", size_of::<train_step::StepParams>()),
         ("cast", size_of::<cast::CastParams>()),
     ];
     let covered: BTreeSet<&str> = mirrors.iter().map(|m| m.0).collect();

@@ -1,6 +1,7 @@
 //! `vipo bench model`: an SD1.5-shaped UNet (the real config, random weights) at 64x64
-//! latents — the forward pass, and a LoRA Poly-DPO training step (policy forward + backward,
-//! reference forward with the adapters off, AdamW) — per device, with peak memory.
+//! latents — the forward pass, and a LoRA Poly-DPO training step as `vipo train` takes it
+//! (policy forward + backward, reference forward with the adapters off, the loss head, clipping
+//! to norm 1 and AdamW, read back once at the end) — per device, with peak memory.
 //! `benches/pytorch_unet.py` runs the same work in PyTorch under the same case names.
 
 use std::path::PathBuf;
@@ -17,8 +18,9 @@ use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::train::lora::{Lora, LoraConfig};
 use crate::train::objective::{
-    unet_step, ForwardProcess, NoiseLevel, Objective, ObjectiveConfig, PreferenceBatch, Reference,
+    unet_step_on_device, ForwardProcess, NoiseLevel, Objective, ObjectiveConfig, PreferenceBatch, Reference,
 };
+use crate::train::trainer::finish_device_step;
 
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
@@ -90,9 +92,10 @@ pub struct ModelResult {
 /// Seconds per training step (mean over the timed runs) in each phase.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepProfile {
-    /// Reference and policy forwards, errors and the loss head (`unet_step`).
+    /// Reference and policy forwards, errors and the loss head (`unet_step_on_device`).
     pub forwards: f64,
     pub backward: f64,
+    /// Gradient norm, clipping, AdamW and the step's one read.
     pub optimizer: f64,
     /// The backward by op (CPU only: a GPU's backward functions only record work).
     pub backward_ops: Vec<crate::autograd::OpTime>,
@@ -226,7 +229,7 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
         }
         let t0 = Instant::now();
         crate::optim::zero_grad(&params);
-        let o = unet_step(&objective, &process, &batch, &unet, Reference::AdaptersOff)?;
+        let o = unet_step_on_device(&objective, &process, &batch, &unet, Reference::AdaptersOff)?;
         if a.profile {
             wait()?;
         }
@@ -236,7 +239,11 @@ pub fn bench_device(a: &ModelArgs, cfg: &UNet2DConditionConfig, dev: &Device, na
             wait()?;
         }
         let t2 = Instant::now();
-        opt.step(&params, 1e-5)?;
+        // As `vipo train` steps: clipped to norm 1, guarded, one read at the end.
+        let done = finish_device_step(&params, &mut opt, 1e-5, 1.0, &objective, std::slice::from_ref(&o))?;
+        if !done.taken {
+            return Err(Error::Invalid(format!("bench step: not finite (gradient norm {})", done.grad_norm)));
+        }
         if a.profile {
             wait()?;
             let t3 = Instant::now();

@@ -63,6 +63,7 @@ pub mod norm;
 pub mod reduce;
 pub mod softmax;
 pub mod timestep;
+pub mod train_step;
 pub mod unary;
 pub mod upsample;
 

@@ -32,10 +32,12 @@
 //!
 //! SFT: `L = mean over winners of err(θ, w)`, diffusers' plain MSE diffusion loss.
 //!
-//! The loss head (from the per-sample errors to the scalar) is a few scalars: it runs on the
-//! host in f64 with its exact derivative, as one autograd node over the policy's errors. That
-//! keeps `softplus` stable and gives the true gradient at z = 0 (where a new LoRA starts), and
-//! the statistics come from the same numbers.
+//! The loss head (from the per-sample errors to the scalar) is a few scalars: [`ObjectiveConfig::loss`]
+//! runs it on the host in f64 with its exact derivative, as one autograd node over the policy's
+//! errors. That keeps `softplus` stable and gives the true gradient at z = 0 (where a new LoRA
+//! starts), and the statistics come from the same numbers. The DPO forms also have a head on
+//! the errors' device ([`ObjectiveConfig::loss_on_device`], f32, `shaders/train_step.wgsl`): a
+//! GPU training step then reads nothing back until it ends.
 
 use crate::autograd::{no_grad, record};
 use crate::error::{Error, Result};
@@ -378,6 +380,38 @@ pub struct ObjectiveOutput {
     pub stats: ObjectiveStats,
 }
 
+/// A DPO-form loss whose head ran where the errors are (`ops::train_step::poly_dpo_head`),
+/// so nothing was read back: [`ObjectiveConfig::loss_on_device`]. Its statistics come out of
+/// [`Self::readout`], read whenever the step is ready to wait.
+#[derive(Debug, Clone)]
+pub struct DeviceLoss {
+    /// (), differentiable w.r.t. the policy's errors.
+    pub loss: Tensor,
+    /// (1 + 8N,) the head's output (`ops::train_step::HeadLayout`).
+    pub head: Tensor,
+    /// (2N,) each, cat(w, l).
+    pub err_policy: Tensor,
+    pub err_ref: Tensor,
+}
+
+impl DeviceLoss {
+    pub fn pairs(&self) -> usize {
+        self.err_policy.numel() / 2
+    }
+
+    /// Elements of [`Self::readout`].
+    pub fn readout_len(&self) -> usize {
+        1 + 12 * self.pairs()
+    }
+
+    /// The head, then the policy's and the reference's errors: (1 + 12N,), one tensor so that
+    /// one read gets everything [`ObjectiveConfig::stats_from_readout`] needs.
+    pub fn readout(&self) -> Result<Tensor> {
+        let _g = no_grad();
+        Tensor::concat(&[&self.head, &self.err_policy, &self.err_ref], 0)
+    }
+}
+
 /// `log(1 + e^x)` without overflow or cancellation.
 pub fn softplus(x: f64) -> f64 {
     if x > 0.0 {
@@ -503,6 +537,69 @@ impl ObjectiveConfig {
             Ok(vec![Some(w.mul(&g.reshape_to(&[1])?)?)])
         });
         Ok(ObjectiveOutput { loss, stats })
+    }
+
+    /// Whether [`Self::loss_on_device`] computes this objective (DPO and Poly-DPO).
+    pub fn has_device_head(&self) -> bool {
+        matches!(self.objective, Objective::Dpo | Objective::PolyDpo { .. })
+    }
+
+    /// [`Self::loss`] with the head computed on the errors' device in f32 (a kernel on a GPU),
+    /// so that the step reads nothing back; DPO and Poly-DPO only. A non-finite loss is not an
+    /// error here: it shows in the read statistics and the step guard.
+    pub fn loss_on_device(&self, err_policy: &Tensor, err_ref: &Tensor) -> Result<DeviceLoss> {
+        self.validate()?;
+        let alpha = match self.objective {
+            Objective::Dpo => 0.0,
+            Objective::PolyDpo { alpha } => alpha,
+            other => return Err(Error::Invalid(format!("objective {other:?}: no device head (DPO forms only)"))),
+        };
+        let err_ref = err_ref.detach();
+        let head = {
+            let _g = no_grad();
+            crate::ops::train_step::poly_dpo_head(err_policy, &err_ref, self.logit_scale() as f32, alpha as f32)?
+        };
+        let lay = crate::ops::train_step::HeadLayout { pairs: err_policy.numel() / 2 };
+        let value = {
+            let _g = no_grad();
+            head.narrow(0, 0, 1)?.reshape_to(&[])?
+        };
+        let h = head.clone();
+        let loss = record("objective", value, &[err_policy], move |g, needs| {
+            if !needs[0] {
+                return Ok(vec![None]);
+            }
+            let w = h.narrow(0, lay.dloss_derr(), 2 * lay.pairs)?; // (2N,)
+            Ok(vec![Some(w.mul(&g.reshape_to(&[1])?)?)])
+        });
+        Ok(DeviceLoss { loss, head, err_policy: err_policy.detach(), err_ref })
+    }
+
+    /// The statistics of a [`DeviceLoss`] of `pairs` pairs from its read [`DeviceLoss::readout`].
+    pub fn stats_from_readout(&self, v: &[f32], pairs: usize) -> Result<ObjectiveStats> {
+        let lay = crate::ops::train_step::HeadLayout { pairs };
+        let n = pairs;
+        if v.len() != lay.size() + 4 * n || n == 0 {
+            return Err(Error::shape("objective", format!("{} read values for {n} pairs", v.len())));
+        }
+        let f = |a: usize, len: usize| -> Vec<f64> { v[a..a + len].iter().map(|&x| x as f64).collect() };
+        let dl = f(lay.dloss_derr(), 2 * n);
+        let mut st = ObjectiveStats {
+            loss: v[0] as f64,
+            policy_err: f(lay.size(), 2 * n),
+            ref_err: f(lay.size() + 2 * n, 2 * n),
+            model_diff: f(lay.model_diff(), n),
+            ref_diff: f(lay.ref_diff(), n),
+            z: f(lay.z(), n),
+            p: f(lay.p(), n),
+            dloss_dmodel_diff: dl[..n].to_vec(),
+            dloss_derr: dl,
+            ..Default::default()
+        };
+        st.reward_margin = Some(mean(&st.z));
+        st.implicit_acc = Some(st.z.iter().filter(|&&z| z > 0.0).count() as f64 / n as f64);
+        st.mean_p = Some(mean(&st.p));
+        Ok(st)
     }
 
     /// Desirable flags: the given labels, or winners (first half) of a cat(w, l) batch.
@@ -650,6 +747,29 @@ pub fn unet_step(
         let err = per_sample_error(&pred, &inp.noised.target)?;
         return cfg.loss_with_labels(&err, None, &vec![true; err.shape()[0]]);
     }
+    check_reference(policy, reference)?;
+    let (err, err_ref) = preference_errors(process, batch, policy, reference)?;
+    cfg.loss(&err, Some(&err_ref))
+}
+
+/// [`unet_step`] with the loss head on the UNet's device ([`ObjectiveConfig::loss_on_device`]):
+/// a GPU step then records everything and reads nothing. DPO and Poly-DPO only.
+pub fn unet_step_on_device(
+    cfg: &ObjectiveConfig,
+    process: &ForwardProcess,
+    batch: &PreferenceBatch,
+    policy: &UNet2DConditionModel,
+    reference: Reference<'_>,
+) -> Result<DeviceLoss> {
+    if !cfg.has_device_head() {
+        return Err(Error::Invalid(format!("objective {:?}: no device head (DPO forms only)", cfg.objective)));
+    }
+    check_reference(policy, reference)?;
+    let (err, err_ref) = preference_errors(process, batch, policy, reference)?;
+    cfg.loss_on_device(&err, &err_ref)
+}
+
+fn check_reference(policy: &UNet2DConditionModel, reference: Reference<'_>) -> Result<()> {
     if matches!(reference, Reference::AdaptersOff)
         && !crate::train::lora::unet_linears(policy).iter().any(|(_, l)| l.active_lora().is_some())
     {
@@ -658,6 +778,17 @@ pub fn unet_step(
             "objective: Reference::AdaptersOff needs a LoRA attached to the policy and enabled".into(),
         ));
     }
+    Ok(())
+}
+
+/// The policy's (tracked) and the reference's per-sample errors on a preference batch: (2N,)
+/// each, cat(w, l).
+fn preference_errors(
+    process: &ForwardProcess,
+    batch: &PreferenceBatch,
+    policy: &UNet2DConditionModel,
+    reference: Reference<'_>,
+) -> Result<(Tensor, Tensor)> {
     let inp = batch.inputs(process)?;
     let (x, t, c) = (&inp.noised.noisy, &inp.noised.timesteps, &inp.encoder_hidden_states);
     let err_ref = as_reference(|| {
@@ -669,5 +800,5 @@ pub fn unet_step(
     })?;
     let pred = policy.forward(x, t, c)?;
     let err = per_sample_error(&pred, &inp.noised.target)?;
-    cfg.loss(&err, Some(&err_ref))
+    Ok((err, err_ref))
 }

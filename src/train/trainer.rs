@@ -37,8 +37,8 @@ use crate::tensor::{DType, Tensor};
 use crate::train::config::{write_atomic, DataFormat, FinetuneKind, TrainConfig};
 use crate::train::lora::Lora;
 use crate::train::objective::{
-    as_reference, per_sample_error, unet_step, ForwardProcess, ObjectiveConfig, ObjectiveOutput, PreferenceBatch,
-    Reference,
+    as_reference, per_sample_error, unet_step, unet_step_on_device, DeviceLoss, ForwardProcess, ObjectiveConfig,
+    ObjectiveOutput, PreferenceBatch, Reference,
 };
 
 /// The LoRA in diffusers' / PEFT's file naming (what `vipo sample --lora` and diffusers load).
@@ -142,6 +142,70 @@ pub struct Trainer {
     epoch: u64,
     step: u64,
     last_checkpoint: Option<PathBuf>,
+    /// Device-resident steps where they apply (see [`Trainer::set_device_resident`]).
+    resident: bool,
+}
+
+/// What a device-resident step read back at its end ([`finish_device_step`]).
+#[derive(Debug, Clone)]
+pub struct DeviceStep {
+    /// The loss and gradient norm were finite, so AdamW stepped; if not, nothing changed.
+    pub taken: bool,
+    /// Of the averaged gradient, before clipping.
+    pub grad_norm: f64,
+    /// Each micro-batch's statistics.
+    pub stats: Vec<crate::train::objective::ObjectiveStats>,
+}
+
+/// The end of a training step whose micro-batch losses are still on the device (their
+/// backwards done): gradients averaged over the micro-batches, their norm, clipping to
+/// `max_norm` and the AdamW step at `lr`, skipped on the device where the loss or the norm is
+/// not finite — all recorded without a read. Then the step's one read: the guard and every
+/// micro-batch's statistics. A skipped step's optimizer counters are taken back, so the
+/// weights and the optimizer are exactly as before it. Gradients are left in place.
+pub fn finish_device_step(
+    params: &[Arc<Param>],
+    opt: &mut AdamW,
+    lr: f32,
+    max_norm: f32,
+    objective: &ObjectiveConfig,
+    losses: &[DeviceLoss],
+) -> Result<DeviceStep> {
+    use crate::ops::train_step::{step_guard, sumsq_partials, GUARD_LEN};
+    let Some(first) = losses.first() else {
+        return Err(Error::Invalid("device step: no micro-batch".into()));
+    };
+    let _g = no_grad();
+    if losses.len() > 1 {
+        scale_grads(params, 1.0 / losses.len() as f32)?;
+    }
+    let grads: Vec<Tensor> = params.iter().filter_map(|p| p.grad()).collect();
+    let partials = if grads.is_empty() {
+        Tensor::zeros(&[1], &first.loss.device())?
+    } else {
+        sumsq_partials(&grads.iter().collect::<Vec<_>>())?
+    };
+    let values: Vec<Tensor> = losses.iter().map(|l| l.loss.reshape_to(&[1])).collect::<Result<_>>()?;
+    let loss_values = Tensor::concat(&values.iter().collect::<Vec<_>>(), 0)?; // (A,)
+    let guard = step_guard(&partials, &loss_values, max_norm)?;
+    let undo = opt.step_guarded(params, lr, &guard)?;
+    let mut parts = vec![guard];
+    for l in losses {
+        parts.push(l.readout()?);
+    }
+    let read = Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)?.to_vec()?;
+    let taken = read[1] != 0.0;
+    let mut stats = Vec::with_capacity(losses.len());
+    let mut at = GUARD_LEN;
+    for l in losses {
+        let len = l.readout_len();
+        stats.push(objective.stats_from_readout(&read[at..at + len], l.pairs())?);
+        at += len;
+    }
+    if !taken {
+        opt.undo(undo);
+    }
+    Ok(DeviceStep { taken, grad_norm: read[2] as f64, stats })
 }
 
 /// SplitMix64's finaliser.
@@ -285,6 +349,7 @@ impl Trainer {
             epoch: 0,
             step: 0,
             last_checkpoint: None,
+            resident: true,
         })
     }
 
@@ -535,11 +600,32 @@ impl Trainer {
         self.train_on_from(batches, Instant::now())
     }
 
+    /// Device-resident steps (on by default): on a GPU, with a DPO-form objective and the
+    /// reference on the policy's device, a step computes its loss head, gradient norm,
+    /// clipping and NaN guard on the GPU and reads back once, at its end; with
+    /// `VIPO_DISPATCHES_PER_SUBMIT=0` it is then one command buffer. Off: the f64 host head and
+    /// host clipping (a read after the forwards and one for the norm), for comparisons.
+    pub fn set_device_resident(&mut self, on: bool) {
+        self.resident = on;
+    }
+
+    /// Whether the next step is device-resident.
+    pub fn device_resident(&self) -> bool {
+        let policy = &self.sd.unet;
+        self.resident
+            && !policy.device().is_cpu()
+            && self.objective.has_device_head()
+            && self.reference.as_ref().is_none_or(|(m, _)| !m.device().is_cpu())
+    }
+
     fn train_on_from(&mut self, batches: &[PreferenceBatch], t0: Instant) -> Result<StepMetrics> {
         let step = self.step + 1;
         let accum = batches.len();
         if accum == 0 {
             return Err(Error::Invalid(format!("step {step}: no micro-batch")));
+        }
+        if self.device_resident() {
+            return self.train_on_device(batches, t0);
         }
         if let Some(l) = &self.lora {
             l.train(true);
@@ -581,6 +667,69 @@ impl Trainer {
             epoch: self.epoch,
             peak_gpu_bytes: self.peak_gpu_bytes(),
         })
+    }
+
+    /// [`Self::train_on_from`] as a device-resident step: nothing is read until the end.
+    fn train_on_device(&mut self, batches: &[PreferenceBatch], t0: Instant) -> Result<StepMetrics> {
+        let step = self.step + 1;
+        zero_grad(&self.params);
+        if let Some(l) = &self.lora {
+            l.train(true);
+        }
+        let losses = self.backward_on_device(batches, step);
+        if let Some(l) = &self.lora {
+            l.train(false);
+        }
+        let lr = self.opt.lr_for(&self.schedule);
+        let res = losses.and_then(|losses| {
+            finish_device_step(&self.params, &mut self.opt, lr, self.cfg.max_grad_norm, &self.objective, &losses)
+        });
+        zero_grad(&self.params);
+        let out = res?;
+        let n = out.stats.len() as f64;
+        let loss = out.stats.iter().map(|s| s.loss).sum::<f64>() / n;
+        if !out.taken {
+            // The same errors as the host path's; nothing changed.
+            if !loss.is_finite() {
+                return Err(Error::Invalid(format!("step {step}: the loss is {loss}")));
+            }
+            return Err(Error::Invalid(format!("step {step}: the gradient norm is {} (loss {loss})", out.grad_norm)));
+        }
+        self.step = step;
+        let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        let pairs: usize = batches.iter().map(|b| b.latents_w.shape()[0]).sum();
+        Ok(StepMetrics {
+            step,
+            loss,
+            implicit_acc: mean(out.stats.iter().filter_map(|s| s.implicit_acc).collect()),
+            mean_p: mean(out.stats.iter().filter_map(|s| s.mean_p).collect()),
+            reward_margin: mean(out.stats.iter().filter_map(|s| s.reward_margin).collect()),
+            grad_norm: out.grad_norm,
+            lr: lr as f64,
+            pairs_per_s: pairs as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            epoch: self.epoch,
+            peak_gpu_bytes: self.peak_gpu_bytes(),
+        })
+    }
+
+    /// Forward and backward of every micro-batch with the loss head on the device.
+    fn backward_on_device(&self, batches: &[PreferenceBatch], step: u64) -> Result<Vec<DeviceLoss>> {
+        let mut out = Vec::with_capacity(batches.len());
+        for (micro, batch) in batches.iter().enumerate() {
+            if let Some(l) = &self.lora {
+                l.set_dropout_stream(step, micro as u64);
+            }
+            let policy = &self.sd.unet;
+            let reference = match &self.reference {
+                None => Reference::AdaptersOff,
+                Some((m, _)) => Reference::Model(m),
+            };
+            let l = unet_step_on_device(&self.objective, &self.process, batch, policy, reference)
+                .map_err(|e| Error::Invalid(format!("step {step}: {e}")))?;
+            l.loss.backward()?;
+            out.push(l);
+        }
+        Ok(out)
     }
 
     /// The GPU pool's peak live bytes (None on the CPU).

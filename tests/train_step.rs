@@ -1,0 +1,375 @@
+//! The device-resident training step: the Poly-DPO head, the gradients' sums of squares and
+//! the step guard (`shaders/train_step.wgsl`) against their CPU twins and against float64;
+//! AdamW under a guard; and the trainer's GPU step, which reads back once: the same numbers
+//! as the host head and clipping, one command buffer with `VIPO_DISPATCHES_PER_SUBMIT=0`,
+//! and a NaN that leaves weights and optimizer exactly as they were.
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+
+use vipo::ops::train_step::{poly_dpo_head, step_guard, sumsq_partials, HeadLayout, SUMSQ_CHUNK};
+use vipo::optim::{adamw_update, adamw_update_guarded, AdamWConfig, AdamWParams};
+use vipo::train::config::{ObjectiveKind, TrainConfig};
+use vipo::train::objective::{Objective, ObjectiveConfig};
+use vipo::train::trainer::Trainer;
+use vipo::{Device, Tensor};
+
+/// Errors that are multiples of 2^-20 in [0.5, 1): every difference the head takes is exact
+/// in f32, so f32 and float64 differ only by the scale's rounding and exp/log.
+fn errors(n: usize, seed: u64) -> Vec<f32> {
+    uniform(n, 0.5, 1.0, seed).iter().map(|&v| (v * 1048576.0).floor() / 1048576.0).collect()
+}
+
+/// Policy errors near the reference's, so that z = -s (model_diff - ref_diff) spreads over
+/// about [-12, 12], with a few pairs far out (|z| in the hundreds) for the tails.
+fn policy_errors(r: &[f32], s: f32, seed: u64) -> Vec<f32> {
+    let d = randn(r.len(), seed);
+    r.iter()
+        .zip(&d)
+        .enumerate()
+        .map(|(i, (&r, &d))| {
+            let spread = if i % 11 == 5 { 100.0 } else { 4.0 };
+            let v = r + d * spread / s;
+            ((v * 1048576.0).round() / 1048576.0).clamp(0.5, 0.999)
+        })
+        .collect()
+}
+
+fn segment(v: &[f32], at: usize, len: usize) -> Vec<f32> {
+    v[at..at + len].to_vec()
+}
+
+#[test]
+fn poly_dpo_head_matches_float64_and_gpu_matches_cpu() {
+    for (k, &(n, alpha, beta, half)) in
+        [(1usize, 0.0, 5000.0, true), (3, 1.0, 5000.0, true), (37, 2.5, 2500.0, false), (301, 0.0, 3.0, true)]
+            .iter()
+            .enumerate()
+    {
+        let seed = 40 + k as u64;
+        let cfg = ObjectiveConfig {
+            objective: if alpha == 0.0 { Objective::Dpo } else { Objective::PolyDpo { alpha } },
+            beta,
+            half_factor: half,
+            ..ObjectiveConfig::default()
+        };
+        let s = cfg.logit_scale() as f32;
+        let r = errors(2 * n, seed);
+        let e = policy_errors(&r, s, seed + 100);
+        let want = cfg
+            .head(
+                &e.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                Some(&r.iter().map(|&v| v as f64).collect::<Vec<_>>()),
+                None,
+            )
+            .unwrap();
+        let lay = HeadLayout { pairs: n };
+        let what = format!("head n={n} alpha={alpha} s={s}");
+        let cpu = {
+            let et = Tensor::from_slice(&e, &[2 * n], &Device::Cpu).unwrap();
+            let rt = Tensor::from_slice(&r, &[2 * n], &Device::Cpu).unwrap();
+            poly_dpo_head(&et, &rt, s, alpha as f32).unwrap().to_vec().unwrap()
+        };
+        assert_eq!(cpu.len(), lay.size());
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        // Against float64: the differences exactly, z to its one rounding, the rest to exp/log.
+        assert_eq!(segment(&cpu, lay.model_diff(), n), f32s(&want.model_diff), "{what}: model_diff");
+        assert_eq!(segment(&cpu, lay.ref_diff(), n), f32s(&want.ref_diff), "{what}: ref_diff");
+        assert_close(&format!("{what} z"), &segment(&cpu, lay.z(), n), &f32s(&want.z), 1e-6, seed);
+        assert_close(&format!("{what} p"), &segment(&cpu, lay.p(), n), &f32s(&want.p), 1e-5, seed);
+        assert_close(
+            &format!("{what} dL/derr"),
+            &segment(&cpu, lay.dloss_derr(), 2 * n),
+            &f32s(&want.dloss_derr),
+            1e-5,
+            seed,
+        );
+        assert_close(&format!("{what} loss"), &cpu[..1], &[want.loss as f32], 1e-5, seed);
+        // The statistics read back from a device loss are the host head's.
+        let mut read = cpu.clone();
+        read.extend(&e);
+        read.extend(&r);
+        let st = cfg.stats_from_readout(&read, n).unwrap();
+        assert_eq!(st.implicit_acc, want.implicit_acc, "{what}: implicit accuracy");
+        assert!(
+            (st.reward_margin.unwrap() - want.reward_margin.unwrap()).abs()
+                <= 1e-5 * (1.0 + want.reward_margin.unwrap().abs())
+        );
+        assert_eq!(st.policy_err, want.policy_err);
+        if let Some(g) = gpu() {
+            let et = Tensor::from_slice(&e, &[2 * n], &g).unwrap();
+            let rt = Tensor::from_slice(&r, &[2 * n], &g).unwrap();
+            let got = poly_dpo_head(&et, &rt, s, alpha as f32).unwrap().to_vec().unwrap();
+            for (name, at, len, tol) in [
+                ("loss", 0, 1, 1e-4),
+                ("z", lay.z(), n, 1e-6),
+                ("p", lay.p(), n, 1e-5),
+                ("model_diff", lay.model_diff(), n, 0.0),
+                ("ref_diff", lay.ref_diff(), n, 0.0),
+                ("dL/derr", lay.dloss_derr(), 2 * n, 1e-5),
+            ] {
+                assert_close(
+                    &format!("{what} {name} gpu vs cpu"),
+                    &segment(&got, at, len),
+                    &segment(&cpu, at, len),
+                    tol,
+                    seed,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn poly_dpo_head_rejects_bad_shapes() {
+    let d = Device::Cpu;
+    let t3 = Tensor::from_slice(&[0.5, 0.6, 0.7], &[3], &d).unwrap();
+    let t4 = Tensor::from_slice(&[0.5, 0.6, 0.7, 0.8], &[4], &d).unwrap();
+    let m = Tensor::from_slice(&[0.5, 0.6, 0.7, 0.8], &[2, 2], &d).unwrap();
+    for (e, r) in [(&t3, &t3), (&t4, &t3), (&m, &m)] {
+        let err = poly_dpo_head(e, r, 1.0, 0.0).unwrap_err().to_string();
+        assert!(err.contains("poly_dpo_head"), "{err}");
+    }
+    assert!(poly_dpo_head(&t4, &t4, f32::NAN, 0.0).is_err());
+}
+
+fn grads(sizes: &[usize], seed: u64) -> Vec<Vec<f32>> {
+    sizes.iter().enumerate().map(|(i, &n)| randn(n, seed + i as u64)).collect()
+}
+
+/// Sums of squares in float64, chunk by chunk, and the guard's four values.
+fn guard_f64(gs: &[Vec<f32>], losses: &[f32], max_norm: f64) -> (Vec<f32>, [f64; 4]) {
+    let mut parts = vec![];
+    for g in gs {
+        for c in g.chunks(SUMSQ_CHUNK) {
+            parts.push(c.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() as f32);
+        }
+    }
+    let norm = gs.iter().flatten().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+    let loss = losses.iter().map(|&v| v as f64).sum::<f64>() / losses.len() as f64;
+    let ok = norm.is_finite() && loss.is_finite();
+    let coef = if ok { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
+    (parts, [coef, if ok { 1.0 } else { 0.0 }, norm, loss])
+}
+
+#[test]
+fn gradient_norm_and_guard_match_float64_on_every_device() {
+    let sizes = [1usize, 7, 4095, 4097, 3 * SUMSQ_CHUNK + 11];
+    let mut devs = vec![Device::Cpu];
+    devs.extend(gpu());
+    for dev in &devs {
+        for (case, poison) in ["finite", "nan grad", "inf grad", "nan loss", "inf loss"].iter().enumerate() {
+            let seed = 60 + case as u64;
+            let mut gs = grads(&sizes, seed);
+            let mut losses = vec![0.7f32, 0.61, 0.9];
+            let clean_norm = guard_f64(&gs, &losses, 1.0).1[2];
+            match *poison {
+                "nan grad" => gs[3][4096] = f32::NAN,
+                "inf grad" => gs[4][5000] = f32::INFINITY,
+                "nan loss" => losses[1] = f32::NAN,
+                "inf loss" => losses[2] = f32::INFINITY,
+                _ => {}
+            }
+            let ts: Vec<Tensor> =
+                gs.iter().zip(&sizes).map(|(g, &n)| Tensor::from_slice(g, &[n], dev).unwrap()).collect();
+            let parts = sumsq_partials(&ts.iter().collect::<Vec<_>>()).unwrap();
+            for max_norm in [0.5 * clean_norm, 2.0 * clean_norm] {
+                let (want_parts, want) = guard_f64(&gs, &losses, max_norm);
+                let what = format!("{poison} on {dev}, max_norm {max_norm:.1}");
+                let got_parts = parts.to_vec().unwrap();
+                assert_eq!(got_parts.len(), sizes.iter().map(|n| n.div_ceil(SUMSQ_CHUNK)).sum::<usize>());
+                if *poison == "finite" || poison.ends_with("loss") {
+                    assert_close(&format!("{what}: partial sums"), &got_parts, &want_parts, 1e-5, seed);
+                }
+                let lt = Tensor::from_slice(&losses, &[losses.len()], dev).unwrap();
+                let g = step_guard(&parts, &lt, max_norm as f32).unwrap().to_vec().unwrap();
+                assert_eq!(g[1] as f64, want[1], "{what}: ok flag {g:?} want {want:?}");
+                if want[1] == 1.0 {
+                    for (i, name) in [(0, "coef"), (2, "norm"), (3, "loss")] {
+                        let rel = (g[i] as f64 - want[i]).abs() / want[i].abs();
+                        assert!(rel < 1e-5, "{what}: {name} {} want {} (rel {rel:.2e})", g[i], want[i]);
+                    }
+                    assert!(
+                        (g[0] < 1.0) == (max_norm < want[2]),
+                        "{what}: clipping on exactly when the norm is over max_norm ({g:?})"
+                    );
+                } else {
+                    assert_eq!(g[0], 1.0, "{what}: a skipped step has coefficient 1");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn guarded_adamw_clips_or_leaves_everything_as_it_was() {
+    let n = 1031;
+    let cfg = AdamWConfig { lr: 3e-3, weight_decay: 0.1, ..AdamWConfig::default() };
+    let h = AdamWParams::for_step(&cfg, cfg.lr, 3, 0);
+    let (w, g, m) = (randn(n, 1), randn(n, 2), randn(n, 3));
+    let v: Vec<f32> = uniform(n, 0.01, 1.0, 4);
+    let mut devs = vec![Device::Cpu];
+    devs.extend(gpu());
+    let mut cpu_out: Option<Vec<Vec<f32>>> = None;
+    for dev in &devs {
+        let t = |x: &[f32]| Tensor::from_slice(x, &[n], dev).unwrap();
+        let (wt, gt, mt, vt) = (t(&w), t(&g), t(&m), t(&v));
+        // Clipped: the same as the plain update on the gradient times the coefficient.
+        let coef = 0.37f32;
+        let guard = Tensor::from_slice(&[coef, 1.0, 2.7, 0.69], &[4], dev).unwrap();
+        let (w1, m1, v1) = adamw_update_guarded(&wt, &gt, &mt, &vt, &h, &guard).unwrap();
+        let scaled: Vec<f32> = g.iter().map(|&x| x * coef).collect();
+        let (w2, m2, v2) = adamw_update(&wt, &t(&scaled), &mt, &vt, &h).unwrap();
+        let got: Vec<Vec<f32>> = [&w1, &m1, &v1].iter().map(|x| x.to_vec().unwrap()).collect();
+        for (a, b) in got.iter().zip([&w2, &m2, &v2]) {
+            assert_eq!(a, &b.to_vec().unwrap(), "guarded update on {dev} differs from the scaled one");
+        }
+        assert!(got[0].iter().zip(&w).any(|(a, b)| a != b), "the update changed nothing on {dev}");
+        match &cpu_out {
+            None => cpu_out = Some(got),
+            Some(c) => {
+                for (k, (a, b)) in got.iter().zip(c).enumerate() {
+                    assert_close(&format!("guarded adamw output {k} gpu vs cpu"), a, b, 1e-6, 5);
+                }
+            }
+        }
+        // Skipped: bit-for-bit copies, whatever the coefficient.
+        let skip = Tensor::from_slice(&[0.37, 0.0, f32::NAN, f32::NAN], &[4], dev).unwrap();
+        let nan_g = t(&vec![f32::NAN; n]);
+        let (w3, m3, v3) = adamw_update_guarded(&wt, &nan_g, &mt, &vt, &h, &skip).unwrap();
+        assert_eq!(w3.to_vec().unwrap(), w, "skipped step changed the weights on {dev}");
+        assert_eq!(m3.to_vec().unwrap(), m, "skipped step changed m on {dev}");
+        assert_eq!(v3.to_vec().unwrap(), v, "skipped step changed v on {dev}");
+        let bad = Tensor::from_slice(&[1.0, 1.0], &[2], dev).unwrap();
+        assert!(adamw_update_guarded(&wt, &gt, &mt, &vt, &h, &bad).is_err());
+    }
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+}
+
+fn config(name: &str) -> TrainConfig {
+    let out = std::env::temp_dir().join(format!("vipo-train-step-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    TrainConfig {
+        model: fixtures().join("sd15_tiny_pipeline"),
+        data: fixtures().join("pickapic_tiny/pairs.jsonl"),
+        resolution: 64,
+        batch: 2,
+        grad_accum: 2,
+        lr: 1e-3,
+        steps: 3,
+        seed: 11,
+        objective: ObjectiveKind::PolyDpo,
+        alpha: 1.5,
+        output: out,
+        device: "gpu".into(),
+        ..Default::default()
+    }
+}
+
+fn values(t: &Trainer) -> Vec<Vec<f32>> {
+    t.trainable_params().iter().map(|p| p.value().to_vec().unwrap()).collect()
+}
+
+/// A private context, so that no other test's work shows in its submit count.
+fn private_gpu() -> Option<Device> {
+    let g = gpu()?;
+    Some(Device::open_private(g.gpu()?.index).unwrap())
+}
+
+#[test]
+fn gpu_step_on_the_device_matches_the_host_head_and_submits_once() {
+    let Some(dev) = private_gpu() else {
+        eprintln!("no GPU adapter: skipped");
+        return;
+    };
+    let ctx = dev.gpu().unwrap().clone();
+    ctx.set_dispatches_per_submit(0);
+    let mut cfg = config("resident");
+    // Small enough that clipping is on at every step (checked below).
+    cfg.max_grad_norm = 0.05;
+    let mut res = Trainer::new(cfg.clone(), &dev).unwrap();
+    let mut host = Trainer::new(cfg.clone(), &dev).unwrap();
+    host.set_device_resident(false);
+    assert!(res.device_resident() && !host.device_resident());
+    for step in 1..=3u64 {
+        let batches: Vec<_> = (0..2).map(|m| res.draw_batch(m).unwrap()).collect();
+        let hb: Vec<_> = (0..2).map(|m| host.draw_batch(m).unwrap()).collect();
+        ctx.sync().unwrap();
+        let s0 = ctx.pool_stats().submits;
+        let a = res.train_on(&batches).unwrap();
+        let s1 = ctx.pool_stats().submits;
+        let b = host.train_on(&hb).unwrap();
+        let s2 = ctx.pool_stats().submits;
+        eprintln!(
+            "step {step}: device loss {} |g| {} ({} submits); host loss {} |g| {} ({} submits)",
+            a.loss,
+            a.grad_norm,
+            s1 - s0,
+            b.loss,
+            b.grad_norm,
+            s2 - s1
+        );
+        assert_eq!(s1 - s0, 1, "step {step}: a device-resident step is one command buffer");
+        assert!(s2 - s1 >= 2, "step {step}: the host path reads the errors and the norm");
+        assert!(a.grad_norm > cfg.max_grad_norm as f64, "clipping is not exercised");
+        assert!((a.loss - b.loss).abs() < 1e-4 * (1.0 + b.loss.abs()), "step {step}: loss {} vs {}", a.loss, b.loss);
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() < 1e-4 * b.grad_norm,
+            "step {step}: norm {} vs {}",
+            a.grad_norm,
+            b.grad_norm
+        );
+        assert_eq!(a.implicit_acc, b.implicit_acc, "step {step}");
+        assert_eq!(res.step(), step);
+    }
+    let (va, vb) = (values(&res), values(&host));
+    let flat = |v: &[Vec<f32>]| v.concat();
+    assert_close("weights after 3 steps: device step vs host step", &flat(&va), &flat(&vb), 1e-4, 11);
+    let _ = std::fs::remove_dir_all(&cfg.output);
+}
+
+#[test]
+fn gpu_step_with_a_nan_changes_nothing() {
+    let Some(dev) = gpu() else {
+        eprintln!("no GPU adapter: skipped");
+        return;
+    };
+    let mut cfg = config("nan");
+    cfg.grad_accum = 1;
+    let mut a = Trainer::new(cfg.clone(), &dev).unwrap();
+    let mut b = Trainer::new(cfg.clone(), &dev).unwrap();
+    let batch = a.draw_batch(0).unwrap();
+    let first = a.train_on(std::slice::from_ref(&batch)).unwrap();
+    b.train_on(std::slice::from_ref(&batch)).unwrap();
+    // A NaN in one adapter weight: the loss is NaN, the step is skipped on the GPU.
+    let p = a.trainable_params()[1].clone();
+    let good = p.value();
+    let mut v = good.to_vec().unwrap();
+    v[0] = f32::NAN;
+    p.set_value(Tensor::from_slice(&v, good.shape(), &dev).unwrap()).unwrap();
+    let before = values(&a);
+    let err = a.train_on(std::slice::from_ref(&batch)).unwrap_err().to_string();
+    eprintln!("{err}");
+    assert!(err.contains("step 2") && err.contains("loss is NaN"), "{err}");
+    assert_eq!(a.step(), 1);
+    let after = values(&a);
+    let bits = |v: &[Vec<f32>]| v.concat().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&before), bits(&after), "a skipped step changed a weight");
+    assert!(a.trainable_params().iter().all(|p| p.grad().is_none()), "gradients left behind");
+    // With the weight mended, the next step is the step the other run takes: the optimizer's
+    // counters and moments are as if the failed step never ran.
+    p.set_value(good).unwrap();
+    let ma = a.train_on(std::slice::from_ref(&batch)).unwrap();
+    let mb = b.train_on(std::slice::from_ref(&batch)).unwrap();
+    assert_eq!(
+        (ma.step, ma.loss.to_bits(), ma.grad_norm.to_bits()),
+        (mb.step, mb.loss.to_bits(), mb.grad_norm.to_bits())
+    );
+    assert_eq!(bits(&values(&a)), bits(&values(&b)), "the step after a skipped one differs");
+    assert!(first.loss.is_finite());
+    let _ = std::fs::remove_dir_all(&cfg.output);
+}
