@@ -34,7 +34,7 @@ run() { timeout "$limit" "$@"; local rc=$?; [ $rc -eq 0 ] || echo "!! exit $rc: 
 peer() { if "$py" -c 'import json, sys; json.load(open(sys.argv[1]))' "$1" 2>/dev/null; then echo "--peer $1"; fi; }
 
 gpu_tests="ops_matmul_attention ops_conv_copy ops_reduce_norm ops_elementwise grads_matmul_attention grads_conv_copy
-  grads_reduce_norm grads_elementwise gpu_runtime unet half_weights dpo lora autograd_checkpoint vae"
+  grads_reduce_norm grads_elementwise gpu_runtime unet half_weights dpo lora autograd_checkpoint vae train_step"
 step "0. build and the GPU tests"
 if [ -z "${VIPO:-}" ] && command -v cargo >/dev/null; then
   tests=$(printf -- '--test %s ' $gpu_tests)
@@ -74,6 +74,13 @@ run "$vipo" bench model --on gpu --repeats 2 $(peer "$out/torch_unet.json") | te
 step "3-4b. the same with the frozen weights in f16 (f16 storage, f32 arithmetic; no PyTorch peer)"
 [ "${HALF:-1}" = 0 ] && echo skipped
 [ "${HALF:-1}" = 0 ] || run "$vipo" bench model --on gpu --repeats 2 --half-weights | tee "$out/vipo_unet_f16w.txt"
+step "3-4b'. the same with f16 arithmetic in the matmuls (VIPO_F16_MATH=1)"
+[ "${HALF:-1}" = 0 ] && echo skipped
+[ "${HALF:-1}" = 0 ] || VIPO_F16_MATH=1 run "$vipo" bench model --on gpu --repeats 2 --half-weights \
+  | sed 's/f16w/f16w f16-math/' | tee "$out/vipo_unet_f16math.txt"
+step "3-4d. the LoRA step as one command buffer (VIPO_DISPATCHES_PER_SUBMIT=0)"
+VIPO_DISPATCHES_PER_SUBMIT=0 run "$vipo" bench model --on gpu --repeats 2 $(peer "$out/torch_unet.json") \
+  | grep step | sed 's/step/step one-submit/' | tee "$out/vipo_unet_onesubmit.txt"
 
 step "3-4c. where the GPU time goes (--profile: phases, kernels)"
 [ "${PROFILE:-1}" = 0 ] && echo skipped
@@ -87,4 +94,5 @@ step "5. 512 px LoRA Poly-DPO step, 1 pair, activation checkpointing"
   | tee "$out/vipo_unet_ckpt.txt"
 
 step summary
-cat "$out/tests.txt" "$out/vipo_ops.txt" "$out/checks.txt" "$out/vipo_unet.txt" "$out/vipo_unet_f16w.txt" "$out/vipo_unet_profile.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("
+cat "$out/tests.txt" "$out/vipo_ops.txt" "$out/checks.txt" "$out/vipo_unet.txt" "$out/vipo_unet_f16w.txt" "$out/vipo_unet_f16math.txt" \
+  "$out/vipo_unet_onesubmit.txt" "$out/vipo_unet_profile.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("

@@ -4,8 +4,12 @@
 // The tile shape is prepended per variant (src/shaders.rs): `const BM`, `const BN` (64 or 128)
 // and `const BK`, and `alias ELA`, `alias ELB`, the operands' element types: f32, or f16 (with
 // `enable f16;`, on adapters with SHADER_F16) for both or for B alone (a linear layer's weight
-// stored in f16): f16 storage halves the bytes read; the values are widened as they are
-// staged, so products and sums stay f32 (a product of two f16 values is exact in f32). 256 threads (16x16) per workgroup; each owns a register block of
+// stored in f16): f16 storage halves the bytes read. `alias ELM` is the type the tiles are
+// staged and multiplied in, with `const F16_MATH`: f32 (false) widens the values as they are
+// staged, so products and sums stay f32 (a product of two f16 values is exact in f32); f16
+// (true, opt-in) stages f16 tiles and sums each K step's BK products in f16 (packed f16
+// arithmetic), adding those partial sums into f32 accumulators (f32 across K steps).
+// 256 threads (16x16) per workgroup; each owns a register block of
 // RM = BM/16 rows by RN = BN/16 columns, in groups of 4: rows g*64 + ty*4 + (0..3),
 // columns h*64 + tx*4 + (0..3). So every workgroup-memory read is one vec4, the 16 threads
 // of a row read 16 consecutive vec4s (no bank conflicts), and the next K step's global loads
@@ -44,8 +48,8 @@ const SB: u32 = BN / 4u + 1u;
 const LA: u32 = BM * BK / 256u;  // A elements each thread stages per K step
 const LB: u32 = BN * BK / 256u;
 
-var<workgroup> a_s: array<vec4<f32>, BK * SA>;  // [BK][BM] (+ pad)
-var<workgroup> b_s: array<vec4<f32>, BK * SB>;  // [BK][BN] (+ pad)
+var<workgroup> a_s: array<vec4<ELM>, BK * SA>;  // [BK][BM] (+ pad)
+var<workgroup> b_s: array<vec4<ELM>, BK * SB>;  // [BK][BN] (+ pad)
 
 // Where staged element e of this thread sits in the A tile: (row, kk). Threads walk the
 // operand's contiguous dimension so a warp's global loads are coalesced.
@@ -67,24 +71,24 @@ fn b_slot(tid: u32, e: u32) -> vec2<u32> {
 }
 
 // This thread's share of the A and B tiles of one K step, held until the tiles are free.
-var<private> pa: array<f32, LA>;
-var<private> pb: array<f32, LB>;
+var<private> pa: array<ELM, LA>;
+var<private> pb: array<ELM, LB>;
 
 // Loads K step `k0` of batch `bz` into `pa` / `pb` (zeros past the edges).
 fn load_step(tid: u32, row0: u32, col0: u32, bz: u32, k0: u32) {
     for (var e = 0u; e < LA; e++) {
         let s = a_slot(tid, e);
-        var v = 0.0;
+        var v = ELM(0.0);
         if row0 + s.x < p.m && k0 + s.y < p.k {
-            v = f32(a[bz * p.a_bs + (row0 + s.x) * p.a_rs + (k0 + s.y) * p.a_cs]);
+            v = ELM(a[bz * p.a_bs + (row0 + s.x) * p.a_rs + (k0 + s.y) * p.a_cs]);
         }
         pa[e] = v;
     }
     for (var e = 0u; e < LB; e++) {
         let s = b_slot(tid, e);
-        var v = 0.0;
+        var v = ELM(0.0);
         if k0 + s.y < p.k && col0 + s.x < p.n {
-            v = f32(b[bz * p.b_bs + (k0 + s.y) * p.b_rs + (col0 + s.x) * p.b_cs]);
+            v = ELM(b[bz * p.b_bs + (k0 + s.y) * p.b_rs + (col0 + s.x) * p.b_cs]);
         }
         pb[e] = v;
     }
@@ -120,21 +124,48 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             load_step(tid, row0, col0, bz, k0 + BK);
         }
 
-        for (var kk = 0u; kk < BK; kk++) {
-            var av: array<vec4<f32>, GM>;
-            var bv: array<vec4<f32>, GN>;
-            for (var g = 0u; g < GM; g++) {
-                av[g] = a_s[kk * SA + g * 16u + ty];
+        if F16_MATH {
+            // This K step's products summed in ELM, then added to the f32 accumulators.
+            var part: array<vec4<ELM>, RM * GN>;
+            for (var kk = 0u; kk < BK; kk++) {
+                var av: array<vec4<ELM>, GM>;
+                var bv: array<vec4<ELM>, GN>;
+                for (var g = 0u; g < GM; g++) {
+                    av[g] = a_s[kk * SA + g * 16u + ty];
+                }
+                for (var h = 0u; h < GN; h++) {
+                    bv[h] = b_s[kk * SB + h * 16u + tx];
+                }
+                for (var g = 0u; g < GM; g++) {
+                    for (var i = 0u; i < 4u; i++) {
+                        let x = vec4<ELM>(av[g][i]);
+                        for (var h = 0u; h < GN; h++) {
+                            let o = (g * 4u + i) * GN + h;
+                            part[o] = fma(x, bv[h], part[o]);
+                        }
+                    }
+                }
             }
-            for (var h = 0u; h < GN; h++) {
-                bv[h] = b_s[kk * SB + h * 16u + tx];
+            for (var o = 0u; o < RM * GN; o++) {
+                acc[o] += vec4<f32>(part[o]);
             }
-            for (var g = 0u; g < GM; g++) {
-                for (var i = 0u; i < 4u; i++) {
-                    let x = vec4<f32>(av[g][i]);
-                    for (var h = 0u; h < GN; h++) {
-                        let o = (g * 4u + i) * GN + h;
-                        acc[o] = fma(x, bv[h], acc[o]);
+        } else {
+            for (var kk = 0u; kk < BK; kk++) {
+                var av: array<vec4<f32>, GM>;
+                var bv: array<vec4<f32>, GN>;
+                for (var g = 0u; g < GM; g++) {
+                    av[g] = vec4<f32>(a_s[kk * SA + g * 16u + ty]);
+                }
+                for (var h = 0u; h < GN; h++) {
+                    bv[h] = vec4<f32>(b_s[kk * SB + h * 16u + tx]);
+                }
+                for (var g = 0u; g < GM; g++) {
+                    for (var i = 0u; i < 4u; i++) {
+                        let x = vec4<f32>(av[g][i]);
+                        for (var h = 0u; h < GN; h++) {
+                            let o = (g * 4u + i) * GN + h;
+                            acc[o] = fma(x, bv[h], acc[o]);
+                        }
                     }
                 }
             }

@@ -63,73 +63,123 @@ tiled!(
     MATMUL_64,
     "matmul_64x64",
     "matmul",
-    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     MATMUL_128X64,
     "matmul_128x64",
     "matmul",
-    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_64X128,
     "matmul_64x128",
     "matmul",
-    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_128,
     "matmul_128x128",
     "matmul",
-    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_F16_64,
     "matmul_f16_64x64",
     "matmul",
-    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     MATMUL_F16_128X64,
     "matmul_f16_128x64",
     "matmul",
-    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_F16_64X128,
     "matmul_f16_64x128",
     "matmul",
-    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_F16_128,
     "matmul_f16_128x128",
     "matmul",
-    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_F16B_64,
     "matmul_f16b_64x64",
     "matmul",
-    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     MATMUL_F16B_128X64,
     "matmul_f16b_128x64",
     "matmul",
-    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_F16B_64X128,
     "matmul_f16b_64x128",
     "matmul",
-    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     MATMUL_F16B_128,
     "matmul_f16b_128x128",
     "matmul",
-    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+// f16 arithmetic (opt-in, `GpuContext::f16_math`): f16 tiles, each K step's products summed in
+// f16, f32 across steps; f16m: both operands f16, f16bm: an f32 A (rounded to f16) and an f16 B.
+tiled!(
+    MATMUL_F16M_64,
+    "matmul_f16m_64x64",
+    "matmul",
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+);
+tiled!(
+    MATMUL_F16M_128X64,
+    "matmul_f16m_128x64",
+    "matmul",
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16M_64X128,
+    "matmul_f16m_64x128",
+    "matmul",
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16M_128,
+    "matmul_f16m_128x128",
+    "matmul",
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16BM_64,
+    "matmul_f16bm_64x64",
+    "matmul",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+);
+tiled!(
+    MATMUL_F16BM_128X64,
+    "matmul_f16bm_128x64",
+    "matmul",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16BM_64X128,
+    "matmul_f16bm_64x128",
+    "matmul",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    MATMUL_F16BM_128,
+    "matmul_f16bm_128x128",
+    "matmul",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 // The convolution forward on the same tiles.
 tiled!(
@@ -221,7 +271,7 @@ on_fragment!(TRAIN_STEP, "train_step", "train_step", "reduce_tree");
 shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 46] {
+pub fn all() -> [&'static Shader; 54] {
     [
         &UNARY,
         &BINARY,
@@ -244,6 +294,14 @@ pub fn all() -> [&'static Shader; 46] {
         &MATMUL_F16B_128X64,
         &MATMUL_F16B_64X128,
         &MATMUL_F16B_128,
+        &MATMUL_F16M_64,
+        &MATMUL_F16M_128X64,
+        &MATMUL_F16M_64X128,
+        &MATMUL_F16M_128,
+        &MATMUL_F16BM_64,
+        &MATMUL_F16BM_128X64,
+        &MATMUL_F16BM_64X128,
+        &MATMUL_F16BM_128,
         &CONV2D,
         &CONV2D_SPLIT,
         &CONV2D_FWD_64,

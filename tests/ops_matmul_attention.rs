@@ -168,6 +168,94 @@ fn matmul_f16_operands_every_tile_and_layout() {
     assert!(e.contains("no backward"), "{e}");
 }
 
+/// What f16 arithmetic computes, emulated: A's values rounded to f16, each K step of `bk`
+/// products summed in f16, the steps summed in f32. WGSL lets `fma` round once (`fused`) or
+/// after the product and the sum (lavapipe does the latter).
+#[allow(clippy::too_many_arguments)]
+fn matmul_f16_math_ref(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    bk: usize,
+    fused: bool,
+) -> Vec<f32> {
+    use half::f16;
+    let h = |v: f32| f16::from_f32(v).to_f64();
+    let mut c = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f32;
+            for k0 in (0..k).step_by(bk) {
+                let mut part = 0f64;
+                for p in k0..(k0 + bk).min(k) {
+                    let av = h(if ta { a[p * m + i] } else { a[i * k + p] });
+                    let bv = h(if tb { b[j * k + p] } else { b[p * n + j] });
+                    let prod = if fused { av * bv } else { f16::from_f64(av * bv).to_f64() };
+                    part = f16::from_f64(prod + part).to_f64();
+                }
+                acc += part as f32;
+            }
+            c[i * n + j] = acc;
+        }
+    }
+    c
+}
+
+#[test]
+fn matmul_f16_arithmetic_every_tile_and_layout() {
+    // Opt-in f16 arithmetic (f16 tiles, each K step summed in f16, f32 across steps), for f16
+    // operands and for an f32 A with an f16 B, on a private context (the switch would change
+    // other tests' f16 results). Against an emulation of exactly that arithmetic, and further
+    // from exact float64 than the f32-arithmetic kernels are: so f16 math really ran.
+    use vipo::tensor::DType;
+    let Some(shared) = gpu_f16() else {
+        eprintln!("no GPU with SHADER_F16: skipped");
+        return;
+    };
+    let dev = Device::open_private(shared.gpu().unwrap().index).unwrap();
+    let ctx = dev.gpu().unwrap();
+    assert!(!ctx.f16_math() || std::env::var("VIPO_F16_MATH").is_ok_and(|v| v == "1"), "f16 math is opt-in");
+    ctx.set_f16_math(true);
+    assert!(ctx.f16_math());
+    let cases = [(70, 90, 37, 1), (1500, 1000, 45, 1), (1000, 1500, 29, 1), (1800, 1830, 19, 1), (40, 39, 21, 3)];
+    for (ci, &(m, n, k, batch)) in cases.iter().enumerate() {
+        let (tm, tn) = vipo::ops::matmul::tile(m, n, batch);
+        let bk = if (tm, tn) == (64, 64) { 16 } else { 8 };
+        for (ti, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)].into_iter().enumerate() {
+            for a_half in [true, false] {
+                let seed = 1200 + (ci * 8 + ti * 2) as u64 + a_half as u64;
+                let ash = if ta { vec![batch, k, m] } else { vec![batch, m, k] };
+                let bsh = if tb { vec![batch, n, k] } else { vec![batch, k, n] };
+                let (av, bv) = (randn(batch * m * k, seed), randn(batch * k * n, seed + 1));
+                let a = Tensor::from_slice(&av, &ash, &dev).unwrap();
+                let a = if a_half { a.to_dtype(DType::F16).unwrap() } else { a };
+                let b = Tensor::from_slice(&bv, &bsh, &dev).unwrap().to_dtype(DType::F16).unwrap();
+                let what = format!("f16-math matmul {batch}x{m}x{n}x{k} ta={ta} tb={tb} f16 A {a_half}");
+                let got = a.matmul_t(&b, ta, tb).unwrap_or_else(|e| panic!("{what}: {e}")).to_vec().unwrap();
+                let bi = batch - 1;
+                let got = &got[bi * m * n..];
+                let (asl, bsl) = (&av[bi * m * k..], &bv[bi * k * n..]);
+                let fused = matmul_f16_math_ref(asl, bsl, m, n, k, ta, tb, bk, true);
+                let unfused = matmul_f16_math_ref(asl, bsl, m, n, k, ta, tb, bk, false);
+                let (e_fused, e_unfused) = (rel_err(got, &fused), rel_err(got, &unfused));
+                let emulated = if e_fused <= e_unfused { &fused } else { &unfused };
+                let h = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<_>>();
+                let exact = matmul_f64(&h(asl), &h(bsl), m, n, k, ta, tb);
+                let e_exact = rel_err(got, &exact);
+                eprintln!("{what}: vs fused f16 {e_fused:.2e}, unfused {e_unfused:.2e}, exact {e_exact:.2e}");
+                // Ties of the two roundings aside, the kernel is one of the two, to the bit.
+                assert_close(&format!("{what} vs emulated f16 arithmetic"), got, emulated, 1e-4, seed);
+                assert!(e_exact > 1e-5, "{what}: as exact as f32 arithmetic ({e_exact:.2e}): f16 math did not run");
+                assert!(e_exact < 1e-2, "{what}: {e_exact:.2e} from exact");
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_with_an_f16_weight_is_the_f32_linear_of_its_rounding() {
     // A frozen weight stored in f16 is read as f16 by the kernels (f32 activations): the

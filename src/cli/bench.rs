@@ -50,6 +50,9 @@ struct Case {
     shapes: Vec<Vec<usize>>,
     /// Inputs cast to f16 before timing (GPU: adapters with SHADER_F16 only).
     f16: bool,
+    /// GPU only, with f16 arithmetic on (`GpuContext::set_f16_math`); compared with the CPU's
+    /// result of the same case without " math" in its name.
+    f16_math: bool,
     run: fn(&[Tensor]) -> Result<Tensor>,
 }
 
@@ -70,6 +73,7 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![vec![m, k], vec![k, n]],
             f16: false,
+            f16_math: false,
             run: |t| t[0].matmul(&t[1]),
         });
     }
@@ -82,6 +86,20 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![vec![m, k], vec![k, n]],
             f16: true,
+            f16_math: false,
+            run: |t| t[0].matmul(&t[1]),
+        });
+    }
+    // f16 arithmetic (opt-in on GPUs with SHADER_F16): each K step's products summed in f16.
+    for (m, n, k, quick) in [(512, 512, 512, true), (4096, 4096, 4096, false), (4096, 1280, 320, false)] {
+        v.push(Case {
+            name: format!("matmul f16 math {m}x{n}x{k}"),
+            work: 2.0 * m as f64 * n as f64 * k as f64,
+            is_bytes: false,
+            quick,
+            shapes: vec![vec![m, k], vec![k, n]],
+            f16: true,
+            f16_math: true,
             run: |t| t[0].matmul(&t[1]),
         });
     }
@@ -93,6 +111,7 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3], vec![c]],
             f16: false,
+            f16_math: false,
             run: |t| t[0].conv2d(&t[1], Some(&t[2]), (1, 1), (1, 1)),
         });
     }
@@ -104,6 +123,7 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3]],
             f16: true,
+            f16_math: false,
             run: |t| t[0].conv2d(&t[1], None, (1, 1), (1, 1)),
         });
     }
@@ -117,6 +137,7 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3]],
             f16: false,
+            f16_math: false,
             run: |t| t[0].conv2d_grad_input(&t[1], t[0].shape(), (1, 1), (1, 1)),
         });
     }
@@ -127,6 +148,7 @@ fn cases() -> Vec<Case> {
         quick: false,
         shapes: vec![vec![1, 8, 4096, 40], vec![1, 8, 4096, 40], vec![1, 8, 4096, 40]],
         f16: false,
+        f16_math: false,
         run: |t| t[0].attention(&t[1], &t[2], None),
     });
     // Forward and backward with q, k and v all trainable (as behind LoRA adapters), dY given:
@@ -138,6 +160,7 @@ fn cases() -> Vec<Case> {
         quick: false,
         shapes: vec![vec![1, 8, 4096, 40]; 4],
         f16: false,
+        f16_math: false,
         run: |t| {
             let (q, k, v) = (t[0].requires_grad(), t[1].requires_grad(), t[2].requires_grad());
             q.attention(&k, &v, None)?.backward_with(t[3].clone())?;
@@ -151,6 +174,7 @@ fn cases() -> Vec<Case> {
         quick: true,
         shapes: vec![vec![1, 8, 4096, 40], vec![1, 8, 77, 40], vec![1, 8, 77, 40]],
         f16: false,
+        f16_math: false,
         run: |t| t[0].attention(&t[1], &t[2], None),
     });
     for (shape, quick) in [(vec![1, 320, 64, 64], false), (vec![2, 1280, 16, 16], true)] {
@@ -162,6 +186,7 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![shape.clone(), vec![shape[1]], vec![shape[1]]],
             f16: false,
+            f16_math: false,
             run: |t| t[0].group_norm(32, Some(&t[1]), Some(&t[2]), 1e-5),
         });
     }
@@ -254,6 +279,11 @@ fn time_train(channels: usize, size: usize, batch: usize, device: &Device, min_t
         gpu_ms: None,
         rel_err: None,
     })
+}
+
+/// The case an f16-arithmetic case is compared with (same inputs, f16 storage only).
+fn twin(name: &str) -> String {
+    name.replacen(" f16 math ", " f16 ", 1)
 }
 
 fn device_name(device: &Device) -> String {
@@ -413,16 +443,29 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
         } else {
             // f16 cases where the device can run them (the CPU path always can).
             let f16_ok = device.gpu().is_none_or(|g| g.features.contains(wgpu::Features::SHADER_F16));
-            selected.iter().filter(|c| f16_ok || !c.f16).map(|case| time_case(case, &device, args.min_time)).collect()
+            selected
+                .iter()
+                .filter(|c| (f16_ok || !c.f16) && (!c.f16_math || !device.is_cpu()))
+                .map(|case| match device.gpu() {
+                    Some(g) if case.f16_math => {
+                        let was = g.f16_math();
+                        g.set_f16_math(true);
+                        let r = time_case(case, &device, args.min_time);
+                        g.set_f16_math(was);
+                        r
+                    }
+                    _ => time_case(case, &device, args.min_time),
+                })
+                .collect()
         };
         for r in runs {
             let (mut r, out) = r?;
             if device.is_cpu() {
                 cpu_out.insert(r.name.clone(), out);
-            } else if let Some(want) = cpu_out.get(&r.name).filter(|w| !w.is_empty()) {
+            } else if let Some(want) = cpu_out.get(&twin(&r.name)).filter(|w| !w.is_empty()) {
                 r.rel_err = Some(rel_err(&out, want));
             }
-            if let Some(&p) = peer.get(&r.name) {
+            if let Some(&p) = peer.get(&r.name).or_else(|| peer.get(&twin(&r.name))) {
                 r.peer_ms = Some(p);
                 r.ratio = Some(r.ms / p);
             }

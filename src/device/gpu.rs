@@ -110,6 +110,7 @@ pub struct GpuContext {
     checks: wgpu::ShaderRuntimeChecks,
     dispatches_per_submit: std::sync::atomic::AtomicUsize,
     subgroups: std::sync::atomic::AtomicBool,
+    f16_math: std::sync::atomic::AtomicBool,
     pool: Mutex<Pool>,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
@@ -145,6 +146,15 @@ fn shader_checks() -> Result<wgpu::ShaderRuntimeChecks> {
         }
     }
     Ok(c)
+}
+
+/// `VIPO_F16_MATH`: `1` turns f16 arithmetic on for f16 operands (default `0`).
+fn f16_math() -> Result<bool> {
+    match std::env::var("VIPO_F16_MATH").as_deref() {
+        Err(_) | Ok("") | Ok("0") => Ok(false),
+        Ok("1") => Ok(true),
+        Ok(v) => Err(Error::Gpu(format!("VIPO_F16_MATH={v:?}: expected 0 or 1"))),
+    }
 }
 
 /// `VIPO_DISPATCHES_PER_SUBMIT`: dispatches recorded before the batch is submitted without
@@ -232,6 +242,7 @@ impl GpuContext {
             checks,
             dispatches_per_submit: std::sync::atomic::AtomicUsize::new(dispatches_per_submit),
             subgroups: std::sync::atomic::AtomicBool::new(features.contains(wgpu::Features::SUBGROUP)),
+            f16_math: std::sync::atomic::AtomicBool::new(f16_math()? && features.contains(wgpu::Features::SHADER_F16)),
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             shader_dir: std::env::var_os("VIPO_SHADER_DIR").is_some(),
@@ -510,6 +521,20 @@ impl GpuContext {
     /// feature, unless turned off with [`Self::set_subgroups`].
     pub fn subgroups(&self) -> bool {
         self.subgroups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether matmuls with f16 operands multiply in f16 (f16 tiles, each K step's products
+    /// summed in f16, f32 across steps) rather than widening to f32: off unless
+    /// `VIPO_F16_MATH=1` or [`Self::set_f16_math`], and only where the adapter has SHADER_F16.
+    /// f16 has 11 bits of precision and overflows past 65504, so this is an opt-in speed trade.
+    pub fn f16_math(&self) -> bool {
+        self.f16_math.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns f16 arithmetic on (where the adapter has SHADER_F16) or off.
+    pub fn set_f16_math(&self, on: bool) {
+        let on = on && self.features.contains(wgpu::Features::SHADER_F16);
+        self.f16_math.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Turns the subgroup variants off (or back on where the adapter has subgroups): to

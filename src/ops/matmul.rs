@@ -6,8 +6,10 @@ use crate::device::Shader;
 use crate::error::{Error, Result};
 use crate::ops::Operands;
 use crate::shaders::{
-    MATMUL_128, MATMUL_128X64, MATMUL_64, MATMUL_64X128, MATMUL_F16B_128, MATMUL_F16B_128X64, MATMUL_F16B_64,
-    MATMUL_F16B_64X128, MATMUL_F16_128, MATMUL_F16_128X64, MATMUL_F16_64, MATMUL_F16_64X128,
+    MATMUL_128, MATMUL_128X64, MATMUL_64, MATMUL_64X128, MATMUL_F16BM_128, MATMUL_F16BM_128X64, MATMUL_F16BM_64,
+    MATMUL_F16BM_64X128, MATMUL_F16B_128, MATMUL_F16B_128X64, MATMUL_F16B_64, MATMUL_F16B_64X128, MATMUL_F16M_128,
+    MATMUL_F16M_128X64, MATMUL_F16M_64, MATMUL_F16M_64X128, MATMUL_F16_128, MATMUL_F16_128X64, MATMUL_F16_64,
+    MATMUL_F16_64X128,
 };
 use crate::tensor::DType;
 use crate::tensor::Tensor;
@@ -35,9 +37,18 @@ pub fn tile(m: usize, n: usize, batch: usize) -> (usize, usize) {
     }
 }
 
-fn tile_shader(t: (usize, usize), ops: Operands) -> &'static Shader {
+/// The variant for tile `t` and the operands; `f16_math`: f16 operands multiply in f16.
+fn tile_shader(t: (usize, usize), ops: Operands, f16_math: bool) -> &'static Shader {
     use Operands::*;
     match (t, ops) {
+        ((128, 128), F16) if f16_math => &MATMUL_F16M_128,
+        ((128, 64), F16) if f16_math => &MATMUL_F16M_128X64,
+        ((64, 128), F16) if f16_math => &MATMUL_F16M_64X128,
+        (_, F16) if f16_math => &MATMUL_F16M_64,
+        ((128, 128), F16Weight) if f16_math => &MATMUL_F16BM_128,
+        ((128, 64), F16Weight) if f16_math => &MATMUL_F16BM_128X64,
+        ((64, 128), F16Weight) if f16_math => &MATMUL_F16BM_64X128,
+        (_, F16Weight) if f16_math => &MATMUL_F16BM_64,
         ((128, 128), F32) => &MATMUL_128,
         ((128, 64), F32) => &MATMUL_128X64,
         ((64, 128), F32) => &MATMUL_64X128,
@@ -434,7 +445,7 @@ impl Tensor {
                 let rb = e.residual.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(ab);
                 let bb = e.bias.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(ab);
                 let bufs = [ab, other.gpu_buf_any(OP)?, out.gpu_buf(OP)?, rb, bb];
-                ctx.dispatch(tile_shader(t, ops), "main", &params, &bufs, groups)?;
+                ctx.dispatch(tile_shader(t, ops, ctx.f16_math()), "main", &params, &bufs, groups)?;
                 Ok(out)
             }
         }
