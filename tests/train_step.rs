@@ -373,3 +373,32 @@ fn gpu_step_with_a_nan_changes_nothing() {
     assert!(first.loss.is_finite());
     let _ = std::fs::remove_dir_all(&cfg.output);
 }
+
+#[test]
+fn gpu_device_steps_resume_bit_for_bit() {
+    // 4 straight steps against 2 + resume + 2, device-resident on the GPU: the same weights,
+    // to the bit (the step keeps no host state but the optimizer's counters, saved with it).
+    let Some(dev) = gpu() else {
+        eprintln!("no GPU adapter: skipped");
+        return;
+    };
+    let mut cfg = config("resume-a");
+    cfg.steps = 4;
+    cfg.checkpoint_every = 2;
+    let mut a = Trainer::new(cfg.clone(), &dev).unwrap();
+    assert!(a.device_resident());
+    a.run().unwrap();
+    let mut cfg_b = config("resume-b");
+    cfg_b.steps = 2;
+    cfg_b.checkpoint_every = 2;
+    Trainer::new(cfg_b.clone(), &dev).unwrap().run().unwrap();
+    cfg_b.steps = 4;
+    let mut b = Trainer::resume(cfg_b.clone(), &dev, cfg_b.output.join("checkpoint-2")).unwrap();
+    b.run().unwrap();
+    assert_eq!(b.step(), 4);
+    let bits = |t: &Trainer| values(t).concat().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&a) == bits(&b), "the resumed device-resident run differs from the straight one");
+    for d in [&cfg.output, &cfg_b.output] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
