@@ -5,8 +5,9 @@
 //
 // The tile shape is prepended per variant (src/shaders.rs): `const BM`, `const BN` (64 or 128)
 // and `const BK`, chosen by `ops::matmul::tile`, and `alias ELA` (X, or dY for grad_input_s1)
-// and `alias ELB` (W): f32, or f16 for both or for W alone (storage only: widened as staged,
-// f32 arithmetic; see matmul.wgsl). 256 threads (16x16); each owns rows
+// and `alias ELB` (W): f32, or f16 for both or for W alone; `alias ELM` and `const F16_MATH`:
+// staged and multiplied in f32 (widened as staged), or, opt-in, in f16 with each K step's
+// products summed in f16 and f32 across steps (see matmul.wgsl). 256 threads (16x16); each owns rows
 // g*64 + ty*4 + (0..3) and columns h*64 + tx*4 + (0..3) of the tile (see matmul.wgsl).
 //
 // main: in1 = X (N, Cin, H, W), in2 = W (Cout, Cin, KH, KW), dst = Y (N, Cout, OH, OW), and
@@ -63,8 +64,8 @@ const SB: u32 = BN / 4u + 1u;
 const LA: u32 = BM * BK / 256u;
 const LB: u32 = BN * BK / 256u;
 
-var<workgroup> a_s: array<vec4<f32>, BK * SA>;  // [BK][BM] (+ pad)
-var<workgroup> b_s: array<vec4<f32>, BK * SB>;  // [BK][BN] (+ pad)
+var<workgroup> a_s: array<vec4<ELM>, BK * SA>;  // [BK][BM] (+ pad)
+var<workgroup> b_s: array<vec4<ELM>, BK * SB>;  // [BK][BN] (+ pad)
 
 // Set by grad_input_s1 and grad_input_s1_split before `tiles`: A is then W flipped and transposed.
 var<private> flipped: bool;
@@ -111,8 +112,8 @@ fn tiles(wid: vec3<u32>, lid: vec3<u32>, img: u32, kb: u32, ke: u32) -> array<ve
     for (var i = 0u; i < RM * GN; i++) {
         acc[i] = vec4<f32>(0.0);
     }
-    var pa: array<f32, LA>;
-    var pb: array<f32, LB>;
+    var pa: array<ELM, LA>;
+    var pb: array<ELM, LB>;
     for (var k0 = kb; k0 < ke + BK; k0 += BK) {
         // Stage step k0 - BK (loaded last time round) while loading step k0.
         if k0 > kb {
@@ -128,36 +129,62 @@ fn tiles(wid: vec3<u32>, lid: vec3<u32>, img: u32, kb: u32, ke: u32) -> array<ve
         if k0 < ke {
             for (var e = 0u; e < LA; e++) {
                 let s = a_slot(tid, e);
-                var v = 0.0;
+                var v = ELM(0.0);
                 if row0 + s.x < p.cout && k0 + s.y < ke {
-                    v = a_value(row0 + s.x, k0 + s.y);
+                    v = ELM(a_value(row0 + s.x, k0 + s.y));
                 }
                 pa[e] = v;
             }
             for (var e = 0u; e < LB; e++) {
                 let kidx = k0 + b_kk(tid, e);
-                var v = 0.0;
+                var v = ELM(0.0);
                 if col_ok && kidx < ke {
                     let ci = kidx / khw;
                     let rem = kidx % khw;
                     let iy = iy0 + i32(rem / p.kw);
                     let ix = ix0 + i32(rem % p.kw);
                     if iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w) {
-                        v = f32(in1[x_base + (ci * p.h + u32(iy)) * p.w + u32(ix)]);
+                        v = ELM(in1[x_base + (ci * p.h + u32(iy)) * p.w + u32(ix)]);
                     }
                 }
                 pb[e] = v;
             }
         }
-        if k0 > kb {
+        if k0 > kb && F16_MATH {
+            // This K step's products summed in ELM, then added to the f32 accumulators.
+            var part: array<vec4<ELM>, RM * GN>;
             for (var kk = 0u; kk < BK; kk++) {
-                var av: array<vec4<f32>, GM>;
-                var bv: array<vec4<f32>, GN>;
+                var av: array<vec4<ELM>, GM>;
+                var bv: array<vec4<ELM>, GN>;
                 for (var g = 0u; g < GM; g++) {
                     av[g] = a_s[kk * SA + g * 16u + ty];
                 }
                 for (var h = 0u; h < GN; h++) {
                     bv[h] = b_s[kk * SB + h * 16u + tx];
+                }
+                for (var g = 0u; g < GM; g++) {
+                    for (var i = 0u; i < 4u; i++) {
+                        let x = vec4<ELM>(av[g][i]);
+                        for (var h = 0u; h < GN; h++) {
+                            let o = (g * 4u + i) * GN + h;
+                            part[o] = fma(x, bv[h], part[o]);
+                        }
+                    }
+                }
+            }
+            for (var o = 0u; o < RM * GN; o++) {
+                acc[o] += vec4<f32>(part[o]);
+            }
+            workgroupBarrier();
+        } else if k0 > kb {
+            for (var kk = 0u; kk < BK; kk++) {
+                var av: array<vec4<f32>, GM>;
+                var bv: array<vec4<f32>, GN>;
+                for (var g = 0u; g < GM; g++) {
+                    av[g] = vec4<f32>(a_s[kk * SA + g * 16u + ty]);
+                }
+                for (var h = 0u; h < GN; h++) {
+                    bv[h] = vec4<f32>(b_s[kk * SB + h * 16u + tx]);
                 }
                 for (var g = 0u; g < GM; g++) {
                     for (var i = 0u; i < 4u; i++) {

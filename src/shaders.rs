@@ -186,73 +186,123 @@ tiled!(
     CONV2D_FWD_64,
     "conv2d_fwd_64x64",
     "conv2d_fwd",
-    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     CONV2D_FWD_128X64,
     "conv2d_fwd_128x64",
     "conv2d_fwd",
-    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_64X128,
     "conv2d_fwd_64x128",
     "conv2d_fwd",
-    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_128,
     "conv2d_fwd_128x128",
     "conv2d_fwd",
-    "alias ELA = f32;\nalias ELB = f32;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "alias ELA = f32;\nalias ELB = f32;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_F16_64,
     "conv2d_fwd_f16_64x64",
     "conv2d_fwd",
-    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     CONV2D_FWD_F16_128X64,
     "conv2d_fwd_f16_128x64",
     "conv2d_fwd",
-    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_F16_64X128,
     "conv2d_fwd_f16_64x128",
     "conv2d_fwd",
-    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_F16_128,
     "conv2d_fwd_f16_128x128",
     "conv2d_fwd",
-    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_F16W_64,
     "conv2d_fwd_f16w_64x64",
     "conv2d_fwd",
-    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
 );
 tiled!(
     CONV2D_FWD_F16W_128X64,
     "conv2d_fwd_f16w_128x64",
     "conv2d_fwd",
-    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_F16W_64X128,
     "conv2d_fwd_f16w_64x128",
     "conv2d_fwd",
-    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 tiled!(
     CONV2D_FWD_F16W_128,
     "conv2d_fwd_f16w_128x128",
     "conv2d_fwd",
-    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f32;\nconst F16_MATH: bool = false;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+// f16 arithmetic for convolutions (opt-in, `GpuContext::f16_math`): f16m both operands f16,
+// f16wm an f32 input (or dY) rounded to f16 and an f16 weight.
+tiled!(
+    CONV2D_FWD_F16M_64,
+    "conv2d_fwd_f16m_64x64",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16M_128X64,
+    "conv2d_fwd_f16m_128x64",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16M_64X128,
+    "conv2d_fwd_f16m_64x128",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16M_128,
+    "conv2d_fwd_f16m_128x128",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f16;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16WM_64,
+    "conv2d_fwd_f16wm_64x64",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 64u;\nconst BN: u32 = 64u;\nconst BK: u32 = 16u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16WM_128X64,
+    "conv2d_fwd_f16wm_128x64",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 128u;\nconst BN: u32 = 64u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16WM_64X128,
+    "conv2d_fwd_f16wm_64x128",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 64u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
+);
+tiled!(
+    CONV2D_FWD_F16WM_128,
+    "conv2d_fwd_f16wm_128x128",
+    "conv2d_fwd",
+    "enable f16;\nalias ELA = f32;\nalias ELB = f16;\nalias ELM = f16;\nconst F16_MATH: bool = true;\nconst BM: u32 = 128u;\nconst BN: u32 = 128u;\nconst BK: u32 = 8u;\n"
 );
 shader!(CONV2D, "conv2d");
 shader!(CONV2D_SPLIT, "conv2d_split");
@@ -271,7 +321,7 @@ on_fragment!(TRAIN_STEP, "train_step", "train_step", "reduce_tree");
 shader!(CAST, "cast");
 
 /// All shaders, in no particular order.
-pub fn all() -> [&'static Shader; 54] {
+pub fn all() -> [&'static Shader; 62] {
     [
         &UNARY,
         &BINARY,
@@ -316,6 +366,14 @@ pub fn all() -> [&'static Shader; 54] {
         &CONV2D_FWD_F16W_128X64,
         &CONV2D_FWD_F16W_64X128,
         &CONV2D_FWD_F16W_128,
+        &CONV2D_FWD_F16M_64,
+        &CONV2D_FWD_F16M_128X64,
+        &CONV2D_FWD_F16M_64X128,
+        &CONV2D_FWD_F16M_128,
+        &CONV2D_FWD_F16WM_64,
+        &CONV2D_FWD_F16WM_128X64,
+        &CONV2D_FWD_F16WM_64X128,
+        &CONV2D_FWD_F16WM_128,
         &UPSAMPLE,
         &COPY,
         &TIMESTEP,

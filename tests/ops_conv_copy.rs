@@ -348,6 +348,126 @@ fn conv2d_f16_input_and_weight_every_tile() {
     assert!(e.contains("f16 x f32"), "{e}");
 }
 
+/// The convolution as f16 arithmetic computes it: x and w rounded to f16, the im2col K axis
+/// (ci, ky, kx) cut in steps of `bk`, each step's products summed in f16 (`fused`: one rounding
+/// per multiply-add; else the product rounded, then the sum), the steps summed in f32.
+#[allow(clippy::too_many_arguments)]
+fn conv_f16_math_ref(
+    x: &[f32],
+    xs: [usize; 4],
+    w: &[f32],
+    ws: [usize; 4],
+    stride: (usize, usize),
+    pad: (usize, usize),
+    bk: usize,
+    fused: bool,
+) -> Vec<f32> {
+    use half::f16;
+    let h16 = |v: f32| f16::from_f32(v).to_f64();
+    let (x, w): (Vec<f64>, Vec<f64>) = (x.iter().map(|&v| h16(v)).collect(), w.iter().map(|&v| h16(v)).collect());
+    let [n, cin, h, wd] = xs;
+    let [cout, _, kh, kw] = ws;
+    let oh = (h + 2 * pad.0 - kh) / stride.0 + 1;
+    let ow = (wd + 2 * pad.1 - kw) / stride.1 + 1;
+    let k = cin * kh * kw;
+    let mut y = vec![0.0f32; n * cout * oh * ow];
+    for ni in 0..n {
+        for co in 0..cout {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (mut acc, mut part) = (0f32, 0f64);
+                    for kidx in 0..k {
+                        let (ci, ky, kx) = (kidx / (kh * kw), (kidx / kw) % kh, kidx % kw);
+                        let iy = (oy * stride.0 + ky) as isize - pad.0 as isize;
+                        let ix = (ox * stride.1 + kx) as isize - pad.1 as isize;
+                        if iy >= 0 && ix >= 0 && iy < h as isize && ix < wd as isize {
+                            let xv = x[lin(&[ni, ci, iy as usize, ix as usize], &xs)];
+                            let prod = xv * w[lin(&[co, ci, ky, kx], &ws)];
+                            let prod = if fused { prod } else { f16::from_f64(prod).to_f64() };
+                            part = f16::from_f64(prod + part).to_f64();
+                        }
+                        if kidx % bk == bk - 1 || kidx == k - 1 {
+                            acc += part as f32;
+                            part = 0.0;
+                        }
+                    }
+                    y[lin(&[ni, co, oy, ox], &[n, cout, oh, ow])] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// The GPU's result against the nearer of the two emulated roundings (1e-4: the split-K
+/// partials are summed in another f32 order), and further from exact than f32 arithmetic.
+#[track_caller]
+fn assert_f16_math(what: &str, got: &[f32], emulate: impl Fn(bool) -> Vec<f32>, exact: &[f32], seed: u64) {
+    let (fused, unfused) = (emulate(true), emulate(false));
+    let (e_f, e_u, e_x) = (rel_err(got, &fused), rel_err(got, &unfused), rel_err(got, exact));
+    eprintln!("{what}: vs fused f16 {e_f:.2e}, unfused {e_u:.2e}, exact {e_x:.2e}");
+    assert_close(
+        &format!("{what} vs emulated f16 arithmetic"),
+        got,
+        if e_f <= e_u { &fused } else { &unfused },
+        1e-4,
+        seed,
+    );
+    assert!(e_x > 1e-5, "{what}: as exact as f32 arithmetic ({e_x:.2e}): f16 math did not run");
+}
+
+#[test]
+fn conv2d_f16_arithmetic_every_tile_split_and_input_gradient() {
+    // Opt-in f16 arithmetic on a private context (the switch would change the other tests'
+    // f16 results): the forward with f16 input and weight, with an f32 input and an f16 weight,
+    // and the stride-1 input gradient through an f16 weight (dY rounded to f16), every tile and
+    // the split-K cases of F16_CASES, against an emulation of that arithmetic.
+    use vipo::DType;
+    let Some(shared) = gpu_f16() else {
+        eprintln!("no GPU with SHADER_F16: skipped");
+        return;
+    };
+    let dev = Device::open_private(shared.gpu().unwrap().index).unwrap();
+    dev.gpu().unwrap().set_f16_math(true);
+    let bk = |m: usize, n: usize, batch: usize| if vipo::ops::matmul::tile(m, n, batch) == (64, 64) { 16 } else { 8 };
+    let r16 = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<_>>();
+    for (ci, &(xs, cout, stride)) in F16_CASES.iter().enumerate() {
+        let seed = 1900 + ci as u64;
+        let ws = [cout, xs[1], 3, 3];
+        let (xv, wv) = (randn(numel(&xs), seed), randn(numel(&ws), seed + 1));
+        let w16 = Tensor::from_slice(&wv, &ws, &dev).unwrap().to_dtype(DType::F16).unwrap();
+        let (exact, ys) = conv_ref(&r16(&xv), xs, &r16(&wv), ws, None, stride, (1, 1));
+        let fb = bk(cout, ys[2] * ys[3], xs[0]);
+        for x_half in [true, false] {
+            let x = Tensor::from_slice(&xv, &xs, &dev).unwrap();
+            let x = if x_half { x.to_dtype(DType::F16).unwrap() } else { x.requires_grad() };
+            let what = format!("f16-math conv2d x{xs:?} w{ws:?} s{stride:?} f16 x {x_half}");
+            let y = x.conv2d(&w16, None, stride, (1, 1)).unwrap();
+            let emulate = |fused| conv_f16_math_ref(&xv, xs, &wv, ws, stride, (1, 1), fb, fused);
+            assert_f16_math(&what, &y.to_vec().unwrap(), emulate, &exact, seed);
+            if x_half || stride != (1, 1) {
+                continue;
+            }
+            // dX = conv(dY, W') with W'[ci, co, ky, kx] = W[co, ci, 2 - ky, 2 - kx], padding 1.
+            let dyv = randn(y.numel(), seed + 2);
+            let dy = Tensor::from_slice(&dyv, y.shape(), &dev).unwrap();
+            y.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = x.grad().unwrap().to_vec().unwrap();
+            let wt_s = [xs[1], cout, 3, 3];
+            let mut wt = vec![0f32; wv.len()];
+            for (i, v) in wt.iter_mut().enumerate() {
+                let c = coords(i, &wt_s);
+                *v = wv[lin(&[c[1], c[0], 2 - c[2], 2 - c[3]], &ws)];
+            }
+            let dys = [ys[0], ys[1], ys[2], ys[3]];
+            let (exact_dx, _) = conv_ref(&r16(&dyv), dys, &r16(&wt), wt_s, None, (1, 1), (1, 1));
+            let gb = bk(xs[1], xs[2] * xs[3], xs[0]);
+            let emulate = |fused| conv_f16_math_ref(&dyv, dys, &wt, wt_s, (1, 1), (1, 1), gb, fused);
+            assert_f16_math(&format!("{what} input gradient"), &dx, emulate, &exact_dx, seed);
+        }
+    }
+}
+
 #[test]
 fn conv2d_with_an_f16_weight_is_the_f32_conv_of_its_rounding() {
     // A frozen f16-stored weight read as f16 (f32 input): forward and the input gradient

@@ -115,15 +115,17 @@ fn cases() -> Vec<Case> {
             run: |t| t[0].conv2d(&t[1], Some(&t[2]), (1, 1), (1, 1)),
         });
     }
-    for (c, px, quick) in [(320, 64, false), (1280, 8, true)] {
+    for (math, (c, px, quick)) in
+        [false, true].into_iter().flat_map(|m| [(320, 64, false), (1280, 8, true)].map(|c| (m, c)))
+    {
         v.push(Case {
-            name: format!("conv2d f16 {c}ch {px}px"),
+            name: format!("conv2d f16 {}{c}ch {px}px", if math { "math " } else { "" }),
             work: 2.0 * (c * c * 9) as f64 * (px * px) as f64,
             is_bytes: false,
             quick,
             shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3]],
             f16: true,
-            f16_math: false,
+            f16_math: math,
             run: |t| t[0].conv2d(&t[1], None, (1, 1), (1, 1)),
         });
     }

@@ -10,9 +10,11 @@ use crate::error::{Error, Result};
 use crate::ops::matmul::{sgemm, sgemm_raw, MatRef};
 use crate::ops::{u32_of, Operands, PAR_MIN};
 use crate::shaders::{
-    CONV2D, CONV2D_FWD_128, CONV2D_FWD_128X64, CONV2D_FWD_64, CONV2D_FWD_64X128, CONV2D_FWD_F16W_128,
-    CONV2D_FWD_F16W_128X64, CONV2D_FWD_F16W_64, CONV2D_FWD_F16W_64X128, CONV2D_FWD_F16_128, CONV2D_FWD_F16_128X64,
-    CONV2D_FWD_F16_64, CONV2D_FWD_F16_64X128, CONV2D_SPLIT,
+    CONV2D, CONV2D_FWD_128, CONV2D_FWD_128X64, CONV2D_FWD_64, CONV2D_FWD_64X128, CONV2D_FWD_F16M_128,
+    CONV2D_FWD_F16M_128X64, CONV2D_FWD_F16M_64, CONV2D_FWD_F16M_64X128, CONV2D_FWD_F16WM_128, CONV2D_FWD_F16WM_128X64,
+    CONV2D_FWD_F16WM_64, CONV2D_FWD_F16WM_64X128, CONV2D_FWD_F16W_128, CONV2D_FWD_F16W_128X64, CONV2D_FWD_F16W_64,
+    CONV2D_FWD_F16W_64X128, CONV2D_FWD_F16_128, CONV2D_FWD_F16_128X64, CONV2D_FWD_F16_64, CONV2D_FWD_F16_64X128,
+    CONV2D_SPLIT,
 };
 use crate::tensor::{DType, Tensor};
 
@@ -496,13 +498,21 @@ fn gpu_params(g: &Geom, chunk: usize) -> Result<Conv2dParams> {
 }
 
 /// The forward kernel's variant for a tile from `matmul::tile`, on f32 or f16 X and W.
-fn fwd_shader(t: (usize, usize), ops: Operands) -> &'static crate::device::Shader {
+fn fwd_shader(t: (usize, usize), ops: Operands, f16_math: bool) -> &'static crate::device::Shader {
     use Operands::*;
     match (t, ops) {
         ((128, 128), F32) => &CONV2D_FWD_128,
         ((128, 64), F32) => &CONV2D_FWD_128X64,
         ((64, 128), F32) => &CONV2D_FWD_64X128,
         (_, F32) => &CONV2D_FWD_64,
+        ((128, 128), F16) if f16_math => &CONV2D_FWD_F16M_128,
+        ((128, 64), F16) if f16_math => &CONV2D_FWD_F16M_128X64,
+        ((64, 128), F16) if f16_math => &CONV2D_FWD_F16M_64X128,
+        (_, F16) if f16_math => &CONV2D_FWD_F16M_64,
+        ((128, 128), F16Weight) if f16_math => &CONV2D_FWD_F16WM_128,
+        ((128, 64), F16Weight) if f16_math => &CONV2D_FWD_F16WM_128X64,
+        ((64, 128), F16Weight) if f16_math => &CONV2D_FWD_F16WM_64X128,
+        (_, F16Weight) if f16_math => &CONV2D_FWD_F16WM_64,
         ((128, 128), F16) => &CONV2D_FWD_F16_128,
         ((128, 64), F16) => &CONV2D_FWD_F16_128X64,
         ((64, 128), F16) => &CONV2D_FWD_F16_64X128,
@@ -730,7 +740,7 @@ impl Tensor {
                     let dyb = self.gpu_buf(NAME)?;
                     let wb = weight.gpu_buf_any(NAME)?;
                     let tiles = (groups[0] * groups[1]) as usize * g.n;
-                    let shader = fwd_shader(t, ops);
+                    let shader = fwd_shader(t, ops, ctx.f16_math());
                     if let Some(split) = k_splits(tiles, params.k as usize) {
                         let none = SplitTerms { res: None, bias: None, temb: None };
                         split_k(
@@ -875,7 +885,7 @@ impl Tensor {
                     bias: bias.map(|t| t.gpu_buf(OP)).transpose()?,
                     temb: add.temb.map(|t| t.gpu_buf(OP)).transpose()?,
                 };
-                let shader = fwd_shader(t, ops);
+                let shader = fwd_shader(t, ops, ctx.f16_math());
                 let tiles = (groups[0] * groups[1]) as usize * g.n;
                 if let Some(split) = k_splits(tiles, g.k()) {
                     let (gx, gy) = (groups[0], groups[1]);
