@@ -1,7 +1,7 @@
 // A training step's scalars on the GPU, so that a step reads nothing back until it ends:
 // the Poly-DPO loss head (`head`), each gradient's sum of squares (`sumsq`) and the clipping
 // and NaN guard that AdamW's `main_guarded` reads (`guard`).
-// CPU twins: src/ops/train_step.rs, same order of operations.
+// CPU twins: src/ops/train_step.rs (the head in the same order; the sums grouped alike, in f64).
 // `Inputs`, `begin` and `block_sum` come from reduce_tree.wgsl, put before this file.
 
 struct Params {
@@ -50,7 +50,7 @@ fn softplus(v: f32) -> f32 {
 }
 
 // x: (2N) policy errors, cat(w, l); z: (2N) reference errors.
-// y: (1 + 8N) [loss, z (N), p (N), model_diff (N), ref_diff (N), dL/derr (2N), term (N)].
+// y: (1 + 7N) [loss, z (N), p (N), model_diff (N), ref_diff (N), dL/derr (2N), term (N)].
 // One thread: N is a batch's pair count, and a fixed order keeps the sum deterministic.
 @compute @workgroup_size(1)
 fn head() {

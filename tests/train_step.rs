@@ -342,6 +342,7 @@ fn gpu_step_with_a_nan_changes_nothing() {
     cfg.grad_accum = 1;
     let mut a = Trainer::new(cfg.clone(), &dev).unwrap();
     let mut b = Trainer::new(cfg.clone(), &dev).unwrap();
+    assert!(a.device_resident(), "the device path is what this test is about");
     let batch = a.draw_batch(0).unwrap();
     let first = a.train_on(std::slice::from_ref(&batch)).unwrap();
     b.train_on(std::slice::from_ref(&batch)).unwrap();
@@ -400,5 +401,58 @@ fn gpu_device_steps_resume_bit_for_bit() {
     assert!(bits(&a) == bits(&b), "the resumed device-resident run differs from the straight one");
     for d in [&cfg.output, &cfg_b.output] {
         let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn device_step_with_a_finite_loss_and_a_nan_gradient_is_skipped() {
+    // finish_device_step on hand-made gradients, on every device: a NaN in one gradient (the
+    // loss finite) skips the update and takes the optimizer's counters back; the same step
+    // with the NaN mended is taken, clipped to max_norm.
+    use std::sync::Arc;
+    use vipo::optim::AdamW;
+    use vipo::params::Param;
+    use vipo::train::trainer::finish_device_step;
+    let mut devs = vec![Device::Cpu];
+    devs.extend(gpu());
+    for dev in devs {
+        let cfg = ObjectiveConfig { objective: Objective::PolyDpo { alpha: 1.0 }, ..ObjectiveConfig::default() };
+        let r = errors(6, 7);
+        let e = policy_errors(&r, cfg.logit_scale() as f32, 8);
+        let err = Tensor::from_slice(&e, &[6], &dev).unwrap().requires_grad();
+        let loss = cfg.loss_on_device(&err, &Tensor::from_slice(&r, &[6], &dev).unwrap()).unwrap();
+        let sizes = [5000usize, 17];
+        let params: Vec<Arc<Param>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let v = Tensor::from_slice(&randn(n, 20 + i as u64), &[n], &dev).unwrap();
+                Arc::new(Param::new(format!("p{i}"), v, true).unwrap())
+            })
+            .collect();
+        let before: Vec<Vec<f32>> = params.iter().map(|p| p.value().to_vec().unwrap()).collect();
+        let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, ..AdamWConfig::default() }).unwrap();
+        let set_grads = |nan: bool| {
+            for (i, p) in params.iter().enumerate() {
+                let mut g = randn(sizes[i], 30 + i as u64);
+                if nan && i == 0 {
+                    g[4321] = f32::NAN;
+                }
+                p.set_grad(Some(Tensor::from_slice(&g, &[sizes[i]], &dev).unwrap())).unwrap();
+            }
+        };
+        set_grads(true);
+        let out = finish_device_step(&params, &mut opt, 1e-2, 1.0, &cfg, std::slice::from_ref(&loss)).unwrap();
+        assert!(!out.taken && out.grad_norm.is_nan(), "on {dev}: {out:?}");
+        assert!(out.stats[0].loss.is_finite(), "on {dev}: the loss itself was finite");
+        assert_eq!(opt.steps(), 0, "on {dev}: the skipped step's counter was not taken back");
+        let after: Vec<Vec<f32>> = params.iter().map(|p| p.value().to_vec().unwrap()).collect();
+        assert_eq!(before, after, "on {dev}: a skipped step changed a weight");
+        set_grads(false);
+        let out = finish_device_step(&params, &mut opt, 1e-2, 1.0, &cfg, std::slice::from_ref(&loss)).unwrap();
+        assert!(out.taken && out.grad_norm > 1.0, "on {dev}: {out:?}");
+        assert_eq!(opt.steps(), 1);
+        let moved = params.iter().zip(&before).all(|(p, b)| p.value().to_vec().unwrap() != *b);
+        assert!(moved, "on {dev}: the taken step left a weight unchanged");
     }
 }

@@ -1,8 +1,9 @@
 //! A training step's scalars as kernels (`shaders/train_step.wgsl`), so that a GPU step
 //! records its loss head, gradient clipping and NaN guard without reading anything back: the
 //! Poly-DPO head ([`poly_dpo_head`]), the gradients' sums of squares ([`sumsq_partials`]) and
-//! the guard AdamW reads ([`step_guard`], `optim::adamw_update_guarded`). The CPU twins do
-//! the same f32 arithmetic; `train::objective`'s f64 head stays the reference.
+//! the guard AdamW reads ([`step_guard`], `optim::adamw_update_guarded`). The head's CPU twin
+//! does the kernel's f32 arithmetic in its order; the sums' twins group as the kernels do but
+//! add in f64. `train::objective`'s f64 head stays the reference.
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -27,7 +28,7 @@ pub struct StepParams {
 pub const SUMSQ_CHUNK: usize = 4096;
 
 /// Where the head puts each value, for `n` pairs: `[loss, z (N), p (N), model_diff (N),
-/// ref_diff (N), dL/derr (2N), term (N)]`.
+/// ref_diff (N), dL/derr (2N)]`, then each pair's loss term (N): 1 + 7N in all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadLayout {
     pub pairs: usize,
@@ -36,7 +37,7 @@ pub struct HeadLayout {
 impl HeadLayout {
     /// Elements in all.
     pub fn size(&self) -> usize {
-        1 + 8 * self.pairs
+        1 + 7 * self.pairs
     }
     pub fn z(&self) -> usize {
         1
@@ -91,7 +92,7 @@ fn check_vec(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
 
 /// The Poly-DPO loss head on per-sample errors, cat(winners, losers) order: `e` the policy's
 /// (2N,), `r` the reference's (2N,), `s` the logit scale, `alpha` Poly-DPO's (0: DPO).
-/// Returns `(1 + 8N,)` laid out as [`HeadLayout`] says; the loss is the mean over pairs.
+/// Returns `(1 + 7N,)` laid out as [`HeadLayout`] says; the loss is the mean over pairs.
 pub fn poly_dpo_head(e: &Tensor, r: &Tensor, s: f32, alpha: f32) -> Result<Tensor> {
     const OP: &str = "poly_dpo_head";
     check_vec(OP, "policy errors", e)?;

@@ -387,7 +387,7 @@ pub struct ObjectiveOutput {
 pub struct DeviceLoss {
     /// (), differentiable w.r.t. the policy's errors.
     pub loss: Tensor,
-    /// (1 + 8N,) the head's output (`ops::train_step::HeadLayout`).
+    /// (1 + 7N,) the head's output (`ops::train_step::HeadLayout`).
     pub head: Tensor,
     /// (2N,) each, cat(w, l).
     pub err_policy: Tensor,
@@ -401,10 +401,10 @@ impl DeviceLoss {
 
     /// Elements of [`Self::readout`].
     pub fn readout_len(&self) -> usize {
-        1 + 12 * self.pairs()
+        crate::ops::train_step::HeadLayout { pairs: self.pairs() }.size() + 4 * self.pairs()
     }
 
-    /// The head, then the policy's and the reference's errors: (1 + 12N,), one tensor so that
+    /// The head, then the policy's and the reference's errors: (1 + 11N,), one tensor so that
     /// one read gets everything [`ObjectiveConfig::stats_from_readout`] needs.
     pub fn readout(&self) -> Result<Tensor> {
         let _g = no_grad();

@@ -193,19 +193,30 @@ pub fn finish_device_step(
     for l in losses {
         parts.push(l.readout()?);
     }
-    let read = Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)?.to_vec()?;
-    let taken = read[1] != 0.0;
-    let mut stats = Vec::with_capacity(losses.len());
-    let mut at = GUARD_LEN;
-    for l in losses {
-        let len = l.readout_len();
-        stats.push(objective.stats_from_readout(&read[at..at + len], l.pairs())?);
-        at += len;
+    let read = || -> Result<DeviceStep> {
+        let read = Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)?.to_vec()?;
+        let mut stats = Vec::with_capacity(losses.len());
+        let mut at = GUARD_LEN;
+        for l in losses {
+            let len = l.readout_len();
+            stats.push(objective.stats_from_readout(&read[at..at + len], l.pairs())?);
+            at += len;
+        }
+        Ok(DeviceStep { taken: read[1] != 0.0, grad_norm: read[2] as f64, stats })
+    };
+    // A failed read leaves the step in doubt: the counters go back as for a skipped step.
+    match read() {
+        Ok(out) => {
+            if !out.taken {
+                opt.undo(undo);
+            }
+            Ok(out)
+        }
+        Err(e) => {
+            opt.undo(undo);
+            Err(e)
+        }
     }
-    if !taken {
-        opt.undo(undo);
-    }
-    Ok(DeviceStep { taken, grad_norm: read[2] as f64, stats })
 }
 
 /// SplitMix64's finaliser.
