@@ -77,29 +77,20 @@ fn cases() -> Vec<Case> {
             run: |t| t[0].matmul(&t[1]),
         });
     }
-    // f16 storage, f32 arithmetic (the CPU path widens the same f16 values).
-    for (m, n, k, quick) in [(512, 512, 512, true), (4096, 4096, 4096, false), (4096, 1280, 320, false)] {
+    // f16 storage, f32 arithmetic (the CPU path widens the same f16 values); then f16
+    // arithmetic ("math": opt-in on GPUs with SHADER_F16, each K step's products summed in f16).
+    for (math, (m, n, k, quick)) in [false, true]
+        .into_iter()
+        .flat_map(|m| [(512, 512, 512, true), (4096, 4096, 4096, false), (4096, 1280, 320, false)].map(|c| (m, c)))
+    {
         v.push(Case {
-            name: format!("matmul f16 {m}x{n}x{k}"),
+            name: format!("matmul f16 {}{m}x{n}x{k}", if math { "math " } else { "" }),
             work: 2.0 * m as f64 * n as f64 * k as f64,
             is_bytes: false,
             quick,
             shapes: vec![vec![m, k], vec![k, n]],
             f16: true,
-            f16_math: false,
-            run: |t| t[0].matmul(&t[1]),
-        });
-    }
-    // f16 arithmetic (opt-in on GPUs with SHADER_F16): each K step's products summed in f16.
-    for (m, n, k, quick) in [(512, 512, 512, true), (4096, 4096, 4096, false), (4096, 1280, 320, false)] {
-        v.push(Case {
-            name: format!("matmul f16 math {m}x{n}x{k}"),
-            work: 2.0 * m as f64 * n as f64 * k as f64,
-            is_bytes: false,
-            quick,
-            shapes: vec![vec![m, k], vec![k, n]],
-            f16: true,
-            f16_math: true,
+            f16_math: math,
             run: |t| t[0].matmul(&t[1]),
         });
     }

@@ -382,7 +382,7 @@ pub struct ObjectiveOutput {
 
 /// A DPO-form loss whose head ran where the errors are (`ops::train_step::poly_dpo_head`),
 /// so nothing was read back: [`ObjectiveConfig::loss_on_device`]. Its statistics come out of
-/// [`Self::readout`], read whenever the step is ready to wait.
+/// [`Self::readout`]'s tensors, read whenever the step is ready to wait.
 #[derive(Debug, Clone)]
 pub struct DeviceLoss {
     /// (), differentiable w.r.t. the policy's errors.
@@ -404,11 +404,11 @@ impl DeviceLoss {
         crate::ops::train_step::HeadLayout { pairs: self.pairs() }.size() + 4 * self.pairs()
     }
 
-    /// The head, then the policy's and the reference's errors: (1 + 11N,), one tensor so that
-    /// one read gets everything [`ObjectiveConfig::stats_from_readout`] needs.
-    pub fn readout(&self) -> Result<Tensor> {
-        let _g = no_grad();
-        Tensor::concat(&[&self.head, &self.err_policy, &self.err_ref], 0)
+    /// What [`ObjectiveConfig::stats_from_readout`] reads, in its order: the head, then the
+    /// policy's and the reference's errors (1 + 11N values; concatenate them with whatever else
+    /// the step reads, so that one read gets all).
+    pub fn readout(&self) -> [&Tensor; 3] {
+        [&self.head, &self.err_policy, &self.err_ref]
     }
 }
 
@@ -575,7 +575,7 @@ impl ObjectiveConfig {
         Ok(DeviceLoss { loss, head, err_policy: err_policy.detach(), err_ref })
     }
 
-    /// The statistics of a [`DeviceLoss`] of `pairs` pairs from its read [`DeviceLoss::readout`].
+    /// The statistics of a [`DeviceLoss`] of `pairs` pairs from its [`DeviceLoss::readout`], read.
     pub fn stats_from_readout(&self, v: &[f32], pairs: usize) -> Result<ObjectiveStats> {
         let lay = crate::ops::train_step::HeadLayout { pairs };
         let n = pairs;

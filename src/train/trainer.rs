@@ -38,7 +38,7 @@ use crate::train::config::{write_atomic, DataFormat, FinetuneKind, TrainConfig};
 use crate::train::lora::Lora;
 use crate::train::objective::{
     as_reference, per_sample_error, unet_step, unet_step_on_device, DeviceLoss, ForwardProcess, ObjectiveConfig,
-    ObjectiveOutput, PreferenceBatch, Reference,
+    ObjectiveOutput, ObjectiveStats, PreferenceBatch, Reference,
 };
 
 /// The LoRA in diffusers' / PEFT's file naming (what `vipo sample --lora` and diffusers load).
@@ -154,7 +154,7 @@ pub struct DeviceStep {
     /// Of the averaged gradient, before clipping.
     pub grad_norm: f64,
     /// Each micro-batch's statistics.
-    pub stats: Vec<crate::train::objective::ObjectiveStats>,
+    pub stats: Vec<ObjectiveStats>,
 }
 
 /// The end of a training step whose micro-batch losses are still on the device (their
@@ -189,12 +189,12 @@ pub fn finish_device_step(
     let loss_values = Tensor::concat(&values.iter().collect::<Vec<_>>(), 0)?; // (A,)
     let guard = step_guard(&partials, &loss_values, max_norm)?;
     let undo = opt.step_guarded(params, lr, &guard)?;
-    let mut parts = vec![guard];
+    let mut parts = vec![&guard];
     for l in losses {
-        parts.push(l.readout()?);
+        parts.extend(l.readout());
     }
     let read = || -> Result<DeviceStep> {
-        let read = Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)?.to_vec()?;
+        let read = Tensor::concat(&parts, 0)?.to_vec()?;
         let mut stats = Vec::with_capacity(losses.len());
         let mut at = GUARD_LEN;
         for l in losses {
@@ -217,6 +217,12 @@ pub fn finish_device_step(
             Err(e)
         }
     }
+}
+
+/// The mean of the micro-batches' losses (each divided first, as the gradients are averaged).
+fn mean_loss(stats: &[ObjectiveStats]) -> f64 {
+    let n = stats.len() as f64;
+    stats.iter().map(|s| s.loss / n).sum()
 }
 
 /// SplitMix64's finaliser.
@@ -645,7 +651,7 @@ impl Trainer {
         if let Some(l) = &self.lora {
             l.train(false);
         }
-        let (loss, acc, mp, margin) = match res {
+        let stats = match res {
             Ok(v) => v,
             Err(e) => {
                 zero_grad(&self.params);
@@ -658,26 +664,39 @@ impl Trainer {
         let norm = clip_grad_norm(&self.params, self.cfg.max_grad_norm)?;
         if !norm.is_finite() {
             zero_grad(&self.params);
+            let loss = mean_loss(&stats);
             return Err(Error::Invalid(format!("step {step}: the gradient norm is {norm} (loss {loss})")));
         }
         let lr = self.opt.lr_for(&self.schedule);
         self.opt.step(&self.params, lr)?;
         zero_grad(&self.params);
         self.step = step;
-        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        Ok(self.step_metrics(&stats, norm as f64, lr, batches, t0))
+    }
+
+    /// The metrics of step `self.step`, just taken, from its micro-batches' statistics.
+    fn step_metrics(
+        &self,
+        stats: &[ObjectiveStats],
+        grad_norm: f64,
+        lr: f32,
+        batches: &[PreferenceBatch],
+        t0: Instant,
+    ) -> StepMetrics {
+        let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
         let pairs: usize = batches.iter().map(|b| b.latents_w.shape()[0]).sum();
-        Ok(StepMetrics {
-            step,
-            loss,
-            implicit_acc: mean(&acc),
-            mean_p: mean(&mp),
-            reward_margin: mean(&margin),
-            grad_norm: norm as f64,
+        StepMetrics {
+            step: self.step,
+            loss: mean_loss(stats),
+            implicit_acc: mean(stats.iter().filter_map(|s| s.implicit_acc).collect()),
+            mean_p: mean(stats.iter().filter_map(|s| s.mean_p).collect()),
+            reward_margin: mean(stats.iter().filter_map(|s| s.reward_margin).collect()),
+            grad_norm,
             lr: lr as f64,
             pairs_per_s: pairs as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             epoch: self.epoch,
             peak_gpu_bytes: self.peak_gpu_bytes(),
-        })
+        }
     }
 
     /// [`Self::train_on_from`] as a device-resident step: nothing is read until the end.
@@ -697,8 +716,7 @@ impl Trainer {
         });
         zero_grad(&self.params);
         let out = res?;
-        let n = out.stats.len() as f64;
-        let loss = out.stats.iter().map(|s| s.loss).sum::<f64>() / n;
+        let loss = mean_loss(&out.stats);
         if !out.taken {
             // The same errors as the host path's; nothing changed.
             if !loss.is_finite() {
@@ -707,20 +725,7 @@ impl Trainer {
             return Err(Error::Invalid(format!("step {step}: the gradient norm is {} (loss {loss})", out.grad_norm)));
         }
         self.step = step;
-        let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-        let pairs: usize = batches.iter().map(|b| b.latents_w.shape()[0]).sum();
-        Ok(StepMetrics {
-            step,
-            loss,
-            implicit_acc: mean(out.stats.iter().filter_map(|s| s.implicit_acc).collect()),
-            mean_p: mean(out.stats.iter().filter_map(|s| s.mean_p).collect()),
-            reward_margin: mean(out.stats.iter().filter_map(|s| s.reward_margin).collect()),
-            grad_norm: out.grad_norm,
-            lr: lr as f64,
-            pairs_per_s: pairs as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-            epoch: self.epoch,
-            peak_gpu_bytes: self.peak_gpu_bytes(),
-        })
+        Ok(self.step_metrics(&out.stats, out.grad_norm, lr, batches, t0))
     }
 
     /// Forward and backward of every micro-batch with the loss head on the device.
@@ -749,11 +754,9 @@ impl Trainer {
     }
 
     /// Forward and backward of every micro-batch; gradients add up in the params.
-    #[allow(clippy::type_complexity)]
-    fn accumulate(&self, batches: &[PreferenceBatch], step: u64) -> Result<(f64, Vec<f64>, Vec<f64>, Vec<f64>)> {
+    fn accumulate(&self, batches: &[PreferenceBatch], step: u64) -> Result<Vec<ObjectiveStats>> {
         zero_grad(&self.params);
-        let n = batches.len() as f64;
-        let (mut loss, mut acc, mut mp, mut margin) = (0.0, Vec::new(), Vec::new(), Vec::new());
+        let mut stats = Vec::with_capacity(batches.len());
         for (micro, batch) in batches.iter().enumerate() {
             if let Some(l) = &self.lora {
                 l.set_dropout_stream(step, micro as u64);
@@ -763,12 +766,9 @@ impl Trainer {
                 return Err(Error::Invalid(format!("step {step}: the loss is {}", out.stats.loss)));
             }
             out.loss.backward()?;
-            loss += out.stats.loss / n;
-            acc.extend(out.stats.implicit_acc);
-            mp.extend(out.stats.mean_p);
-            margin.extend(out.stats.reward_margin);
+            stats.push(out.stats);
         }
-        Ok((loss, acc, mp, margin))
+        Ok(stats)
     }
 
     pub fn checkpoint_dir(&self, step: u64) -> PathBuf {
