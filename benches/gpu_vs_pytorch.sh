@@ -10,7 +10,8 @@
 #   2. the 4096^3 matmul and a conv under each VIPO_SHADER_CHECKS setting (what wgpu's run-time
 #      checks cost);
 #   3. the SD1.5 UNet (real config, random weights) forward at 64x64 latents, batch 1;
-#   4. the LoRA Poly-DPO step, 2 pairs (batch 4), policy + reference; then both once more with
+#   4. the LoRA Poly-DPO step, 2 pairs (batch 4), policy + reference; with f16 weights, f16
+#      arithmetic, one command buffer, split-K matmuls (the opt-in switches); then once more with
 #      every dispatch timed (`--profile`): how busy the GPU is, and which kernels take the time;
 #   5. the same step at 1 pair with activation checkpointing: peak GPU memory at 512 px.
 # Each step has a time limit so a slow one cannot starve the rest; logs and JSON go to OUT_DIR.
@@ -35,14 +36,21 @@ peer() { if "$py" -c 'import json, sys; json.load(open(sys.argv[1]))' "$1" 2>/de
 
 gpu_tests="ops_matmul_attention ops_conv_copy ops_reduce_norm ops_elementwise grads_matmul_attention grads_conv_copy
   grads_reduce_norm grads_elementwise gpu_runtime unet half_weights dpo lora autograd_checkpoint vae train_step"
+split_tests="ops_matmul_attention grads_matmul_attention lora"
 step "0. build and the GPU tests"
 if [ -z "${VIPO:-}" ] && command -v cargo >/dev/null; then
   tests=$(printf -- '--test %s ' $gpu_tests)
   cargo build --release --locked && cargo test --release --locked --no-run $tests || exit 1
   CI=true run cargo test --release --locked $tests 2>&1 | grep -E "test result|panicked|FAILED|!! exit" | tee "$out/tests.txt"
+  # The opt-in split-K matmuls under the LoRA and matmul gradient tests too.
+  VIPO_MATMUL_SPLIT_K=1 CI=true run cargo test --release --locked $(printf -- '--test %s ' $split_tests) 2>&1 \
+    | grep -E "test result|panicked|FAILED|!! exit" | sed 's/^/split-K: /' | tee -a "$out/tests.txt"
 elif [ -n "${TEST_BINS:-}" ]; then
   for t in $gpu_tests; do echo "$t: $(CI=true run "$TEST_BINS/$t" 2>&1 | grep -E "test result|panicked|FAILED|!! exit")"; done \
     | tee "$out/tests.txt"
+  for t in $split_tests; do
+    echo "split-K $t: $(VIPO_MATMUL_SPLIT_K=1 CI=true run "$TEST_BINS/$t" 2>&1 | grep -E "test result|panicked|FAILED|!! exit")"
+  done | tee -a "$out/tests.txt"
 else
   echo "skipped: no cargo here and no TEST_BINS" | tee "$out/tests.txt"
 fi
@@ -82,6 +90,10 @@ step "3-4d. the LoRA step as one command buffer (VIPO_DISPATCHES_PER_SUBMIT=0)"
 VIPO_DISPATCHES_PER_SUBMIT=0 run "$vipo" bench model --on gpu --repeats 2 $(peer "$out/torch_unet.json") \
   | grep step | sed 's/step/step one-submit/' | tee "$out/vipo_unet_onesubmit.txt"
 
+step "3-4e. the LoRA step with split-K matmuls for the adapters' gradients (VIPO_MATMUL_SPLIT_K=1)"
+VIPO_MATMUL_SPLIT_K=1 run "$vipo" bench model --on gpu --repeats 2 $(peer "$out/torch_unet.json") \
+  | grep step | sed 's/step/step split-K/' | tee "$out/vipo_unet_splitk.txt"
+
 step "3-4c. where the GPU time goes (--profile: phases, kernels)"
 [ "${PROFILE:-1}" = 0 ] && echo skipped
 [ "${PROFILE:-1}" = 0 ] || run "$vipo" bench model --on gpu --repeats 2 --profile | tee "$out/vipo_unet_profile.txt"
@@ -95,4 +107,4 @@ step "5. 512 px LoRA Poly-DPO step, 1 pair, activation checkpointing"
 
 step summary
 cat "$out/tests.txt" "$out/vipo_ops.txt" "$out/checks.txt" "$out/vipo_unet.txt" "$out/vipo_unet_f16w.txt" "$out/vipo_unet_f16math.txt" \
-  "$out/vipo_unet_onesubmit.txt" "$out/vipo_unet_profile.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("
+  "$out/vipo_unet_onesubmit.txt" "$out/vipo_unet_splitk.txt" "$out/vipo_unet_profile.txt" "$out/vipo_unet_ckpt.txt" 2>/dev/null | grep -v "cpu ("

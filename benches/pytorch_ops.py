@@ -146,6 +146,8 @@ CASES = [
     case_matmul(4096, 4096, 4096),
     case_matmul(4096, 320, 320),
     case_matmul(4096, 1280, 320),
+    case_matmul(4, 320, 16384),
+    case_matmul(320, 4, 16384),
     case_matmul_f16(512, 512, 512),
     case_matmul_f16(4096, 4096, 4096),
     case_matmul_f16(4096, 1280, 320),

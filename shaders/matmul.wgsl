@@ -14,6 +14,13 @@
 // columns h*64 + tx*4 + (0..3). So every workgroup-memory read is one vec4, the 16 threads
 // of a row read 16 consecutive vec4s (no bank conflicts), and the next K step's global loads
 // are in flight while this one multiplies.
+//
+// Split-K (`chunk` > 0; opt-in, `GpuContext::matmul_split_k`): for products with too few output
+// tiles to fill the GPU (a LoRA adapter's gradient: 4 rows or columns, K = tokens), workgroup
+// z = split * batch + b sums only K elements [split * chunk, min((split + 1) * chunk, K)) of
+// batch b into c = partials (splits, batch, M, N), with no epilogue (the host clears the flags);
+// conv2d_split.wgsl adds the partials, bias and residual. With chunk 0 it is the plain product:
+// the loop is the same one, only its bounds are values.
 
 struct Params {
     m: u32,
@@ -28,6 +35,10 @@ struct Params {
     b_bs: u32,   // 0 when B is shared by every batch
     has_bias: u32,  // 1: C += bias[col] (a linear layer's bias)
     has_res: u32,   // 1: C += res (same layout as C: a residual)
+    chunk: u32,     // split-K: K elements per split; 0: no split
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -74,12 +85,12 @@ fn b_slot(tid: u32, e: u32) -> vec2<u32> {
 var<private> pa: array<ELM, LA>;
 var<private> pb: array<ELM, LB>;
 
-// Loads K step `k0` of batch `bz` into `pa` / `pb` (zeros past the edges).
-fn load_step(tid: u32, row0: u32, col0: u32, bz: u32, k0: u32) {
+// Loads K step `k0` of batch `bz` into `pa` / `pb` (zeros past the edges and from `ke` on).
+fn load_step(tid: u32, row0: u32, col0: u32, bz: u32, k0: u32, ke: u32) {
     for (var e = 0u; e < LA; e++) {
         let s = a_slot(tid, e);
         var v = ELM(0.0);
-        if row0 + s.x < p.m && k0 + s.y < p.k {
+        if row0 + s.x < p.m && k0 + s.y < ke {
             v = ELM(a[bz * p.a_bs + (row0 + s.x) * p.a_rs + (k0 + s.y) * p.a_cs]);
         }
         pa[e] = v;
@@ -87,7 +98,7 @@ fn load_step(tid: u32, row0: u32, col0: u32, bz: u32, k0: u32) {
     for (var e = 0u; e < LB; e++) {
         let s = b_slot(tid, e);
         var v = ELM(0.0);
-        if k0 + s.y < p.k && col0 + s.x < p.n {
+        if k0 + s.y < ke && col0 + s.x < p.n {
             v = ELM(b[bz * p.b_bs + (k0 + s.y) * p.b_rs + (col0 + s.x) * p.b_cs]);
         }
         pb[e] = v;
@@ -96,7 +107,11 @@ fn load_step(tid: u32, row0: u32, col0: u32, bz: u32, k0: u32) {
 
 @compute @workgroup_size(16, 16)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let bz = wid.z;
+    // Split-K: z = split * batch + b, and C is the partials, so C's batch index stays z.
+    let split = p.chunk != 0u;
+    let bz = select(wid.z, wid.z % p.batch, split);
+    let kb = select(0u, (wid.z / p.batch) * p.chunk, split);
+    let ke = select(p.k, min(kb + p.chunk, p.k), split);
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
     let tx = lid.x;
@@ -108,8 +123,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         acc[i] = vec4<f32>(0.0);
     }
 
-    load_step(tid, row0, col0, bz, 0u);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    load_step(tid, row0, col0, bz, kb, ke);
+    for (var k0 = kb; k0 < ke; k0 += BK) {
         for (var e = 0u; e < LA; e++) {
             let s = a_slot(tid, e);
             a_s[s.y * SA + s.x / 4u][s.x % 4u] = pa[e];
@@ -120,8 +135,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         }
         workgroupBarrier();
         // Next step's loads, issued before the arithmetic that hides them.
-        if k0 + BK < p.k {
-            load_step(tid, row0, col0, bz, k0 + BK);
+        if k0 + BK < ke {
+            load_step(tid, row0, col0, bz, k0 + BK, ke);
         }
 
         if F16_MATH {
@@ -173,7 +188,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         workgroupBarrier();
     }
 
-    let c_base = bz * p.m * p.n;
+    let c_base = wid.z * p.m * p.n;
     for (var g = 0u; g < GM; g++) {
         for (var i = 0u; i < 4u; i++) {
             let row = row0 + g * 64u + ty * 4u + i;

@@ -534,6 +534,29 @@ fn lora_poly_grads_match_on_gpu() {
 }
 
 #[test]
+fn lora_poly_grads_match_on_gpu_with_split_k_matmuls() {
+    // The adapters' weight gradients are the products split-K is for (rank 4 by K = tokens;
+    // 4 images of 16x16 make K = 1024 at the first level, 2 splits): with the opt-in switch on,
+    // on a private context, the gradients still match the fixture, and the split sum ran for
+    // matmuls (more conv2d_split dispatches than the convolutions alone make).
+    let Some(shared) = gpu() else { return };
+    let dev = Device::open_private(shared.gpu().unwrap().index).unwrap();
+    let ctx = dev.gpu().unwrap();
+    let split_sums = |on: bool| {
+        ctx.set_matmul_split_k(on);
+        let timed = ctx.gpu_timer_start();
+        lora_grads(&dev, &["loss_poly"]);
+        let t = ctx.gpu_timer_stop();
+        assert!(timed || std::env::var("CI").is_err(), "CI's lavapipe has TIMESTAMP_QUERY");
+        t.map(|t| t.kernels.iter().filter(|k| k.shader == "conv2d_split").map(|k| k.dispatches).sum::<usize>())
+    };
+    let (off, on) = (split_sums(false), split_sums(true));
+    if let (Some(off), Some(on)) = (off, on) {
+        assert!(on > off, "split-K matmuls did not run: {on} split sums with the switch on, {off} with it off");
+    }
+}
+
+#[test]
 fn poly_dpo_with_alpha_zero_is_dpo_bit_for_bit() {
     let fx = fx();
     let cpu = Device::Cpu;

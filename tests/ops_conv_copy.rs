@@ -217,7 +217,8 @@ fn conv2d_split_k_gpu_vs_cpu_vs_f64_loop() {
     // on and off, and the stride-1 input gradient, against the CPU twin and float64 loops.
     // The cases cover 2 to 16 splits, a last split shorter than the others, batches, a
     // strided and a pointwise kernel; each asserts that it does take the split path.
-    use vipo::ops::conv2d::{k_splits, ConvAdd};
+    use vipo::ops::conv2d::ConvAdd;
+    use vipo::ops::matmul::k_splits;
     type Case = ([usize; 4], [usize; 4], (usize, usize), (usize, usize), (usize, usize));
     let cases: &[Case] = &[
         // (x, w, stride, pad, (splits, chunk))

@@ -126,6 +126,98 @@ fn linear_epilogue_every_tile_gpu_vs_cpu_vs_f64() {
 }
 
 #[test]
+fn matmul_split_k_every_layout_and_epilogue() {
+    // Opt-in split-K for products with few output tiles and a long K (a LoRA adapter's
+    // gradients: 4 rows or columns, K = tokens): partials per K range, then their sum with bias
+    // and residual. On a private context with the switch on (off by default); 2 to 16 splits,
+    // a last split shorter than the others, batches, every layout, against the CPU twin and
+    // float64; the GPU's timestamps show the partials' sum ran, and did not with the switch off.
+    use vipo::ops::matmul::{k_splits, tile};
+    let Some(shared) = gpu() else { return };
+    let dev = Device::open_private(shared.gpu().unwrap().index).unwrap();
+    let ctx = dev.gpu().unwrap();
+    assert!(!ctx.matmul_split_k() || std::env::var("VIPO_MATMUL_SPLIT_K").is_ok_and(|v| v == "1"), "opt-in");
+    ctx.set_matmul_split_k(true);
+    let on_both = |what: &str, seed: u64, inputs: &[(Vec<f32>, Vec<usize>)], f: &dyn Fn(&[Tensor]) -> Tensor| {
+        let put =
+            |d: &Device| -> Vec<Tensor> { inputs.iter().map(|(v, s)| Tensor::from_slice(v, s, d).unwrap()).collect() };
+        let want = f(&put(&Device::Cpu));
+        let got = f(&put(&dev));
+        assert_close(&format!("{what} gpu vs cpu"), &got.to_vec().unwrap(), &want.to_vec().unwrap(), 1e-5, seed);
+        want
+    };
+    // (M, N, K, batch, (splits, chunk)): an adapter's A gradient (rank 4 x 70 features), its B
+    // gradient (37 x rank 4), a batched one, a 16-split one capped at SPLIT_MAX.
+    let cases = [
+        (4, 70, 8300, 1, (16, 528)),
+        (37, 4, 2100, 1, (4, 528)),
+        (4, 70, 5000, 3, (9, 560)),
+        (130, 20, 1100, 1, (2, 560)),
+    ];
+    for (ci, &(m, n, k, batch, split)) in cases.iter().enumerate() {
+        let t = tile(m, n, batch);
+        let tiles = m.div_ceil(t.0) * n.div_ceil(t.1) * batch;
+        assert_eq!(k_splits(tiles, k), Some(split), "{m}x{n}x{k} batch {batch}");
+        for (ti, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)].into_iter().enumerate() {
+            let seed = 2000 + (ci * 4 + ti) as u64;
+            let a = randn(batch * m * k, seed);
+            let b = randn(batch * k * n, seed + 1);
+            let ash = if ta { vec![batch, k, m] } else { vec![batch, m, k] };
+            let bsh = if tb { vec![batch, n, k] } else { vec![batch, k, n] };
+            let what = format!("split-K matmul {batch}x{m}x{n}x{k} ta={ta} tb={tb}");
+            let c =
+                on_both(&what, seed, &[(a.clone(), ash), (b.clone(), bsh)], &|t| t[0].matmul_t(&t[1], ta, tb).unwrap());
+            let bi = batch - 1;
+            let want = matmul_f64(&a[bi * m * k..], &b[bi * k * n..], m, n, k, ta, tb);
+            assert_close(&format!("{what} cpu vs f64"), &c.to_vec().unwrap()[bi * m * n..], &want, 1e-5, seed);
+        }
+    }
+    // A linear layer's bias and residual through the split sum: x (2, 20, 1300), w (7, 1300).
+    let (bsz, m, n, k) = (2, 20, 7, 1300);
+    for mask in 0..4u32 {
+        let (with_b, with_r) = (mask & 1 != 0, mask & 2 != 0);
+        let seed = 2100 + mask as u64;
+        let inputs = [
+            (randn(bsz * m * k, seed), vec![bsz, m, k]),
+            (randn(n * k, seed + 1), vec![n, k]),
+            (randn(n, seed + 2), vec![n]),
+            (randn(bsz * m * n, seed + 3), vec![bsz, m, n]),
+        ];
+        let what = format!("split-K linear bias {with_b} residual {with_r}");
+        on_both(&what, seed, &inputs, &|t| t[0].linear(&t[1], with_b.then(|| &t[2]), with_r.then(|| &t[3])).unwrap());
+    }
+    // f16 operands (storage) take the same path.
+    if ctx.features.contains(wgpu::Features::SHADER_F16) {
+        use vipo::tensor::DType;
+        let half = |v: &[f32], s: &[usize], d: &Device| {
+            Tensor::from_slice(v, s, &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap().to(d).unwrap()
+        };
+        let (av, bv) = (randn(37 * 2100, 2200), randn(2100 * 4, 2201));
+        let want = half(&av, &[37, 2100], &Device::Cpu).matmul(&half(&bv, &[2100, 4], &Device::Cpu)).unwrap();
+        let got = half(&av, &[37, 2100], &dev).matmul(&half(&bv, &[2100, 4], &dev)).unwrap();
+        assert_close("split-K f16 matmul gpu vs cpu", &got.to_vec().unwrap(), &want.to_vec().unwrap(), 1e-5, 2200);
+    }
+    // Which kernels ran, with the switch on and off.
+    if !ctx.gpu_timer_start() {
+        assert!(std::env::var("CI").is_err(), "CI's lavapipe has TIMESTAMP_QUERY");
+        return;
+    }
+    let a = Tensor::from_slice(&randn(37 * 2100, 1), &[37, 2100], &dev).unwrap();
+    let b = Tensor::from_slice(&randn(2100 * 4, 2), &[2100, 4], &dev).unwrap();
+    let ran = |c: Tensor| {
+        c.to_vec().unwrap();
+        let t = ctx.gpu_timer_stop().unwrap();
+        t.kernels.iter().map(|k| format!("{}/{}", k.shader, k.entry)).collect::<Vec<_>>()
+    };
+    let on = ran(a.matmul(&b).unwrap());
+    assert!(on.iter().any(|r| r == "conv2d_split/main"), "the partials were not summed: {on:?}");
+    ctx.set_matmul_split_k(false);
+    assert!(ctx.gpu_timer_start());
+    let off = ran(a.matmul(&b).unwrap());
+    assert!(!off.iter().any(|r| r.starts_with("conv2d_split")), "split with the switch off: {off:?}");
+}
+
+#[test]
 fn matmul_f16_operands_every_tile_and_layout() {
     // f16 storage, f32 arithmetic: the f16 kernels against the CPU twin (which widens the same
     // f16 values) and against float64 loops on those values; one shape per tile, every layout.

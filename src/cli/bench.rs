@@ -50,10 +50,20 @@ struct Case {
     shapes: Vec<Vec<usize>>,
     /// Inputs cast to f16 before timing (GPU: adapters with SHADER_F16 only).
     f16: bool,
-    /// GPU only, with f16 arithmetic on (`GpuContext::set_f16_math`); compared with the CPU's
-    /// result of the same case without " math" in its name.
-    f16_math: bool,
+    /// GPU only, with a switch of the context on (f16 arithmetic, split-K matmuls); compared
+    /// with the CPU's result and the peer's time of the case without the switch's word.
+    switch: Switch,
     run: fn(&[Tensor]) -> Result<Tensor>,
+}
+
+/// The opt-in GPU switches a case may turn on while it is timed.
+#[derive(Clone, Copy, PartialEq)]
+enum Switch {
+    Off,
+    /// `GpuContext::set_f16_math`; " f16 math " in the name.
+    F16Math,
+    /// `GpuContext::set_matmul_split_k`; " split-K " in the name.
+    SplitK,
 }
 
 fn cases() -> Vec<Case> {
@@ -73,7 +83,22 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![vec![m, k], vec![k, n]],
             f16: false,
-            f16_math: false,
+            switch: Switch::Off,
+            run: |t| t[0].matmul(&t[1]),
+        });
+    }
+    // A LoRA adapter's weight gradients at 64x64 latents, batch 4 (K = 16384 tokens, rank 4):
+    // 5 output tiles, so a GPU is nearly idle unless K is split (opt-in: " split-K ").
+    for (split, (m, n, k)) in [false, true].into_iter().flat_map(|s| [(4, 320, 16384), (320, 4, 16384)].map(|c| (s, c)))
+    {
+        v.push(Case {
+            name: format!("matmul {}{m}x{n}x{k}", if split { "split-K " } else { "" }),
+            work: 2.0 * m as f64 * n as f64 * k as f64,
+            is_bytes: false,
+            quick: false,
+            shapes: vec![vec![m, k], vec![k, n]],
+            f16: false,
+            switch: if split { Switch::SplitK } else { Switch::Off },
             run: |t| t[0].matmul(&t[1]),
         });
     }
@@ -90,7 +115,7 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![vec![m, k], vec![k, n]],
             f16: true,
-            f16_math: math,
+            switch: if math { Switch::F16Math } else { Switch::Off },
             run: |t| t[0].matmul(&t[1]),
         });
     }
@@ -102,7 +127,7 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3], vec![c]],
             f16: false,
-            f16_math: false,
+            switch: Switch::Off,
             run: |t| t[0].conv2d(&t[1], Some(&t[2]), (1, 1), (1, 1)),
         });
     }
@@ -116,7 +141,7 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3]],
             f16: true,
-            f16_math: math,
+            switch: if math { Switch::F16Math } else { Switch::Off },
             run: |t| t[0].conv2d(&t[1], None, (1, 1), (1, 1)),
         });
     }
@@ -130,7 +155,7 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3]],
             f16: false,
-            f16_math: false,
+            switch: Switch::Off,
             run: |t| t[0].conv2d_grad_input(&t[1], t[0].shape(), (1, 1), (1, 1)),
         });
     }
@@ -141,7 +166,7 @@ fn cases() -> Vec<Case> {
         quick: false,
         shapes: vec![vec![1, 8, 4096, 40], vec![1, 8, 4096, 40], vec![1, 8, 4096, 40]],
         f16: false,
-        f16_math: false,
+        switch: Switch::Off,
         run: |t| t[0].attention(&t[1], &t[2], None),
     });
     // Forward and backward with q, k and v all trainable (as behind LoRA adapters), dY given:
@@ -153,7 +178,7 @@ fn cases() -> Vec<Case> {
         quick: false,
         shapes: vec![vec![1, 8, 4096, 40]; 4],
         f16: false,
-        f16_math: false,
+        switch: Switch::Off,
         run: |t| {
             let (q, k, v) = (t[0].requires_grad(), t[1].requires_grad(), t[2].requires_grad());
             q.attention(&k, &v, None)?.backward_with(t[3].clone())?;
@@ -167,7 +192,7 @@ fn cases() -> Vec<Case> {
         quick: true,
         shapes: vec![vec![1, 8, 4096, 40], vec![1, 8, 77, 40], vec![1, 8, 77, 40]],
         f16: false,
-        f16_math: false,
+        switch: Switch::Off,
         run: |t| t[0].attention(&t[1], &t[2], None),
     });
     for (shape, quick) in [(vec![1, 320, 64, 64], false), (vec![2, 1280, 16, 16], true)] {
@@ -179,7 +204,7 @@ fn cases() -> Vec<Case> {
             quick,
             shapes: vec![shape.clone(), vec![shape[1]], vec![shape[1]]],
             f16: false,
-            f16_math: false,
+            switch: Switch::Off,
             run: |t| t[0].group_norm(32, Some(&t[1]), Some(&t[2]), 1e-5),
         });
     }
@@ -274,9 +299,9 @@ fn time_train(channels: usize, size: usize, batch: usize, device: &Device, min_t
     })
 }
 
-/// The case an f16-arithmetic case is compared with (same inputs, f16 storage only).
+/// The case a switched case is compared with (same inputs, the switch off).
 fn twin(name: &str) -> String {
-    name.replacen(" f16 math ", " f16 ", 1)
+    name.replacen(" f16 math ", " f16 ", 1).replacen(" split-K ", " ", 1)
 }
 
 fn device_name(device: &Device) -> String {
@@ -438,13 +463,20 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
             let f16_ok = device.gpu().is_none_or(|g| g.features.contains(wgpu::Features::SHADER_F16));
             selected
                 .iter()
-                .filter(|c| (f16_ok || !c.f16) && (!c.f16_math || !device.is_cpu()))
-                .map(|case| match device.gpu() {
-                    Some(g) if case.f16_math => {
+                .filter(|c| (f16_ok || !c.f16) && (c.switch == Switch::Off || !device.is_cpu()))
+                .map(|case| match (device.gpu(), case.switch) {
+                    (Some(g), Switch::F16Math) => {
                         let was = g.f16_math();
                         g.set_f16_math(true);
                         let r = time_case(case, &device, args.min_time);
                         g.set_f16_math(was);
+                        r
+                    }
+                    (Some(g), Switch::SplitK) => {
+                        let was = g.matmul_split_k();
+                        g.set_matmul_split_k(true);
+                        let r = time_case(case, &device, args.min_time);
+                        g.set_matmul_split_k(was);
                         r
                     }
                     _ => time_case(case, &device, args.min_time),

@@ -111,6 +111,7 @@ pub struct GpuContext {
     dispatches_per_submit: std::sync::atomic::AtomicUsize,
     subgroups: std::sync::atomic::AtomicBool,
     f16_math: std::sync::atomic::AtomicBool,
+    matmul_split_k: std::sync::atomic::AtomicBool,
     pool: Mutex<Pool>,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
@@ -154,6 +155,15 @@ fn f16_math() -> Result<bool> {
         Err(_) | Ok("") | Ok("0") => Ok(false),
         Ok("1") => Ok(true),
         Ok(v) => Err(Error::Gpu(format!("VIPO_F16_MATH={v:?}: expected 0 or 1"))),
+    }
+}
+
+/// `VIPO_MATMUL_SPLIT_K`: `1` lets matmuls with few output tiles split K (default `0`).
+fn matmul_split_k() -> Result<bool> {
+    match std::env::var("VIPO_MATMUL_SPLIT_K").as_deref() {
+        Err(_) | Ok("") | Ok("0") => Ok(false),
+        Ok("1") => Ok(true),
+        Ok(v) => Err(Error::Gpu(format!("VIPO_MATMUL_SPLIT_K={v:?}: expected 0 or 1"))),
     }
 }
 
@@ -243,6 +253,7 @@ impl GpuContext {
             dispatches_per_submit: std::sync::atomic::AtomicUsize::new(dispatches_per_submit),
             subgroups: std::sync::atomic::AtomicBool::new(features.contains(wgpu::Features::SUBGROUP)),
             f16_math: std::sync::atomic::AtomicBool::new(f16_math()? && features.contains(wgpu::Features::SHADER_F16)),
+            matmul_split_k: std::sync::atomic::AtomicBool::new(matmul_split_k()?),
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             shader_dir: std::env::var_os("VIPO_SHADER_DIR").is_some(),
@@ -535,6 +546,19 @@ impl GpuContext {
     pub fn set_f16_math(&self, on: bool) {
         let on = on && self.features.contains(wgpu::Features::SHADER_F16);
         self.f16_math.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether matmuls with fewer output tiles than fill the GPU (`matmul::k_splits`: a LoRA
+    /// adapter's gradients, 4 rows or columns by K = tokens) split K over several workgroups and
+    /// add the partials in a second kernel. Off unless `VIPO_MATMUL_SPLIT_K=1` or
+    /// [`Self::set_matmul_split_k`]: the convolutions' split-K was timed on an H100, this one
+    /// not yet. Results differ from the unsplit product by f32 rounding only.
+    pub fn matmul_split_k(&self) -> bool {
+        self.matmul_split_k.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_matmul_split_k(&self, on: bool) {
+        self.matmul_split_k.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Turns the subgroup variants off (or back on where the adapter has subgroups): to

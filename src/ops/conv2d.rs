@@ -528,29 +528,6 @@ fn fwd_shader(t: (usize, usize), ops: Operands, f16_math: bool) -> &'static crat
 const WG_TARGET: usize = 512;
 const MIN_CHUNK: usize = 256;
 
-/// Split-K for the forward and the stride-1 input gradient when the output has fewer tiles
-/// than `matmul::BIG_TILE_GROUPS` (the deep layers: 1280 channels at 8x8 make 20 workgroups, a
-/// sixth of an H100's multiprocessors, each walking K = 11520): workgroups it aims for (two
-/// waves on 132 multiprocessors), the fewest K elements per split, the most splits.
-const SPLIT_TARGET: usize = 264;
-const SPLIT_MIN_CHUNK: usize = 512;
-const SPLIT_MAX: usize = 16;
-
-/// (splits, K elements per split) for an implicit GEMM of `tiles` output tiles over `k`; None
-/// where one pass fills the GPU or K is too short to share.
-pub fn k_splits(tiles: usize, k: usize) -> Option<(usize, usize)> {
-    if tiles >= crate::ops::matmul::BIG_TILE_GROUPS {
-        return None;
-    }
-    let want = SPLIT_TARGET.div_ceil(tiles.max(1)).min(k / SPLIT_MIN_CHUNK).min(SPLIT_MAX);
-    if want < 2 {
-        return None;
-    }
-    let chunk = k.div_ceil(want).next_multiple_of(16);
-    let splits = k.div_ceil(chunk);
-    (splits >= 2).then_some((splits, chunk))
-}
-
 /// Terms the split-K sum adds (each None or its buffer): residual (like Y), bias (Cout),
 /// temb (N, Cout).
 struct SplitTerms<'a> {
@@ -741,7 +718,7 @@ impl Tensor {
                     let wb = weight.gpu_buf_any(NAME)?;
                     let tiles = (groups[0] * groups[1]) as usize * g.n;
                     let shader = fwd_shader(t, ops, ctx.f16_math());
-                    if let Some(split) = k_splits(tiles, params.k as usize) {
+                    if let Some(split) = crate::ops::matmul::k_splits(tiles, params.k as usize) {
                         let none = SplitTerms { res: None, bias: None, temb: None };
                         split_k(
                             NAME,
@@ -887,7 +864,7 @@ impl Tensor {
                 };
                 let shader = fwd_shader(t, ops, ctx.f16_math());
                 let tiles = (groups[0] * groups[1]) as usize * g.n;
-                if let Some(split) = k_splits(tiles, g.k()) {
+                if let Some(split) = crate::ops::matmul::k_splits(tiles, g.k()) {
                     let (gx, gy) = (groups[0], groups[1]);
                     split_k(OP, &ctx, shader, "main_split", &params, (xb, wb), &out, [gx, gy], split, terms)?;
                     return Ok(out);

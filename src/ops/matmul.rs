@@ -6,10 +6,10 @@ use crate::device::Shader;
 use crate::error::{Error, Result};
 use crate::ops::Operands;
 use crate::shaders::{
-    MATMUL_128, MATMUL_128X64, MATMUL_64, MATMUL_64X128, MATMUL_F16BM_128, MATMUL_F16BM_128X64, MATMUL_F16BM_64,
-    MATMUL_F16BM_64X128, MATMUL_F16B_128, MATMUL_F16B_128X64, MATMUL_F16B_64, MATMUL_F16B_64X128, MATMUL_F16M_128,
-    MATMUL_F16M_128X64, MATMUL_F16M_64, MATMUL_F16M_64X128, MATMUL_F16_128, MATMUL_F16_128X64, MATMUL_F16_64,
-    MATMUL_F16_64X128,
+    CONV2D_SPLIT, MATMUL_128, MATMUL_128X64, MATMUL_64, MATMUL_64X128, MATMUL_F16BM_128, MATMUL_F16BM_128X64,
+    MATMUL_F16BM_64, MATMUL_F16BM_64X128, MATMUL_F16B_128, MATMUL_F16B_128X64, MATMUL_F16B_64, MATMUL_F16B_64X128,
+    MATMUL_F16M_128, MATMUL_F16M_128X64, MATMUL_F16M_64, MATMUL_F16M_64X128, MATMUL_F16_128, MATMUL_F16_128X64,
+    MATMUL_F16_64, MATMUL_F16_64X128,
 };
 use crate::tensor::DType;
 use crate::tensor::Tensor;
@@ -35,6 +35,30 @@ pub fn tile(m: usize, n: usize, batch: usize) -> (usize, usize) {
     } else {
         (64, 64)
     }
+}
+
+/// Split-K when a product (a convolution's implicit GEMM; a matmul where
+/// `GpuContext::matmul_split_k` is on) has fewer output tiles than `BIG_TILE_GROUPS` (1280
+/// channels at 8x8 make 20 workgroups, a sixth of an H100's multiprocessors, each walking K =
+/// 11520; a LoRA adapter's gradient has 5 tiles and K = tokens): workgroups it aims for (two
+/// waves on 132 multiprocessors), the fewest K elements per split, the most splits.
+const SPLIT_TARGET: usize = 264;
+const SPLIT_MIN_CHUNK: usize = 512;
+const SPLIT_MAX: usize = 16;
+
+/// (splits, K elements per split) for a product of `tiles` output tiles over `k`; None where
+/// one pass fills the GPU or K is too short to share.
+pub fn k_splits(tiles: usize, k: usize) -> Option<(usize, usize)> {
+    if tiles >= BIG_TILE_GROUPS {
+        return None;
+    }
+    let want = SPLIT_TARGET.div_ceil(tiles.max(1)).min(k / SPLIT_MIN_CHUNK).min(SPLIT_MAX);
+    if want < 2 {
+        return None;
+    }
+    let chunk = k.div_ceil(want).next_multiple_of(16);
+    let splits = k.div_ceil(chunk);
+    (splits >= 2).then_some((splits, chunk))
 }
 
 /// The variant for tile `t` and the operands; `f16_math`: f16 operands multiply in f16.
@@ -80,6 +104,9 @@ pub struct MatmulParams {
     /// 1: add `bias[col]`; 1: add the residual (both as the output is written).
     pub has_bias: u32,
     pub has_res: u32,
+    /// Split-K: K elements per split (the output is then the partials); 0: no split.
+    pub chunk: u32,
+    pub _pad: [u32; 3],
 }
 
 /// A strided matrix view into a slice: element (i, j) is `data[i * rs + j * cs]`.
@@ -435,16 +462,45 @@ impl Tensor {
                     b_bs: u(b_bs)?,
                     has_bias: e.bias.is_some() as u32,
                     has_res: e.residual.is_some() as u32,
+                    chunk: 0,
+                    _pad: [0; 3],
                 };
                 let t = tile(m, n, p.batch);
-                let groups = [n.div_ceil(t.1) as u32, m.div_ceil(t.0) as u32, p.batch as u32];
+                let groups = [u(n.div_ceil(t.1))?, u(m.div_ceil(t.0))?, u(p.batch)?];
                 ops.check_adapter(OP, &ctx)?;
-                let ab = self.gpu_buf_any(OP)?;
+                let shader = tile_shader(t, ops, ctx.f16_math());
+                let (ab, bb) = (self.gpu_buf_any(OP)?, other.gpu_buf_any(OP)?);
+                let res = e.residual.map(|t| t.gpu_buf(OP)).transpose()?;
+                let bias = e.bias.map(|t| t.gpu_buf(OP)).transpose()?;
+                let tiles = n.div_ceil(t.1) * m.div_ceil(t.0) * p.batch;
+                let split = if ctx.matmul_split_k() { k_splits(tiles, k) } else { None };
+                if let Some((splits, chunk)) = split {
+                    // Partials (splits, batch, M, N), then their sum with bias and residual
+                    // (conv2d_split.wgsl, each element its own "image" column: bias[i % N]).
+                    let len = out.numel();
+                    let part = Tensor::gpu_empty(&ctx, OP, &[splits, len])?;
+                    let pb = part.gpu_buf(OP)?;
+                    let sp = MatmulParams { chunk: u(chunk)?, has_bias: 0, has_res: 0, ..params };
+                    let z = u(splits * p.batch)?;
+                    // No epilogue here, so `a` fills both term slots (never read).
+                    ctx.dispatch(shader, "main", &sp, &[ab, bb, pb, ab, ab], [groups[0], groups[1], z])?;
+                    let sum = crate::ops::conv2d::SplitParams {
+                        len: u(len)?,
+                        cout: u(n)?,
+                        ncol: 1,
+                        splits: u(splits)?,
+                        has_bias: params.has_bias,
+                        has_temb: 0,
+                        has_res: params.has_res,
+                        _pad: 0,
+                    };
+                    let bufs = [pb, out.gpu_buf(OP)?, res.unwrap_or(pb), bias.unwrap_or(pb), pb];
+                    ctx.dispatch(&CONV2D_SPLIT, "main", &sum, &bufs, crate::ops::groups_for(&ctx, len))?;
+                    return Ok(out);
+                }
                 // `a` fills the slot of an absent term (its flag keeps the kernel from reading
                 // it; a slot is raw bytes, so an f16 `a` binds as well).
-                let rb = e.residual.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(ab);
-                let bb = e.bias.map(|t| t.gpu_buf(OP)).transpose()?.unwrap_or(ab);
-                let bufs = [ab, other.gpu_buf_any(OP)?, out.gpu_buf(OP)?, rb, bb];
+                let bufs = [ab, bb, out.gpu_buf(OP)?, res.unwrap_or(ab), bias.unwrap_or(ab)];
                 ctx.dispatch(tile_shader(t, ops, ctx.f16_math()), "main", &params, &bufs, groups)?;
                 Ok(out)
             }
