@@ -70,14 +70,15 @@ def case_matmul_f16(m, n, k):
     return (f"matmul f16 {m}x{n}x{k}", setup, 2.0 * m * n * k, None)
 
 
-def case_conv2d(c, px):
+def case_conv2d(c, px, batch=1):
     def setup():
-        x = _randn(1, c, px, px)
+        x = _randn(batch, c, px, px)
         w = _randn(c, c, 3, 3) * (1.0 / math.sqrt(c * 9))
         b = _randn(c)
         return lambda: F.conv2d(x, w, b, stride=1, padding=1)
 
-    return (f"conv2d {c}ch {px}px", setup, 2.0 * c * c * 9 * px * px, None)
+    tag = f" b{batch}" if batch > 1 else ""
+    return (f"conv2d {c}ch {px}px{tag}", setup, 2.0 * batch * c * c * 9 * px * px, None)
 
 
 def case_conv2d_f16(c, px):
@@ -155,6 +156,8 @@ CASES = [
     case_conv2d(640, 32),
     case_conv2d(1280, 16),
     case_conv2d(1280, 8),
+    case_conv2d(320, 64, 4),
+    case_conv2d(1280, 8, 4),
     case_conv2d_f16(320, 64),
     case_conv2d_f16(1280, 8),
     case_conv2d_grad_input(320, 64),

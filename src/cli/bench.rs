@@ -119,13 +119,21 @@ fn cases() -> Vec<Case> {
             run: |t| t[0].matmul(&t[1]),
         });
     }
-    for (c, px, quick) in [(320, 64, false), (640, 32, false), (1280, 16, false), (1280, 8, true)] {
+    // Batch 4 as well: the LoRA step's forwards run 4 images (2 pairs) at once.
+    for (c, px, b, quick) in [
+        (320, 64, 1, false),
+        (640, 32, 1, false),
+        (1280, 16, 1, false),
+        (1280, 8, 1, true),
+        (320, 64, 4, false),
+        (1280, 8, 4, false),
+    ] {
         v.push(Case {
-            name: format!("conv2d {c}ch {px}px"),
-            work: 2.0 * (c * c * 9) as f64 * (px * px) as f64,
+            name: format!("conv2d {c}ch {px}px{}", if b > 1 { format!(" b{b}") } else { String::new() }),
+            work: 2.0 * (b * c * c * 9) as f64 * (px * px) as f64,
             is_bytes: false,
             quick,
-            shapes: vec![vec![1, c, px, px], vec![c, c, 3, 3], vec![c]],
+            shapes: vec![vec![b, c, px, px], vec![c, c, 3, 3], vec![c]],
             f16: false,
             switch: Switch::Off,
             run: |t| t[0].conv2d(&t[1], Some(&t[2]), (1, 1), (1, 1)),
