@@ -1,18 +1,18 @@
 // A training step's scalars on the GPU, so that a step reads nothing back until it ends:
-// the Poly-DPO loss head (`head`), each gradient's sum of squares (`sumsq`) and the clipping
-// and NaN guard that AdamW's `main_guarded` reads (`guard`).
+// the loss heads (Poly-DPO `head`, Diffusion-KTO `kto_head`), each gradient's sum of squares
+// (`sumsq`) and the clipping and NaN guard that AdamW's `main_guarded` reads (`guard`).
 // CPU twins: src/ops/train_step.rs (the head in the same order; the sums grouped alike, in f64).
 // `Inputs`, `begin` and `block_sum` come from reduce_tree.wgsl, put before this file.
 
 struct Params {
-    n: u32,         // head: pairs; sumsq: elements; guard: partial sums
-    offset: u32,    // sumsq: first output slot; guard: losses
+    n: u32,         // head: pairs; kto_head: samples; sumsq: elements; guard: partial sums
+    offset: u32,    // sumsq: first output slot; guard: losses; kto_head: desirable samples (first)
     _pad0: u32,
     _pad1: u32,
-    s: f32,         // head: logit scale (beta / 2, or beta)
-    alpha: f32,     // head: Poly-DPO's alpha (0: Diffusion-DPO)
+    s: f32,         // head: logit scale (beta / 2, or beta); kto_head: beta
+    alpha: f32,     // head: Poly-DPO's alpha (0: Diffusion-DPO); kto_head: lambda_D
     max_norm: f32,  // guard
-    _pad2: f32,
+    lam_u: f32,     // kto_head: lambda_U
 }
 
 // Shared by the entry points, so that each binds a prefix of the same layout.
@@ -75,6 +75,35 @@ fn head() {
         y[1u + 6u * n + i] = term;
     }
     y[0] = total / f32(n);
+}
+
+// Diffusion-KTO. x: (B) policy errors, z: (B) reference errors, the first `offset` samples
+// desirable. g_j = z_j - x_j, Q = max(mean g, 0), u_j = y_j beta (g_j - Q) (y = +1 desirable,
+// -1 not), loss = mean lambda_j (1 - sigmoid(u_j)), dL/dx_j = lambda_j h (1 - h) y_j beta / B
+// with Q held constant. y: (2 + 3B) [loss, Q, u (B), sigmoid(u) (B), dL/derr (B)].
+@compute @workgroup_size(1)
+fn kto_head() {
+    let b = p.n;
+    var gsum = 0.0;
+    for (var j = 0u; j < b; j++) {
+        gsum += z[j] - x[j];
+    }
+    let q = max(gsum / f32(b), 0.0);
+    var total = 0.0;
+    for (var j = 0u; j < b; j++) {
+        let good = j < p.offset;
+        let yj = select(-1.0, 1.0, good);
+        let lam = select(p.lam_u, p.alpha, good);
+        let u = yj * p.s * ((z[j] - x[j]) - q);
+        let h = sigmoid(u);
+        let h1 = sigmoid(-u);  // 1 - h, without cancellation
+        total += lam * h1;
+        y[2u + j] = u;
+        y[2u + b + j] = h;
+        y[2u + 2u * b + j] = lam * h * h1 * yj * p.s / f32(b);
+    }
+    y[0] = total / f32(b);
+    y[1] = q;
 }
 
 // x: (n) one gradient; y[offset + g]: the sum of squares of its chunk g.

@@ -1,4 +1,4 @@
-//! The device-resident training step: the Poly-DPO head, the gradients' sums of squares and
+//! The device-resident training step: the Poly-DPO and KTO heads (and SFT's mean), the gradients' sums of squares and
 //! the step guard (`shaders/train_step.wgsl`) against their CPU twins and against float64;
 //! AdamW under a guard; and the trainer's GPU step, which reads back once: the same numbers
 //! as the host head and clipping, one command buffer with `VIPO_DISPATCHES_PER_SUBMIT=0`,
@@ -8,10 +8,10 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 
-use vipo::ops::train_step::{poly_dpo_head, step_guard, sumsq_partials, HeadLayout, SUMSQ_CHUNK};
+use vipo::ops::train_step::{kto_head, poly_dpo_head, step_guard, sumsq_partials, HeadLayout, KtoLayout, SUMSQ_CHUNK};
 use vipo::optim::{adamw_update, adamw_update_guarded, AdamWConfig, AdamWParams};
 use vipo::train::config::{ObjectiveKind, TrainConfig};
-use vipo::train::objective::{Objective, ObjectiveConfig};
+use vipo::train::objective::{DeviceHead, Objective, ObjectiveConfig};
 use vipo::train::trainer::Trainer;
 use vipo::{Device, Tensor};
 
@@ -90,7 +90,7 @@ fn poly_dpo_head_matches_float64_and_gpu_matches_cpu() {
         let mut read = cpu.clone();
         read.extend(&e);
         read.extend(&r);
-        let st = cfg.stats_from_readout(&read, n).unwrap();
+        let st = cfg.stats_from_readout(&read, DeviceHead::Dpo { pairs: n }).unwrap();
         assert_eq!(st.implicit_acc, want.implicit_acc, "{what}: implicit accuracy");
         assert!(
             (st.reward_margin.unwrap() - want.reward_margin.unwrap()).abs()
@@ -119,6 +119,130 @@ fn poly_dpo_head_matches_float64_and_gpu_matches_cpu() {
             }
         }
     }
+}
+
+#[test]
+fn kto_head_matches_float64_and_gpu_matches_cpu() {
+    // (samples, desirable, beta, lambda_D, lambda_U): the trainer's cat(w, l) halves, and
+    // uneven labels (the kernel takes any count of leading desirable samples).
+    for (k, &(b, good, beta, ld, lu)) in [
+        (2usize, 1usize, 5000.0, 1.0, 1.0),
+        (6, 3, 2000.0, 1.0, 1.5),
+        (7, 2, 5000.0, 0.7, 1.0),
+        (602, 301, 500.0, 1.0, 1.0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 60 + k as u64;
+        let cfg = ObjectiveConfig {
+            objective: Objective::Kto,
+            beta,
+            kto_lambda_desirable: ld,
+            kto_lambda_undesirable: lu,
+            ..ObjectiveConfig::default()
+        };
+        let r = errors(b, seed);
+        // Cases 1 and 3 have their policy errors lowered by 64/beta, so that the mean of
+        // g = r - e is positive and Q = max(mean g, 0) is that mean (in the others it may be 0).
+        let bias = if k % 2 == 1 { ((64.0 / beta) * 1048576.0f64).round() as f32 / 1048576.0 } else { 0.0 };
+        let e: Vec<f32> = policy_errors(&r, beta as f32, seed + 100).iter().map(|&v| v - bias).collect();
+        let labels: Vec<bool> = (0..b).map(|j| j < good).collect();
+        let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let want = cfg.head(&f64s(&e), Some(&f64s(&r)), Some(&labels)).unwrap();
+        let lay = KtoLayout { samples: b };
+        let what = format!("kto head b={b} desirable={good} beta={beta}");
+        let on = |d: &Device| {
+            let et = Tensor::from_slice(&e, &[b], d).unwrap();
+            let rt = Tensor::from_slice(&r, &[b], d).unwrap();
+            kto_head(&et, &rt, good, beta as f32, ld as f32, lu as f32).unwrap().to_vec().unwrap()
+        };
+        let cpu = on(&Device::Cpu);
+        assert_eq!(cpu.len(), lay.size());
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        let q = want.kto_reference_point.unwrap() as f32;
+        if bias > 0.0 {
+            assert!(q > 0.0, "{what}: Q {q}");
+            assert_close(&format!("{what} Q"), &cpu[lay.q()..lay.q() + 1], &[q], 1e-6, seed);
+        } else {
+            assert_eq!(cpu[lay.q()], q.max(0.0), "{what}: Q");
+        }
+        assert_close(&format!("{what} u"), &segment(&cpu, lay.u(), b), &f32s(&want.z), 1e-5, seed);
+        assert_close(&format!("{what} h"), &segment(&cpu, lay.h(), b), &f32s(&want.p), 1e-5, seed);
+        let dl = segment(&cpu, lay.dloss_derr(), b);
+        assert_close(&format!("{what} dL/derr"), &dl, &f32s(&want.dloss_derr), 1e-5, seed);
+        assert_close(&format!("{what} loss"), &cpu[..1], &[want.loss as f32], 1e-5, seed);
+        // The statistics read back in the trainer's layout (cat(w, l), winners desirable).
+        if 2 * good == b {
+            let mut read = cpu.clone();
+            read.extend(&e);
+            read.extend(&r);
+            let st = cfg.stats_from_readout(&read, DeviceHead::Kto { samples: b }).unwrap();
+            assert_eq!(st.implicit_acc, want.implicit_acc, "{what}: implicit accuracy");
+            assert_eq!((st.policy_err, st.ref_err), (want.policy_err.clone(), want.ref_err.clone()));
+        }
+        if let Some(g) = gpu() {
+            let got = on(&g);
+            for (name, at, len, tol) in [
+                ("loss", 0, 1, 1e-5),
+                ("Q", lay.q(), 1, 1e-6),
+                ("u", lay.u(), b, 1e-5),
+                ("h", lay.h(), b, 1e-5),
+                ("dL/derr", lay.dloss_derr(), b, 1e-5),
+            ] {
+                let (gv, cv) = (segment(&got, at, len), segment(&cpu, at, len));
+                if cv.iter().all(|&v| v == 0.0) {
+                    assert_eq!(gv, cv, "{what} {name}: gpu vs cpu");
+                } else {
+                    assert_close(&format!("{what} {name} gpu vs cpu"), &gv, &cv, tol, seed);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sft_and_kto_device_losses_match_the_host_heads() {
+    // loss_on_device for SFT (a mean, its gradient 1/B) and KTO (the kernel) against the f64
+    // host head, loss and the gradient it sends into the errors, on every device.
+    let mut devs = vec![Device::Cpu];
+    devs.extend(gpu());
+    for dev in devs {
+        for objective in [Objective::Sft, Objective::Kto] {
+            let cfg = ObjectiveConfig { objective, beta: 2000.0, ..ObjectiveConfig::default() };
+            let r = errors(6, 70);
+            let e = policy_errors(&r, 2000.0, 71);
+            let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            let labels = vec![true, true, true, false, false, false];
+            let (host, b) = match objective {
+                // SFT trains on the winners alone, all desirable.
+                Objective::Sft => (cfg.head(&f64s(&e[..3]), None, Some(&[true; 3])).unwrap(), 3),
+                _ => (cfg.head(&f64s(&e), Some(&f64s(&r)), Some(&labels)).unwrap(), 6),
+            };
+            let err = Tensor::from_slice(&e[..b], &[b], &dev).unwrap().requires_grad();
+            let rt = Tensor::from_slice(&r, &[6], &dev).unwrap();
+            let out = cfg.loss_on_device(&err, Some(&rt)).unwrap();
+            out.loss.backward().unwrap();
+            let what = format!("{objective:?} on {dev}");
+            let grad = err.grad().unwrap().to_vec().unwrap();
+            let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+            assert_close(&format!("{what}: dL/derr"), &grad, &f32s(&host.dloss_derr), 1e-5, 70);
+            let mut parts = vec![];
+            for t in out.readout() {
+                parts.extend(t.to_vec().unwrap());
+            }
+            assert_eq!(parts.len(), out.readout_len(), "{what}");
+            let st = cfg.stats_from_readout(&parts, out.kind).unwrap();
+            assert_close(&format!("{what}: loss"), &[st.loss as f32], &[host.loss as f32], 1e-5, 70);
+            assert_close(&format!("{what}: read dL/derr"), &f32s(&st.dloss_derr), &f32s(&host.dloss_derr), 1e-5, 70);
+            assert_eq!(st.implicit_acc, host.implicit_acc, "{what}");
+            assert_eq!(st.policy_err, f64s(&e[..b]), "{what}");
+        }
+    }
+    // KTO without the reference's errors is an error, SFT needs none.
+    let cfg = ObjectiveConfig { objective: Objective::Kto, ..ObjectiveConfig::default() };
+    let e = Tensor::from_slice(&[0.5, 0.6], &[2], &Device::Cpu).unwrap();
+    assert!(cfg.loss_on_device(&e, None).unwrap_err().to_string().contains("reference"));
 }
 
 #[test]
@@ -282,15 +406,27 @@ fn private_gpu() -> Option<Device> {
 
 #[test]
 fn gpu_step_on_the_device_matches_the_host_head_and_submits_once() {
+    // Every objective: the DPO forms' and KTO's kernels, SFT's mean. The two runs drift apart
+    // by rounding (AdamW's first steps turn tiny gradient differences into whole updates),
+    // fastest under KTO's beta: its tolerance is looser.
+    // max_norm: small enough that clipping is on at every step (checked below).
+    for (kind, tol, max_norm) in
+        [(ObjectiveKind::PolyDpo, 1e-4, 0.05), (ObjectiveKind::Kto, 5e-4, 0.05), (ObjectiveKind::Sft, 1e-4, 0.01)]
+    {
+        device_step_against_host_step(kind, tol, max_norm);
+    }
+}
+
+fn device_step_against_host_step(kind: ObjectiveKind, tol: f64, max_norm: f32) {
     let Some(dev) = private_gpu() else {
         eprintln!("no GPU adapter: skipped");
         return;
     };
     let ctx = dev.gpu().unwrap().clone();
     ctx.set_dispatches_per_submit(0);
-    let mut cfg = config("resident");
-    // Small enough that clipping is on at every step (checked below).
-    cfg.max_grad_norm = 0.05;
+    let mut cfg = config(&format!("resident-{kind:?}"));
+    cfg.objective = kind;
+    cfg.max_grad_norm = max_norm;
     let mut res = Trainer::new(cfg.clone(), &dev).unwrap();
     let mut host = Trainer::new(cfg.clone(), &dev).unwrap();
     host.set_device_resident(false);
@@ -305,7 +441,7 @@ fn gpu_step_on_the_device_matches_the_host_head_and_submits_once() {
         let b = host.train_on(&hb).unwrap();
         let s2 = ctx.pool_stats().submits;
         eprintln!(
-            "step {step}: device loss {} |g| {} ({} submits); host loss {} |g| {} ({} submits)",
+            "{kind:?} step {step}: device loss {} |g| {} ({} submits); host loss {} |g| {} ({} submits)",
             a.loss,
             a.grad_norm,
             s1 - s0,
@@ -316,19 +452,33 @@ fn gpu_step_on_the_device_matches_the_host_head_and_submits_once() {
         assert_eq!(s1 - s0, 1, "step {step}: a device-resident step is one command buffer");
         assert!(s2 - s1 >= 2, "step {step}: the host path reads the errors and the norm");
         assert!(a.grad_norm > cfg.max_grad_norm as f64, "clipping is not exercised");
-        assert!((a.loss - b.loss).abs() < 1e-4 * (1.0 + b.loss.abs()), "step {step}: loss {} vs {}", a.loss, b.loss);
+        assert!((a.loss - b.loss).abs() < tol * (1.0 + b.loss.abs()), "step {step}: loss {} vs {}", a.loss, b.loss);
         assert!(
-            (a.grad_norm - b.grad_norm).abs() < 1e-4 * b.grad_norm,
+            (a.grad_norm - b.grad_norm).abs() < tol * b.grad_norm,
             "step {step}: norm {} vs {}",
             a.grad_norm,
             b.grad_norm
         );
-        assert_eq!(a.implicit_acc, b.implicit_acc, "step {step}");
+        if kind == ObjectiveKind::Kto {
+            // KTO's u = y beta (g - Q) cluster at 0 after its first step (every u is 0 at the
+            // start, Q near the mean), so the two runs' rounding-level weight differences can
+            // flip a sign: the mean probability is compared instead.
+            let (pa, pb) = (a.mean_p.unwrap(), b.mean_p.unwrap());
+            assert!((pa - pb).abs() < 1e-3, "step {step}: mean p {pa} vs {pb}");
+        } else {
+            assert_eq!(a.implicit_acc, b.implicit_acc, "step {step}");
+        }
         assert_eq!(res.step(), step);
     }
     let (va, vb) = (values(&res), values(&host));
     let flat = |v: &[Vec<f32>]| v.concat();
-    assert_close("weights after 3 steps: device step vs host step", &flat(&va), &flat(&vb), 1e-4, 11);
+    assert_close(
+        &format!("{kind:?}: weights after 3 steps, device step vs host step"),
+        &flat(&va),
+        &flat(&vb),
+        tol,
+        11,
+    );
     let _ = std::fs::remove_dir_all(&cfg.output);
 }
 
@@ -420,7 +570,7 @@ fn device_step_with_a_finite_loss_and_a_nan_gradient_is_skipped() {
         let r = errors(6, 7);
         let e = policy_errors(&r, cfg.logit_scale() as f32, 8);
         let err = Tensor::from_slice(&e, &[6], &dev).unwrap().requires_grad();
-        let loss = cfg.loss_on_device(&err, &Tensor::from_slice(&r, &[6], &dev).unwrap()).unwrap();
+        let loss = cfg.loss_on_device(&err, Some(&Tensor::from_slice(&r, &[6], &dev).unwrap())).unwrap();
         let sizes = [5000usize, 17];
         let params: Vec<Arc<Param>> = sizes
             .iter()

@@ -1,6 +1,6 @@
 //! A training step's scalars as kernels (`shaders/train_step.wgsl`), so that a GPU step
 //! records its loss head, gradient clipping and NaN guard without reading anything back: the
-//! Poly-DPO head ([`poly_dpo_head`]), the gradients' sums of squares ([`sumsq_partials`]) and
+//! Poly-DPO head ([`poly_dpo_head`]), the Diffusion-KTO head ([`kto_head`]), the gradients' sums of squares ([`sumsq_partials`]) and
 //! the guard AdamW reads ([`step_guard`], `optim::adamw_update_guarded`). The head's CPU twin
 //! does the kernel's f32 arithmetic in its order; the sums' twins group as the kernels do but
 //! add in f64. `train::objective`'s f64 head stays the reference.
@@ -21,7 +21,8 @@ pub struct StepParams {
     pub s: f32,
     pub alpha: f32,
     pub max_norm: f32,
-    pub _pad2: f32,
+    /// `kto_head`: lambda_U.
+    pub lam_u: f32,
 }
 
 /// Elements per partial sum of squares (one workgroup's).
@@ -139,6 +140,96 @@ pub fn poly_dpo_head(e: &Tensor, r: &Tensor, s: f32, alpha: f32) -> Result<Tenso
             let y = Tensor::gpu_empty(&ctx, OP, &[lay.size()])?;
             let p = StepParams { n: u32_of(OP, n)?, s, alpha, ..Default::default() };
             ctx.dispatch(&TRAIN_STEP, "head", &p, &[e.gpu_buf(OP)?, y.gpu_buf(OP)?, r.gpu_buf(OP)?], [1, 1, 1])?;
+            Ok(y)
+        }
+    }
+}
+
+/// Where [`kto_head`] puts each value, for `samples` (B) samples: `[loss, Q, u (B), sigmoid(u)
+/// (B), dL/derr (B)]`, 2 + 3B in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KtoLayout {
+    pub samples: usize,
+}
+
+impl KtoLayout {
+    pub fn size(&self) -> usize {
+        2 + 3 * self.samples
+    }
+    /// The reference point Q.
+    pub fn q(&self) -> usize {
+        1
+    }
+    pub fn u(&self) -> usize {
+        2
+    }
+    pub fn h(&self) -> usize {
+        2 + self.samples
+    }
+    pub fn dloss_derr(&self) -> usize {
+        2 + 2 * self.samples
+    }
+}
+
+/// The Diffusion-KTO head on per-sample errors: `e` the policy's (B,), `r` the reference's
+/// (B,), the first `desirable` samples desirable and the rest not, `beta`, and the weights
+/// `lam_d` and `lam_u`. Returns `(2 + 3B,)` laid out as [`KtoLayout`] says (the same
+/// arithmetic as `ObjectiveConfig::head`'s KTO, in f32).
+pub fn kto_head(e: &Tensor, r: &Tensor, desirable: usize, beta: f32, lam_d: f32, lam_u: f32) -> Result<Tensor> {
+    const OP: &str = "kto_head";
+    check_vec(OP, "policy errors", e)?;
+    check_vec(OP, "reference errors", r)?;
+    e.same_device(OP, r)?;
+    let b = e.numel();
+    if e.shape() != r.shape() || b == 0 || desirable > b {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "policy errors {:?}, reference errors {:?}, {desirable} desirable: expected two equal (B,), B >= {desirable}, B > 0",
+                e.shape(),
+                r.shape()
+            ),
+        ));
+    }
+    if !(beta.is_finite() && lam_d.is_finite() && lam_u.is_finite()) {
+        return Err(Error::Invalid(format!("{OP}: beta {beta}, lambda_D {lam_d}, lambda_U {lam_u} must be finite")));
+    }
+    let lay = KtoLayout { samples: b };
+    match e.device() {
+        Device::Cpu => {
+            let (x, z) = (e.cpu_f32(OP)?, r.cpu_f32(OP)?);
+            let mut y = vec![0f32; lay.size()];
+            let mut gsum = 0f32;
+            for j in 0..b {
+                gsum += z[j] - x[j];
+            }
+            let q = (gsum / b as f32).max(0.0);
+            let mut total = 0f32;
+            for j in 0..b {
+                let good = j < desirable;
+                let (yj, lam) = if good { (1.0f32, lam_d) } else { (-1.0, lam_u) };
+                let u = yj * beta * ((z[j] - x[j]) - q);
+                let (h, h1) = (sigmoid(u), sigmoid(-u));
+                total += lam * h1;
+                y[lay.u() + j] = u;
+                y[lay.h() + j] = h;
+                y[lay.dloss_derr() + j] = lam * h * h1 * yj * beta / b as f32;
+            }
+            y[0] = total / b as f32;
+            y[lay.q()] = q;
+            Ok(Tensor::cpu(y, &[lay.size()]))
+        }
+        Device::Gpu(ctx) => {
+            let y = Tensor::gpu_empty(&ctx, OP, &[lay.size()])?;
+            let p = StepParams {
+                n: u32_of(OP, b)?,
+                offset: u32_of(OP, desirable)?,
+                s: beta,
+                alpha: lam_d,
+                lam_u,
+                ..Default::default()
+            };
+            ctx.dispatch(&TRAIN_STEP, "kto_head", &p, &[e.gpu_buf(OP)?, y.gpu_buf(OP)?, r.gpu_buf(OP)?], [1, 1, 1])?;
             Ok(y)
         }
     }

@@ -35,9 +35,10 @@
 //! The loss head (from the per-sample errors to the scalar) is a few scalars: [`ObjectiveConfig::loss`]
 //! runs it on the host in f64 with its exact derivative, as one autograd node over the policy's
 //! errors. That keeps `softplus` stable and gives the true gradient at z = 0 (where a new LoRA
-//! starts), and the statistics come from the same numbers. The DPO forms also have a head on
-//! the errors' device ([`ObjectiveConfig::loss_on_device`], f32, `shaders/train_step.wgsl`): a
-//! GPU training step then reads nothing back until it ends.
+//! starts), and the statistics come from the same numbers. Every objective also has a head on
+//! the errors' device ([`ObjectiveConfig::loss_on_device`], f32: `shaders/train_step.wgsl` for
+//! the DPO forms and KTO, a mean for SFT): a GPU training step then reads nothing back until it
+//! ends.
 
 use crate::autograd::{no_grad, record};
 use crate::error::{Error, Result};
@@ -380,35 +381,70 @@ pub struct ObjectiveOutput {
     pub stats: ObjectiveStats,
 }
 
-/// A DPO-form loss whose head ran where the errors are (`ops::train_step::poly_dpo_head`),
+/// Which head a [`DeviceLoss`] ran, and so how its output is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceHead {
+    /// DPO and Poly-DPO: `ops::train_step::HeadLayout`, errors cat(w, l).
+    Dpo { pairs: usize },
+    /// KTO: `ops::train_step::KtoLayout`, errors cat(w, l) (winners desirable).
+    Kto { samples: usize },
+    /// SFT: the loss alone, over the winners' errors.
+    Sft { samples: usize },
+}
+
+impl DeviceHead {
+    /// Elements of the head's output.
+    pub fn size(&self) -> usize {
+        match *self {
+            DeviceHead::Dpo { pairs } => crate::ops::train_step::HeadLayout { pairs }.size(),
+            DeviceHead::Kto { samples } => crate::ops::train_step::KtoLayout { samples }.size(),
+            DeviceHead::Sft { .. } => 1,
+        }
+    }
+
+    /// Per-sample errors of the policy (and as many of the reference, but for SFT).
+    pub fn samples(&self) -> usize {
+        match *self {
+            DeviceHead::Dpo { pairs } => 2 * pairs,
+            DeviceHead::Kto { samples } | DeviceHead::Sft { samples } => samples,
+        }
+    }
+
+    /// Elements of a [`DeviceLoss::readout`]: the head, the policy's errors, the reference's.
+    pub fn readout_len(&self) -> usize {
+        let refs = if matches!(self, DeviceHead::Sft { .. }) { 0 } else { self.samples() };
+        self.size() + self.samples() + refs
+    }
+}
+
+/// A loss whose head ran where the errors are (`ops::train_step`'s heads, or a mean for SFT),
 /// so nothing was read back: [`ObjectiveConfig::loss_on_device`]. Its statistics come out of
 /// [`Self::readout`]'s tensors, read whenever the step is ready to wait.
 #[derive(Debug, Clone)]
 pub struct DeviceLoss {
     /// (), differentiable w.r.t. the policy's errors.
     pub loss: Tensor,
-    /// (1 + 7N,) the head's output (`ops::train_step::HeadLayout`).
+    /// The head's output, laid out as `kind` says.
     pub head: Tensor,
-    /// (2N,) each, cat(w, l).
+    /// (B,) each (DPO forms and KTO: cat(w, l)); no reference for SFT.
     pub err_policy: Tensor,
-    pub err_ref: Tensor,
+    pub err_ref: Option<Tensor>,
+    pub kind: DeviceHead,
 }
 
 impl DeviceLoss {
-    pub fn pairs(&self) -> usize {
-        self.err_policy.numel() / 2
-    }
-
     /// Elements of [`Self::readout`].
     pub fn readout_len(&self) -> usize {
-        crate::ops::train_step::HeadLayout { pairs: self.pairs() }.size() + 4 * self.pairs()
+        self.kind.readout_len()
     }
 
     /// What [`ObjectiveConfig::stats_from_readout`] reads, in its order: the head, then the
-    /// policy's and the reference's errors (1 + 11N values; concatenate them with whatever else
-    /// the step reads, so that one read gets all).
-    pub fn readout(&self) -> [&Tensor; 3] {
-        [&self.head, &self.err_policy, &self.err_ref]
+    /// policy's and the reference's errors (concatenate them with whatever else the step
+    /// reads, so that one read gets all).
+    pub fn readout(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.head, &self.err_policy];
+        v.extend(self.err_ref.as_ref());
+        v
     }
 }
 
@@ -539,27 +575,54 @@ impl ObjectiveConfig {
         Ok(ObjectiveOutput { loss, stats })
     }
 
-    /// Whether [`Self::loss_on_device`] computes this objective (DPO and Poly-DPO).
-    pub fn has_device_head(&self) -> bool {
-        matches!(self.objective, Objective::Dpo | Objective::PolyDpo { .. })
-    }
-
     /// [`Self::loss`] with the head computed on the errors' device in f32 (a kernel on a GPU),
-    /// so that the step reads nothing back; DPO and Poly-DPO only. A non-finite loss is not an
+    /// so that the step reads nothing back. `err_policy` (B,) tracked; `err_ref` (B,) for every
+    /// objective but SFT, which ignores it. The DPO forms and KTO take the cat(w, l) layout
+    /// (KTO: winners desirable); SFT the winners' errors alone. A non-finite loss is not an
     /// error here: it shows in the read statistics and the step guard.
-    pub fn loss_on_device(&self, err_policy: &Tensor, err_ref: &Tensor) -> Result<DeviceLoss> {
+    pub fn loss_on_device(&self, err_policy: &Tensor, err_ref: Option<&Tensor>) -> Result<DeviceLoss> {
+        use crate::ops::train_step::{kto_head, poly_dpo_head, HeadLayout, KtoLayout};
         self.validate()?;
-        let alpha = match self.objective {
-            Objective::Dpo => 0.0,
-            Objective::PolyDpo { alpha } => alpha,
-            other => return Err(Error::Invalid(format!("objective {other:?}: no device head (DPO forms only)"))),
+        if err_policy.rank() != 1 || err_policy.numel() == 0 {
+            return Err(Error::shape("objective", format!("policy errors {:?}: expected (B,)", err_policy.shape())));
+        }
+        let b = err_policy.numel();
+        let err_ref = match (self.objective, err_ref) {
+            (Objective::Sft, _) => None,
+            (_, Some(r)) => Some(r.detach()),
+            (other, None) => {
+                return Err(Error::Invalid(format!("objective {other:?} needs the reference model's errors")))
+            }
         };
-        let err_ref = err_ref.detach();
-        let head = {
+        let pairs = || -> Result<usize> {
+            if !b.is_multiple_of(2) {
+                return Err(Error::shape("objective", format!("{b} per-sample errors: cat(w, l) is an even count")));
+            }
+            Ok(b / 2)
+        };
+        // The head's output (no gradient of its own), its loss slot, and dL/derr as a slice of it.
+        let (head, kind, dl_at) = {
             let _g = no_grad();
-            crate::ops::train_step::poly_dpo_head(err_policy, &err_ref, self.logit_scale() as f32, alpha as f32)?
+            match (self.objective, &err_ref) {
+                (Objective::Dpo | Objective::PolyDpo { .. }, Some(r)) => {
+                    let alpha = match self.objective {
+                        Objective::PolyDpo { alpha } => alpha,
+                        _ => 0.0,
+                    };
+                    let n = pairs()?;
+                    let h = poly_dpo_head(err_policy, r, self.logit_scale() as f32, alpha as f32)?;
+                    (h, DeviceHead::Dpo { pairs: n }, Some(HeadLayout { pairs: n }.dloss_derr()))
+                }
+                (Objective::Kto, Some(r)) => {
+                    let n = pairs()?;
+                    let (ld, lu) = (self.kto_lambda_desirable as f32, self.kto_lambda_undesirable as f32);
+                    let h = kto_head(err_policy, r, n, self.beta as f32, ld, lu)?;
+                    (h, DeviceHead::Kto { samples: b }, Some(KtoLayout { samples: b }.dloss_derr()))
+                }
+                // SFT: the mean of the winners' errors; its gradient, 1/B each, needs no head.
+                _ => (err_policy.mean_all()?.reshape_to(&[1])?, DeviceHead::Sft { samples: b }, None),
+            }
         };
-        let lay = crate::ops::train_step::HeadLayout { pairs: err_policy.numel() / 2 };
         let value = {
             let _g = no_grad();
             head.narrow(0, 0, 1)?.reshape_to(&[])?
@@ -569,36 +632,53 @@ impl ObjectiveConfig {
             if !needs[0] {
                 return Ok(vec![None]);
             }
-            let w = h.narrow(0, lay.dloss_derr(), 2 * lay.pairs)?; // (2N,)
+            let w = match dl_at {
+                Some(at) => h.narrow(0, at, b)?, // (B,)
+                None => Tensor::full(1.0 / b as f32, &[b], &g.device())?,
+            };
             Ok(vec![Some(w.mul(&g.reshape_to(&[1])?)?)])
         });
-        Ok(DeviceLoss { loss, head, err_policy: err_policy.detach(), err_ref })
+        Ok(DeviceLoss { loss, head, err_policy: err_policy.detach(), err_ref, kind })
     }
 
-    /// The statistics of a [`DeviceLoss`] of `pairs` pairs from its [`DeviceLoss::readout`], read.
-    pub fn stats_from_readout(&self, v: &[f32], pairs: usize) -> Result<ObjectiveStats> {
-        let lay = crate::ops::train_step::HeadLayout { pairs };
-        let n = pairs;
-        if v.len() != lay.size() + 4 * n || n == 0 {
-            return Err(Error::shape("objective", format!("{} read values for {n} pairs", v.len())));
+    /// The statistics of a [`DeviceLoss`] whose head is `kind`, from its
+    /// [`DeviceLoss::readout`], read.
+    pub fn stats_from_readout(&self, v: &[f32], kind: DeviceHead) -> Result<ObjectiveStats> {
+        use crate::ops::train_step::{HeadLayout, KtoLayout};
+        let b = kind.samples();
+        if v.len() != kind.readout_len() || b == 0 {
+            return Err(Error::shape("objective", format!("{} read values for a {kind:?} head", v.len())));
         }
         let f = |a: usize, len: usize| -> Vec<f64> { v[a..a + len].iter().map(|&x| x as f64).collect() };
-        let dl = f(lay.dloss_derr(), 2 * n);
-        let mut st = ObjectiveStats {
-            loss: v[0] as f64,
-            policy_err: f(lay.size(), 2 * n),
-            ref_err: f(lay.size() + 2 * n, 2 * n),
-            model_diff: f(lay.model_diff(), n),
-            ref_diff: f(lay.ref_diff(), n),
-            z: f(lay.z(), n),
-            p: f(lay.p(), n),
-            dloss_dmodel_diff: dl[..n].to_vec(),
-            dloss_derr: dl,
-            ..Default::default()
-        };
-        st.reward_margin = Some(mean(&st.z));
-        st.implicit_acc = Some(st.z.iter().filter(|&&z| z > 0.0).count() as f64 / n as f64);
-        st.mean_p = Some(mean(&st.p));
+        let size = kind.size();
+        let mut st = ObjectiveStats { loss: v[0] as f64, policy_err: f(size, b), ..Default::default() };
+        match kind {
+            DeviceHead::Dpo { pairs: n } => {
+                let lay = HeadLayout { pairs: n };
+                let dl = f(lay.dloss_derr(), 2 * n);
+                st.ref_err = f(size + b, b);
+                st.model_diff = f(lay.model_diff(), n);
+                st.ref_diff = f(lay.ref_diff(), n);
+                st.z = f(lay.z(), n);
+                st.p = f(lay.p(), n);
+                st.dloss_dmodel_diff = dl[..n].to_vec();
+                st.dloss_derr = dl;
+                st.reward_margin = Some(mean(&st.z));
+            }
+            DeviceHead::Kto { samples } => {
+                let lay = KtoLayout { samples };
+                st.ref_err = f(size + b, b);
+                st.z = f(lay.u(), b);
+                st.p = f(lay.h(), b);
+                st.dloss_derr = f(lay.dloss_derr(), b);
+                st.kto_reference_point = Some(v[lay.q()] as f64);
+            }
+            DeviceHead::Sft { samples } => st.dloss_derr = vec![1.0 / samples as f64; samples],
+        }
+        if !st.z.is_empty() {
+            st.implicit_acc = Some(st.z.iter().filter(|&&z| z > 0.0).count() as f64 / st.z.len() as f64);
+            st.mean_p = Some(mean(&st.p));
+        }
         Ok(st)
     }
 
@@ -753,7 +833,7 @@ pub fn unet_step(
 }
 
 /// [`unet_step`] with the loss head on the UNet's device ([`ObjectiveConfig::loss_on_device`]):
-/// a GPU step then records everything and reads nothing. DPO and Poly-DPO only.
+/// a GPU step then records everything and reads nothing.
 pub fn unet_step_on_device(
     cfg: &ObjectiveConfig,
     process: &ForwardProcess,
@@ -761,12 +841,14 @@ pub fn unet_step_on_device(
     policy: &UNet2DConditionModel,
     reference: Reference<'_>,
 ) -> Result<DeviceLoss> {
-    if !cfg.has_device_head() {
-        return Err(Error::Invalid(format!("objective {:?}: no device head (DPO forms only)", cfg.objective)));
+    if !cfg.needs_reference() {
+        let inp = batch.winner_inputs(process)?;
+        let pred = policy.forward(&inp.noised.noisy, &inp.noised.timesteps, &inp.encoder_hidden_states)?;
+        return cfg.loss_on_device(&per_sample_error(&pred, &inp.noised.target)?, None);
     }
     check_reference(policy, reference)?;
     let (err, err_ref) = preference_errors(process, batch, policy, reference)?;
-    cfg.loss_on_device(&err, &err_ref)
+    cfg.loss_on_device(&err, Some(&err_ref))
 }
 
 fn check_reference(policy: &UNet2DConditionModel, reference: Reference<'_>) -> Result<()> {

@@ -199,7 +199,7 @@ pub fn finish_device_step(
         let mut at = GUARD_LEN;
         for l in losses {
             let len = l.readout_len();
-            stats.push(objective.stats_from_readout(&read[at..at + len], l.pairs())?);
+            stats.push(objective.stats_from_readout(&read[at..at + len], l.kind)?);
             at += len;
         }
         Ok(DeviceStep { taken: read[1] != 0.0, grad_norm: read[2] as f64, stats })
@@ -617,7 +617,7 @@ impl Trainer {
         self.train_on_from(batches, Instant::now())
     }
 
-    /// Device-resident steps (on by default): on a GPU, with a DPO-form objective and the
+    /// Device-resident steps (on by default): on a GPU, with any objective and the
     /// reference on the policy's device, a step computes its loss head, gradient norm,
     /// clipping and NaN guard on the GPU and reads back once, at its end; with
     /// `VIPO_DISPATCHES_PER_SUBMIT=0` it is then one command buffer. Off: the f64 host head and
@@ -629,10 +629,7 @@ impl Trainer {
     /// Whether the next step is device-resident.
     pub fn device_resident(&self) -> bool {
         let policy = &self.sd.unet;
-        self.resident
-            && !policy.device().is_cpu()
-            && self.objective.has_device_head()
-            && self.reference.as_ref().is_none_or(|(m, _)| !m.device().is_cpu())
+        self.resident && !policy.device().is_cpu() && self.reference.as_ref().is_none_or(|(m, _)| !m.device().is_cpu())
     }
 
     fn train_on_from(&mut self, batches: &[PreferenceBatch], t0: Instant) -> Result<StepMetrics> {
