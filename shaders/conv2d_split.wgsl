@@ -1,5 +1,6 @@
 // The split-K convolution's second pass: Y = sum over the splits' partial products, plus what
-// the forward's epilogue adds (bias, per-image temb, residual) as the flags say. One thread
+// the forward's epilogue adds (bias, per-image temb, residual) as the flags say. Split-K
+// matmuls use it too: C (batch, M, N) as an "image" of ncol = 1, so bias[i % N] is per column. One thread
 // per output element; the host binds `part` in the place of an absent term (never read).
 
 struct Params {

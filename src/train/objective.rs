@@ -578,8 +578,10 @@ impl ObjectiveConfig {
     /// [`Self::loss`] with the head computed on the errors' device in f32 (a kernel on a GPU),
     /// so that the step reads nothing back. `err_policy` (B,) tracked; `err_ref` (B,) for every
     /// objective but SFT, which ignores it. The DPO forms and KTO take the cat(w, l) layout
-    /// (KTO: winners desirable); SFT the winners' errors alone. A non-finite loss is not an
-    /// error here: it shows in the read statistics and the step guard.
+    /// (KTO: winners desirable); SFT the winners' errors alone, all desirable (as the trainer
+    /// and [`unet_step`] pass them; [`Self::loss`] given cat(w, l) for SFT would average the
+    /// first half instead). A non-finite loss is not an error here: it shows in the read
+    /// statistics and the step guard.
     pub fn loss_on_device(&self, err_policy: &Tensor, err_ref: Option<&Tensor>) -> Result<DeviceLoss> {
         use crate::ops::train_step::{kto_head, poly_dpo_head, HeadLayout, KtoLayout};
         self.validate()?;
