@@ -126,6 +126,45 @@ fn linear_epilogue_every_tile_gpu_vs_cpu_vs_f64() {
 }
 
 #[test]
+fn cpu_skinny_products_split_k_alike_on_any_thread_count() {
+    // The CPU path splits K for products with at most 16 rows or columns and K >= 2048 (a
+    // LoRA adapter's gradients), in fixed ranges: against float64, every layout, a linear
+    // layer's bias and residual (the accumulating GEMM), and the same bits on 1 and 3 threads.
+    let on = |threads: usize, f: &(dyn Fn() -> Vec<f32> + Sync)| {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    };
+    for (ci, &(m, n, k)) in
+        [(4usize, 70usize, 5000usize), (300, 3, 4100), (16, 16, 2048), (5, 40, 2047)].iter().enumerate()
+    {
+        for (ti, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)].into_iter().enumerate() {
+            let seed = 2300 + (ci * 4 + ti) as u64;
+            let (a, b) = (randn(m * k, seed), randn(k * n, seed + 1));
+            let ash = if ta { [k, m] } else { [m, k] };
+            let bsh = if tb { [n, k] } else { [k, n] };
+            let run = || {
+                let at = Tensor::from_slice(&a, &ash, &Device::Cpu).unwrap();
+                let bt = Tensor::from_slice(&b, &bsh, &Device::Cpu).unwrap();
+                at.matmul_t(&bt, ta, tb).unwrap().to_vec().unwrap()
+            };
+            let (one, three) = (on(1, &run), on(3, &run));
+            let what = format!("cpu matmul {m}x{n}x{k} ta={ta} tb={tb}");
+            assert_close(&what, &three, &matmul_f64(&a, &b, m, n, k, ta, tb), 1e-5, seed);
+            assert!(one.iter().zip(&three).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: 1 and 3 threads differ");
+        }
+    }
+    // x (1, 5, 3000) w (9, 3000), bias and residual: the split sum lands on the epilogue's values.
+    let (m, n, k) = (5, 9, 3000);
+    let (x, w, bias, res) = (randn(m * k, 2400), randn(n * k, 2401), randn(n, 2402), randn(m * n, 2403));
+    let t = |v: &[f32], s: &[usize]| Tensor::from_slice(v, s, &Device::Cpu).unwrap();
+    let got = t(&x, &[1, m, k]).linear(&t(&w, &[n, k]), Some(&t(&bias, &[n])), Some(&t(&res, &[1, m, n]))).unwrap();
+    let mut want = matmul_f64(&x, &w, m, n, k, false, true);
+    for (i, v) in want.iter_mut().enumerate() {
+        *v += bias[i % n] + res[i];
+    }
+    assert_close("cpu skinny linear with bias and residual", &got.to_vec().unwrap(), &want, 1e-5, 2400);
+}
+
+#[test]
 fn matmul_split_k_every_layout_and_epilogue() {
     // Opt-in split-K for products with few output tiles and a long K (a LoRA adapter's
     // gradients: 4 rows or columns, K = tokens): partials per K range, then their sum with bias
