@@ -472,22 +472,20 @@ pub fn run(args: &Args, device_arg: &str) -> Result<()> {
             selected
                 .iter()
                 .filter(|c| (f16_ok || !c.f16) && (c.switch == Switch::Off || !device.is_cpu()))
-                .map(|case| match (device.gpu(), case.switch) {
-                    (Some(g), Switch::F16Math) => {
-                        let was = g.f16_math();
-                        g.set_f16_math(true);
+                .map(|case| match device.gpu() {
+                    // Each case runs with exactly the switches its name says (a case without
+                    // " f16 math " or " split-K " has them off, whatever the environment set),
+                    // so a switched case and its twin always compare the two settings.
+                    Some(g) => {
+                        let was = (g.f16_math(), g.matmul_split_k());
+                        g.set_f16_math(case.switch == Switch::F16Math);
+                        g.set_matmul_split_k(case.switch == Switch::SplitK);
                         let r = time_case(case, &device, args.min_time);
-                        g.set_f16_math(was);
+                        g.set_f16_math(was.0);
+                        g.set_matmul_split_k(was.1);
                         r
                     }
-                    (Some(g), Switch::SplitK) => {
-                        let was = g.matmul_split_k();
-                        g.set_matmul_split_k(true);
-                        let r = time_case(case, &device, args.min_time);
-                        g.set_matmul_split_k(was);
-                        r
-                    }
-                    _ => time_case(case, &device, args.min_time),
+                    None => time_case(case, &device, args.min_time),
                 })
                 .collect()
         };
