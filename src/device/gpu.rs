@@ -149,21 +149,13 @@ fn shader_checks() -> Result<wgpu::ShaderRuntimeChecks> {
     Ok(c)
 }
 
-/// `VIPO_F16_MATH`: `1` turns f16 arithmetic on for f16 operands (default `0`).
-fn f16_math() -> Result<bool> {
-    match std::env::var("VIPO_F16_MATH").as_deref() {
+/// An opt-in switch from the environment: `1` on, unset, empty or `0` off (`VIPO_F16_MATH`:
+/// f16 arithmetic for f16 operands; `VIPO_MATMUL_SPLIT_K`: split-K for few-tile matmuls).
+fn env_switch(name: &str) -> Result<bool> {
+    match std::env::var(name).as_deref() {
         Err(_) | Ok("") | Ok("0") => Ok(false),
         Ok("1") => Ok(true),
-        Ok(v) => Err(Error::Gpu(format!("VIPO_F16_MATH={v:?}: expected 0 or 1"))),
-    }
-}
-
-/// `VIPO_MATMUL_SPLIT_K`: `1` lets matmuls with few output tiles split K (default `0`).
-fn matmul_split_k() -> Result<bool> {
-    match std::env::var("VIPO_MATMUL_SPLIT_K").as_deref() {
-        Err(_) | Ok("") | Ok("0") => Ok(false),
-        Ok("1") => Ok(true),
-        Ok(v) => Err(Error::Gpu(format!("VIPO_MATMUL_SPLIT_K={v:?}: expected 0 or 1"))),
+        Ok(v) => Err(Error::Gpu(format!("{name}={v:?}: expected 0 or 1"))),
     }
 }
 
@@ -252,8 +244,10 @@ impl GpuContext {
             checks,
             dispatches_per_submit: std::sync::atomic::AtomicUsize::new(dispatches_per_submit),
             subgroups: std::sync::atomic::AtomicBool::new(features.contains(wgpu::Features::SUBGROUP)),
-            f16_math: std::sync::atomic::AtomicBool::new(f16_math()? && features.contains(wgpu::Features::SHADER_F16)),
-            matmul_split_k: std::sync::atomic::AtomicBool::new(matmul_split_k()?),
+            f16_math: std::sync::atomic::AtomicBool::new(
+                env_switch("VIPO_F16_MATH")? && features.contains(wgpu::Features::SHADER_F16),
+            ),
+            matmul_split_k: std::sync::atomic::AtomicBool::new(env_switch("VIPO_MATMUL_SPLIT_K")?),
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             shader_dir: std::env::var_os("VIPO_SHADER_DIR").is_some(),

@@ -530,10 +530,10 @@ const MIN_CHUNK: usize = 256;
 
 /// Terms the split-K sum adds (each None or its buffer): residual (like Y), bias (Cout),
 /// temb (N, Cout).
-struct SplitTerms<'a> {
-    res: Option<&'a GpuBuffer>,
-    bias: Option<&'a GpuBuffer>,
-    temb: Option<&'a GpuBuffer>,
+pub(crate) struct SplitTerms<'a> {
+    pub res: Option<&'a GpuBuffer>,
+    pub bias: Option<&'a GpuBuffer>,
+    pub temb: Option<&'a GpuBuffer>,
 }
 
 /// conv2d_split.wgsl's params: `len` = N * Cout * OH * OW, `ncol` = OH * OW.
@@ -575,17 +575,35 @@ fn split_k(
     p.chunk = u32_of(op, chunk)?;
     let pb = part.gpu_buf(op)?;
     ctx.dispatch(shader, entry, &p, &[x, w, pb], [tiles[0], tiles[1], u32_of(op, splits * n)?])?;
+    sum_splits(op, ctx, pb, out, splits, (params.cout, params.ncol), terms)
+}
+
+/// conv2d_split.wgsl: `out` (len elements) = the sum of the `splits` partials in `part`
+/// (splits, len) plus `terms`, for an output laid out (N, Cout, ncol) — a matmul's C (batch,
+/// M, N) is Cout = N columns of ncol = 1, so its bias is per column.
+pub(crate) fn sum_splits(
+    op: &'static str,
+    ctx: &std::sync::Arc<crate::device::GpuContext>,
+    part: &GpuBuffer,
+    out: &Tensor,
+    splits: usize,
+    (cout, ncol): (u32, u32),
+    terms: SplitTerms,
+) -> Result<()> {
+    let len = out.numel();
     let sp = SplitParams {
         len: u32_of(op, len)?,
-        cout: params.cout,
-        ncol: params.ncol,
+        cout,
+        ncol,
         splits: u32_of(op, splits)?,
         has_bias: terms.bias.is_some() as u32,
         has_temb: terms.temb.is_some() as u32,
         has_res: terms.res.is_some() as u32,
         _pad: 0,
     };
-    let bufs = [pb, out.gpu_buf(op)?, terms.res.unwrap_or(pb), terms.bias.unwrap_or(pb), terms.temb.unwrap_or(pb)];
+    // `part` fills the slots of absent terms (read-only; the flags skip them).
+    let bufs =
+        [part, out.gpu_buf(op)?, terms.res.unwrap_or(part), terms.bias.unwrap_or(part), terms.temb.unwrap_or(part)];
     ctx.dispatch(&CONV2D_SPLIT, "main", &sp, &bufs, crate::ops::groups_for(ctx, len))
 }
 

@@ -4,12 +4,13 @@
 use crate::device::Device;
 use crate::device::Shader;
 use crate::error::{Error, Result};
+use crate::ops::conv2d::{sum_splits, SplitTerms};
 use crate::ops::Operands;
 use crate::shaders::{
-    CONV2D_SPLIT, MATMUL_128, MATMUL_128X64, MATMUL_64, MATMUL_64X128, MATMUL_F16BM_128, MATMUL_F16BM_128X64,
-    MATMUL_F16BM_64, MATMUL_F16BM_64X128, MATMUL_F16B_128, MATMUL_F16B_128X64, MATMUL_F16B_64, MATMUL_F16B_64X128,
-    MATMUL_F16M_128, MATMUL_F16M_128X64, MATMUL_F16M_64, MATMUL_F16M_64X128, MATMUL_F16_128, MATMUL_F16_128X64,
-    MATMUL_F16_64, MATMUL_F16_64X128,
+    MATMUL_128, MATMUL_128X64, MATMUL_64, MATMUL_64X128, MATMUL_F16BM_128, MATMUL_F16BM_128X64, MATMUL_F16BM_64,
+    MATMUL_F16BM_64X128, MATMUL_F16B_128, MATMUL_F16B_128X64, MATMUL_F16B_64, MATMUL_F16B_64X128, MATMUL_F16M_128,
+    MATMUL_F16M_128X64, MATMUL_F16M_64, MATMUL_F16M_64X128, MATMUL_F16_128, MATMUL_F16_128X64, MATMUL_F16_64,
+    MATMUL_F16_64X128,
 };
 use crate::tensor::DType;
 use crate::tensor::Tensor;
@@ -183,24 +184,26 @@ fn sgemm_split_k(
 ) {
     use rayon::prelude::*;
     let chunk = SKINNY_CHUNK;
-    let range = |i: usize| {
+    // (ranges, m, n): each range's product.
+    let mut parts = vec![0.0f32; k.div_ceil(chunk) * m * n];
+    let range = |(i, p): (usize, &mut [f32])| {
         let (kb, ke) = (i * chunk, ((i + 1) * chunk).min(k));
         let av = MatRef { data: &a.data[kb * a.cs..], ..a };
         let bv = MatRef { data: &b.data[kb * b.rs..], ..b };
-        let mut p = vec![0.0f32; m * n];
         // ke - kb < SKINNY_MIN_K: this does not split again.
-        sgemm(m, n, ke - kb, av, bv, &mut p, n, false, false);
-        p
+        sgemm(m, n, ke - kb, av, bv, p, n, false, false);
     };
-    let ranges = k.div_ceil(chunk);
-    let parts: Vec<Vec<f32>> =
-        if parallel { (0..ranges).into_par_iter().map(range).collect() } else { (0..ranges).map(range).collect() };
+    if parallel {
+        parts.par_chunks_mut(m * n).enumerate().for_each(range);
+    } else {
+        parts.chunks_mut(m * n).enumerate().for_each(range);
+    }
     for i in 0..m {
         let row = &mut c[i * ldc..i * ldc + n];
         if !accumulate {
             row.fill(0.0);
         }
-        for p in &parts {
+        for p in parts.chunks(m * n) {
             row.iter_mut().zip(&p[i * n..(i + 1) * n]).for_each(|(o, &v)| *o += v);
         }
     }
@@ -529,8 +532,7 @@ impl Tensor {
                 let tiles = n.div_ceil(t.1) * m.div_ceil(t.0) * p.batch;
                 let split = if ctx.matmul_split_k() { k_splits(tiles, k) } else { None };
                 if let Some((splits, chunk)) = split {
-                    // Partials (splits, batch, M, N), then their sum with bias and residual
-                    // (conv2d_split.wgsl, each element its own "image" column: bias[i % N]).
+                    // Partials (splits, batch, M, N), then their sum with bias and residual.
                     let len = out.numel();
                     let part = Tensor::gpu_empty(&ctx, OP, &[splits, len])?;
                     let pb = part.gpu_buf(OP)?;
@@ -538,24 +540,14 @@ impl Tensor {
                     let z = u(splits * p.batch)?;
                     // No epilogue here, so `a` fills both term slots (never read).
                     ctx.dispatch(shader, "main", &sp, &[ab, bb, pb, ab, ab], [groups[0], groups[1], z])?;
-                    let sum = crate::ops::conv2d::SplitParams {
-                        len: u(len)?,
-                        cout: u(n)?,
-                        ncol: 1,
-                        splits: u(splits)?,
-                        has_bias: params.has_bias,
-                        has_temb: 0,
-                        has_res: params.has_res,
-                        _pad: 0,
-                    };
-                    let bufs = [pb, out.gpu_buf(OP)?, res.unwrap_or(pb), bias.unwrap_or(pb), pb];
-                    ctx.dispatch(&CONV2D_SPLIT, "main", &sum, &bufs, crate::ops::groups_for(&ctx, len))?;
+                    let terms = SplitTerms { res, bias, temb: None };
+                    sum_splits(OP, &ctx, pb, &out, splits, (u(n)?, 1), terms)?;
                     return Ok(out);
                 }
                 // `a` fills the slot of an absent term (its flag keeps the kernel from reading
                 // it; a slot is raw bytes, so an f16 `a` binds as well).
                 let bufs = [ab, bb, out.gpu_buf(OP)?, res.unwrap_or(ab), bias.unwrap_or(ab)];
-                ctx.dispatch(tile_shader(t, ops, ctx.f16_math()), "main", &params, &bufs, groups)?;
+                ctx.dispatch(shader, "main", &params, &bufs, groups)?;
                 Ok(out)
             }
         }

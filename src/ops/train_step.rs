@@ -91,20 +91,43 @@ fn check_vec(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// A head's per-sample errors: `e` the policy's and `r` the reference's, two equal non-empty
+/// f32 vectors on one device; returns their length.
+fn check_errors(op: &'static str, e: &Tensor, r: &Tensor) -> Result<usize> {
+    check_vec(op, "policy errors", e)?;
+    check_vec(op, "reference errors", r)?;
+    e.same_device(op, r)?;
+    if e.shape() != r.shape() || e.numel() == 0 {
+        return Err(Error::shape(
+            op,
+            format!("policy errors {:?}, reference errors {:?}: expected two equal (B,)", e.shape(), r.shape()),
+        ));
+    }
+    Ok(e.numel())
+}
+
+/// A head kernel (`entry`, one thread) on the errors `(e, r)`, writing `len` values.
+fn gpu_head(
+    op: &'static str,
+    ctx: &std::sync::Arc<crate::device::GpuContext>,
+    entry: &'static str,
+    p: &StepParams,
+    (e, r): (&Tensor, &Tensor),
+    len: usize,
+) -> Result<Tensor> {
+    let y = Tensor::gpu_empty(ctx, op, &[len])?;
+    ctx.dispatch(&TRAIN_STEP, entry, p, &[e.gpu_buf(op)?, y.gpu_buf(op)?, r.gpu_buf(op)?], [1, 1, 1])?;
+    Ok(y)
+}
+
 /// The Poly-DPO loss head on per-sample errors, cat(winners, losers) order: `e` the policy's
 /// (2N,), `r` the reference's (2N,), `s` the logit scale, `alpha` Poly-DPO's (0: DPO).
 /// Returns `(1 + 7N,)` laid out as [`HeadLayout`] says; the loss is the mean over pairs.
 pub fn poly_dpo_head(e: &Tensor, r: &Tensor, s: f32, alpha: f32) -> Result<Tensor> {
     const OP: &str = "poly_dpo_head";
-    check_vec(OP, "policy errors", e)?;
-    check_vec(OP, "reference errors", r)?;
-    e.same_device(OP, r)?;
-    let b = e.numel();
-    if e.shape() != r.shape() || b == 0 || !b.is_multiple_of(2) {
-        return Err(Error::shape(
-            OP,
-            format!("policy errors {:?}, reference errors {:?}: expected two equal (2N,)", e.shape(), r.shape()),
-        ));
+    let b = check_errors(OP, e, r)?;
+    if !b.is_multiple_of(2) {
+        return Err(Error::shape(OP, format!("{b} errors per model: cat(winners, losers) is an even count (2N,)")));
     }
     if !(s.is_finite() && alpha.is_finite()) {
         return Err(Error::Invalid(format!("{OP}: scale {s} and alpha {alpha} must be finite")));
@@ -137,10 +160,8 @@ pub fn poly_dpo_head(e: &Tensor, r: &Tensor, s: f32, alpha: f32) -> Result<Tenso
             Ok(Tensor::cpu(y, &[lay.size()]))
         }
         Device::Gpu(ctx) => {
-            let y = Tensor::gpu_empty(&ctx, OP, &[lay.size()])?;
             let p = StepParams { n: u32_of(OP, n)?, s, alpha, ..Default::default() };
-            ctx.dispatch(&TRAIN_STEP, "head", &p, &[e.gpu_buf(OP)?, y.gpu_buf(OP)?, r.gpu_buf(OP)?], [1, 1, 1])?;
-            Ok(y)
+            gpu_head(OP, &ctx, "head", &p, (e, r), lay.size())
         }
     }
 }
@@ -177,19 +198,9 @@ impl KtoLayout {
 /// arithmetic as `ObjectiveConfig::head`'s KTO, in f32).
 pub fn kto_head(e: &Tensor, r: &Tensor, desirable: usize, beta: f32, lam_d: f32, lam_u: f32) -> Result<Tensor> {
     const OP: &str = "kto_head";
-    check_vec(OP, "policy errors", e)?;
-    check_vec(OP, "reference errors", r)?;
-    e.same_device(OP, r)?;
-    let b = e.numel();
-    if e.shape() != r.shape() || b == 0 || desirable > b {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "policy errors {:?}, reference errors {:?}, {desirable} desirable: expected two equal (B,), B >= {desirable}, B > 0",
-                e.shape(),
-                r.shape()
-            ),
-        ));
+    let b = check_errors(OP, e, r)?;
+    if desirable > b {
+        return Err(Error::shape(OP, format!("{desirable} desirable of {b} samples")));
     }
     if !(beta.is_finite() && lam_d.is_finite() && lam_u.is_finite()) {
         return Err(Error::Invalid(format!("{OP}: beta {beta}, lambda_D {lam_d}, lambda_U {lam_u} must be finite")));
@@ -220,7 +231,6 @@ pub fn kto_head(e: &Tensor, r: &Tensor, desirable: usize, beta: f32, lam_d: f32,
             Ok(Tensor::cpu(y, &[lay.size()]))
         }
         Device::Gpu(ctx) => {
-            let y = Tensor::gpu_empty(&ctx, OP, &[lay.size()])?;
             let p = StepParams {
                 n: u32_of(OP, b)?,
                 offset: u32_of(OP, desirable)?,
@@ -229,8 +239,7 @@ pub fn kto_head(e: &Tensor, r: &Tensor, desirable: usize, beta: f32, lam_d: f32,
                 lam_u,
                 ..Default::default()
             };
-            ctx.dispatch(&TRAIN_STEP, "kto_head", &p, &[e.gpu_buf(OP)?, y.gpu_buf(OP)?, r.gpu_buf(OP)?], [1, 1, 1])?;
-            Ok(y)
+            gpu_head(OP, &ctx, "kto_head", &p, (e, r), lay.size())
         }
     }
 }

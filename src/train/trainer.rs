@@ -641,14 +641,7 @@ impl Trainer {
         if self.device_resident() {
             return self.train_on_device(batches, t0);
         }
-        if let Some(l) = &self.lora {
-            l.train(true);
-        }
-        let res = self.accumulate(batches, step);
-        if let Some(l) = &self.lora {
-            l.train(false);
-        }
-        let stats = match res {
+        let stats = match self.accumulate(batches, step) {
             Ok(v) => v,
             Err(e) => {
                 zero_grad(&self.params);
@@ -699,14 +692,7 @@ impl Trainer {
     /// [`Self::train_on_from`] as a device-resident step: nothing is read until the end.
     fn train_on_device(&mut self, batches: &[PreferenceBatch], t0: Instant) -> Result<StepMetrics> {
         let step = self.step + 1;
-        zero_grad(&self.params);
-        if let Some(l) = &self.lora {
-            l.train(true);
-        }
         let losses = self.backward_on_device(batches, step);
-        if let Some(l) = &self.lora {
-            l.train(false);
-        }
         let lr = self.opt.lr_for(&self.schedule);
         let res = losses.and_then(|losses| {
             finish_device_step(&self.params, &mut self.opt, lr, self.cfg.max_grad_norm, &self.objective, &losses)
@@ -727,22 +713,44 @@ impl Trainer {
 
     /// Forward and backward of every micro-batch with the loss head on the device.
     fn backward_on_device(&self, batches: &[PreferenceBatch], step: u64) -> Result<Vec<DeviceLoss>> {
-        let mut out = Vec::with_capacity(batches.len());
-        for (micro, batch) in batches.iter().enumerate() {
-            if let Some(l) = &self.lora {
-                l.set_dropout_stream(step, micro as u64);
-            }
-            let policy = &self.sd.unet;
+        self.each_micro_batch(batches, step, |batch| {
             let reference = match &self.reference {
                 None => Reference::AdaptersOff,
                 Some((m, _)) => Reference::Model(m),
             };
-            let l = unet_step_on_device(&self.objective, &self.process, batch, policy, reference)
+            let l = unet_step_on_device(&self.objective, &self.process, batch, &self.sd.unet, reference)
                 .map_err(|e| Error::Invalid(format!("step {step}: {e}")))?;
             l.loss.backward()?;
-            out.push(l);
+            Ok(l)
+        })
+    }
+
+    /// Gradients zeroed, then `one` (a forward and backward) on every micro-batch in training
+    /// mode, LoRA dropout drawn from (step, micro); gradients add up in the params.
+    fn each_micro_batch<T>(
+        &self,
+        batches: &[PreferenceBatch],
+        step: u64,
+        mut one: impl FnMut(&PreferenceBatch) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        zero_grad(&self.params);
+        if let Some(l) = &self.lora {
+            l.train(true);
         }
-        Ok(out)
+        let out = batches
+            .iter()
+            .enumerate()
+            .map(|(micro, batch)| {
+                if let Some(l) = &self.lora {
+                    l.set_dropout_stream(step, micro as u64);
+                }
+                one(batch)
+            })
+            .collect();
+        if let Some(l) = &self.lora {
+            l.train(false);
+        }
+        out
     }
 
     /// The GPU pool's peak live bytes (None on the CPU).
@@ -752,20 +760,14 @@ impl Trainer {
 
     /// Forward and backward of every micro-batch; gradients add up in the params.
     fn accumulate(&self, batches: &[PreferenceBatch], step: u64) -> Result<Vec<ObjectiveStats>> {
-        zero_grad(&self.params);
-        let mut stats = Vec::with_capacity(batches.len());
-        for (micro, batch) in batches.iter().enumerate() {
-            if let Some(l) = &self.lora {
-                l.set_dropout_stream(step, micro as u64);
-            }
+        self.each_micro_batch(batches, step, |batch| {
             let out = self.evaluate(batch).map_err(|e| Error::Invalid(format!("step {step}: {e}")))?;
             if !out.stats.loss.is_finite() {
                 return Err(Error::Invalid(format!("step {step}: the loss is {}", out.stats.loss)));
             }
             out.loss.backward()?;
-            stats.push(out.stats);
-        }
-        Ok(stats)
+            Ok(out.stats)
+        })
     }
 
     pub fn checkpoint_dir(&self, step: u64) -> PathBuf {
